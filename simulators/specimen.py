@@ -272,8 +272,7 @@ class Specimen:
             half = (raster.shape[0] - 1) / 2
             mx = (gx[sl] - cx) / CELL_RASTER_UM + half
             my = (gy[sl] - cy) / CELL_RASTER_UM + half
-            vals = cv2.remap(raster, mx.astype(np.float32), my.astype(np.float32),
-                             cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+            vals = _remap(raster, mx.astype(np.float32), my.astype(np.float32))
             out[sl] = np.maximum(out[sl], vals)
         return out
 
@@ -321,9 +320,23 @@ class Specimen:
         half = (raster.shape[0] - 1) / 2
         mx = (gx / step_um + half).astype(np.float32)
         my = (gy / step_um + half).astype(np.float32)
-        out = cv2.remap(raster, mx, my, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT,
-                        borderValue=0)
-        return out.astype(np.float32) * np.float32(1 / 255)
+        return _remap(raster, mx, my).astype(np.float32) * np.float32(1 / 255)
+
+
+def _remap(raster: NDArray[np.generic], mx: NDArray[np.float32],
+           my: NDArray[np.float32]) -> NDArray[np.generic]:
+    """Bilinear lookup of ``raster`` at (mx, my) for maps of any shape (cv2 wants 2D < 32k)."""
+    if mx.ndim == 2 and max(mx.shape) < 32000:
+        return cv2.remap(raster, mx, my, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT,
+                         borderValue=0)
+    n = mx.size
+    width = 1024
+    pad = (-n) % width
+    fx = np.pad(mx.ravel(), (0, pad), constant_values=-10).reshape(-1, width)
+    fy = np.pad(my.ravel(), (0, pad), constant_values=-10).reshape(-1, width)
+    out = cv2.remap(raster, fx, fy, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT,
+                    borderValue=0)
+    return out.ravel()[:n].reshape(mx.shape)
 
 
 def _pixel_box(view_to_grid: NDArray[np.float64] | None, centre: tuple[float, float],
