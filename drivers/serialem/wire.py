@@ -554,20 +554,12 @@ def chunk_sizes(num_bytes: int, chunks: int) -> list[int]:
 # --------------------------------------------------------------------------- sockets
 
 
-def recv_exact(sock: socket.socket, n: int, *, into: bytearray | None = None,
-               at_boundary: bool = True) -> bytearray:
-    """Read exactly ``n`` bytes.
-
-    EOF or a reset before the first byte raises ``ConnectionLost`` when ``at_boundary`` (the
-    peer closed between frames), otherwise and after the first byte ``ProtocolError`` (a
-    truncated frame); a socket timeout raises ``DeviceTimeout``.
-    """
-    buf = bytearray(n) if into is None else into
-    view = memoryview(buf)
-    got = 0
+def _fill(sock: socket.socket, view: memoryview, at_boundary: bool) -> None:
+    """Fill ``view`` from the socket, translating every way a read can fail."""
+    n, got = len(view), 0
     while got < n:
         try:
-            k = sock.recv_into(view[got:n])
+            k = sock.recv_into(view[got:])
         except TimeoutError as err:
             raise DeviceTimeout(f"no data within {sock.gettimeout()} s "
                                 f"({got} of {n} bytes read)") from err
@@ -580,6 +572,17 @@ def recv_exact(sock: socket.socket, n: int, *, into: bytearray | None = None,
                 raise ConnectionLost("connection closed by peer")
             raise ProtocolError(f"truncated: connection closed after {got} of {n} bytes")
         got += k
+
+
+def recv_exact(sock: socket.socket, n: int, *, at_boundary: bool = True) -> bytearray:
+    """Read exactly ``n`` bytes.
+
+    EOF or a reset before the first byte raises ``ConnectionLost`` when ``at_boundary`` (the
+    peer closed between frames), otherwise and after the first byte ``ProtocolError`` (a
+    truncated frame); a socket timeout raises ``DeviceTimeout``.
+    """
+    buf = bytearray(n)
+    _fill(sock, memoryview(buf), at_boundary)
     return buf
 
 
@@ -595,12 +598,11 @@ def read_frame(sock: socket.socket, *, max_bytes: int = MAX_REPLY_BYTES) -> byte
         raise FrameRejected(ServerCode.TOO_SHORT, f"frame length {total} below 8")
     if total > max_bytes:
         raise FrameRejected(ServerCode.TOO_BIG, f"frame length {total} above {max_bytes}")
-    rest = recv_exact(sock, total - 4, at_boundary=False)
-    return bytes(head + rest)
+    return bytes(head + recv_exact(sock, total - 4, at_boundary=False))
 
 
 def send_all(sock: socket.socket, data: bytes | bytearray | memoryview) -> None:
-    """Send everything or raise ``ConnectionLost``."""
+    """Send everything or raise ``ConnectionLost`` (``DeviceTimeout`` on a send timeout)."""
     try:
         sock.sendall(data)
     except TimeoutError as err:
@@ -612,36 +614,19 @@ def send_all(sock: socket.socket, data: bytes | bytearray | memoryview) -> None:
 def recv_image_chunks(sock: socket.socket, info: ImageInfo) -> bytearray:
     """Client side of an image get: read every chunk, sending ``[8][2]`` between chunks."""
     buf = bytearray(info.num_bytes)
-    view = memoryview(buf)
-    pos = 0
-    handshake = encode_request(HandshakeRequest())
+    view, pos = memoryview(buf), 0
     for i, size in enumerate(chunk_sizes(info.num_bytes, info.num_chunks)):
         if i:
-            send_all(sock, handshake)
-        _recv_into(sock, view[pos:pos + size])
+            send_all(sock, encode_request(HandshakeRequest()))
+        _fill(sock, view[pos:pos + size], at_boundary=False)
         pos += size
     return buf
-
-
-def _recv_into(sock: socket.socket, view: memoryview) -> None:
-    n, got = len(view), 0
-    while got < n:
-        try:
-            k = sock.recv_into(view[got:])
-        except TimeoutError as err:
-            raise DeviceTimeout(f"image data stalled after {got} of {n} bytes") from err
-        except OSError as err:
-            raise ProtocolError(f"connection lost after {got} of {n} image bytes") from err
-        if k == 0:
-            raise ProtocolError(f"truncated image: closed after {got} of {n} bytes")
-        got += k
 
 
 def send_image_chunks(sock: socket.socket, data: bytes | bytearray | memoryview,
                       chunks: int) -> None:
     """Server side of an image get: send each chunk and require ``[8][2]`` between chunks."""
-    view = memoryview(data)
-    pos = 0
+    view, pos = memoryview(data), 0
     sizes = chunk_sizes(len(view), chunks)
     for i, size in enumerate(sizes):
         send_all(sock, view[pos:pos + size])
@@ -655,6 +640,4 @@ def send_image_chunks(sock: socket.socket, data: bytes | bytearray | memoryview,
 
 def recv_image_stream(sock: socket.socket, num_bytes: int) -> bytearray:
     """Server side of an image put: the raw bytes, streamed without handshakes."""
-    buf = bytearray(num_bytes)
-    _recv_into(sock, memoryview(buf))
-    return buf
+    return recv_exact(sock, num_bytes, at_boundary=False)
