@@ -48,7 +48,7 @@ class MicroManagerLightMicroscope(LightMicroscope):
     """A light microscope whose stage, presets and camera are Micro-Manager devices.
 
     Build it on an open ``MMConnection`` (several drivers may share one in turn, as tests
-    do), or with ``open()``, which also owns and closes the connection. Raises
+    do), or with ``from_config()``, which also opens, owns and closes the connection. Raises
     ``ConfigError`` naming the field when a configured device, group, preset or pixel-size
     configuration does not exist in the core.
     """
@@ -75,8 +75,8 @@ class MicroManagerLightMicroscope(LightMicroscope):
                  bridge=connection.is_bridge)
 
     @classmethod
-    def open(cls, config: MicroManagerConfig, clock: Clock,
-             prefix: str = "lm") -> MicroManagerLightMicroscope:
+    def from_config(cls, config: MicroManagerConfig, clock: Clock,
+                    prefix: str = "lm") -> MicroManagerLightMicroscope:
         """Open the configured connection and a driver that closes it on ``close()``."""
         connection = MMConnection.open(config.connection)
         try:
