@@ -231,7 +231,6 @@ class SerialEMClient:
         with self._lock:
             if self._closed:
                 return
-            self._closed = True
             try:
                 if self._sock is not None and self._in_control:
                     request = self._table.prepare(EXIT_COMMAND, (1,))
@@ -240,6 +239,7 @@ class SerialEMClient:
                     self._in_control = False
                     self._regular_result(EXIT_COMMAND, reply)
             finally:
+                self._closed = True
                 self._drop()
 
     def __enter__(self) -> SerialEMClient:
