@@ -59,7 +59,7 @@ class MatchConfig:
     max_anisotropy: float = 1.1
     min_inliers: int = 4
     min_margin: int = 2
-    max_runner_up_fraction: float = 0.7
+    max_runner_up_fraction: float = 0.6
     max_nfa: float = 1e-2
     distinct_um: float = 3.0
     gate_rms_factor: float = 3.0
@@ -387,6 +387,28 @@ def _weights(w: ArrayLike | None, n: int, name: str) -> FloatArray:
     return arr / arr.max()
 
 
+def _best_shifted_count(best: Hypothesis, lm: FloatArray, em: FloatArray, radius: float,
+                        distinct_um: float) -> int:
+    """Most LM beads the best mapping explains after a shift by any EM-to-EM vector.
+
+    On a regular or repetitive arrangement (a lattice, beads along a line) the best
+    mapping shifted by one period explains almost as many beads; voting may not propose
+    that alternative, so it is checked directly.
+    """
+    mapped = best.apply(lm)
+    if len(em) < 2:
+        return 0
+    k, l = np.nonzero(~np.eye(len(em), dtype=bool))
+    shifts = em[l] - em[k]
+    shifts = shifts[np.linalg.norm(shifts, axis=1) > distinct_um]
+    if shifts.size == 0:
+        return 0
+    tree = cKDTree(em)
+    moved = (mapped[None, :, :] + shifts[:, None, :]).reshape(-1, 2)
+    d = tree.query(moved, k=1)[0].reshape(len(shifts), len(mapped))
+    return int(np.max(np.sum(d <= radius, axis=1)))
+
+
 def _gate(ranked: list[Hypothesis], lm: FloatArray, em: FloatArray, cfg: MatchConfig
           ) -> MatchResult:
     """Accept the best hypothesis only if it is clearly better than the next different one.
@@ -414,7 +436,8 @@ def _gate(ranked: list[Hypothesis], lm: FloatArray, em: FloatArray, cfg: MatchCo
     runner = max(different, key=lambda h: (h.count_within(radius), -h.rms_um), default=None)
     # Any two pairs always fit some different similarity: the runner-up has >= 2.
     k_best = best.count_within(radius)
-    k_next = max(2, runner.count_within(radius) if runner else 0)
+    k_next = max(2, runner.count_within(radius) if runner else 0,
+                 _best_shifted_count(best, lm, em, radius, cfg.distinct_um))
     nfa = _nfa(k_best, k_best >= cfg.affine_from, len(lm), len(em),
                _density_per_um2(em, radius), radius)
 
