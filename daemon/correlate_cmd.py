@@ -1,0 +1,272 @@
+"""`clemd correlate points|beads|atlas`: offline correlation without a microscope.
+
+The contract (docs/clem-workflow.md, "The offline correlation command"): JSON written to
+``--out``; exit 0 for "ok", 3 for "no_confident_match", 2 for unusable input with exactly
+one line on stderr and never a traceback. daemon/cli.py dispatches ``clemd correlate ...``
+to :func:`main` with the arguments after ``correlate``; ``python -m daemon.correlate_cmd``
+works as well.
+
+Each subcommand is one entry of ``SUBCOMMANDS``: a function adding its arguments and a
+function running it and returning the output model. ``beads`` and ``atlas`` parse their
+contract arguments but are not implemented yet (issue 3, phase 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, NoReturn
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict
+
+from protocols.correlation.errors import CorrelationInputError
+from protocols.correlation.points import PointCorrelation, correlate_points
+
+EXIT_OK, EXIT_UNUSABLE, EXIT_NO_MATCH = 0, 2, 3
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class TargetOut(_Model):
+    """One transferred target; ``predicted_error_um`` is an RMS radial error estimate."""
+
+    id: str
+    x: float
+    y: float
+    predicted_error_um: float
+
+
+class PairOut(_Model):
+    """One matched bead: indices into the input lists (0-based data rows) and errors."""
+
+    lm_index: int
+    em_index: int
+    lm_x: float
+    lm_y: float
+    em_x: float
+    em_y: float
+    residual_um: float
+    loo_error_um: float | None
+
+
+class MatchOut(_Model):
+    """How the gate decided: inliers of the best and of the next different answer."""
+
+    n_inliers: int
+    runner_up_inliers: int | None
+    gate_radius_um: float
+    nfa: float | None
+    hypotheses: int
+
+
+class CorrelateOutput(_Model):
+    """OUT.json. ``transform`` and ``targets`` are empty unless ``status`` is "ok"."""
+
+    schema_version: Literal[1] = 1
+    command: str
+    status: Literal["ok", "no_confident_match"]
+    reason: str
+    units: str
+    targets: list[TargetOut]
+    transform: dict[str, Any] | None
+    pairs: list[PairOut]
+    leave_one_out_errors_um: list[float]
+    match: MatchOut
+    elapsed_s: float
+
+
+class _UsageError(Exception):
+    """argparse refused the command line; carries argparse's one-line message."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise _UsageError(message)
+
+
+def read_xy_csv(path: Path, label: str, *, with_id: bool = False
+                ) -> tuple[list[str], np.ndarray]:
+    """Read a CSV with header ``x,y`` (or ``id,x,y``); return ids and an (N, 2) array.
+
+    Raises CorrelationInputError naming the file and row for anything unusable.
+    """
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as fh:
+            rows = list(csv.reader(fh))
+    except (OSError, UnicodeDecodeError, csv.Error) as err:
+        raise CorrelationInputError(f"{label} {path}: cannot read ({err})") from err
+    rows = [r for r in rows if any(c.strip() for c in r)]
+    if not rows:
+        raise CorrelationInputError(f"{label} {path}: empty file, expected a header")
+    header = [c.strip().lower() for c in rows[0]]
+    need = ["id", "x", "y"] if with_id else ["x", "y"]
+    missing = [c for c in need if c not in header]
+    if missing:
+        raise CorrelationInputError(f"{label} {path}: header {rows[0]} lacks column(s) "
+                                    f"{', '.join(missing)} (expected {','.join(need)})")
+    col = {c: header.index(c) for c in need}
+    ids: list[str] = []
+    xy: list[tuple[float, float]] = []
+    for n, row in enumerate(rows[1:], start=2):
+        try:
+            x, y = float(row[col["x"]]), float(row[col["y"]])
+        except (IndexError, ValueError) as err:
+            raise CorrelationInputError(f"{label} {path}: line {n}: not a number pair "
+                                        f"({err})") from err
+        if not (math.isfinite(x) and math.isfinite(y)):
+            raise CorrelationInputError(f"{label} {path}: line {n}: NaN or infinite coordinate")
+        xy.append((x, y))
+        ids.append(row[col["id"]].strip() if with_id else str(len(ids)))
+    return ids, np.array(xy, dtype=np.float64).reshape(-1, 2)
+
+
+def _add_points_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--lm", type=Path, required=True, help="LM bead positions, CSV x,y in um")
+    p.add_argument("--em", type=Path, required=True, help="EM bead positions, CSV x,y in um")
+    p.add_argument("--targets", type=Path, help="targets, CSV id,x,y in LM um")
+    p.add_argument("--out", type=Path, required=True, help="output JSON")
+    p.add_argument("--prior", type=Path,
+                   help="optional JSON with a 2x3 LM->EM 'matrix' (e.g. a transform written "
+                        "by the atlas step) used as an extra seed, never required")
+
+
+def _read_prior(path: Path | None) -> np.ndarray | None:
+    if path is None:
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        matrix = np.asarray(data["matrix"] if isinstance(data, dict) else data, dtype=float)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError,
+            ValueError) as err:
+        raise CorrelationInputError(f"prior {path}: cannot read a 2x3 'matrix' ({err})") from err
+    if matrix.shape != (2, 3):
+        raise CorrelationInputError(f"prior {path}: 'matrix' must be 2x3, got {matrix.shape}")
+    return matrix
+
+
+def _output(command: str, res: PointCorrelation, lm: np.ndarray, em: np.ndarray,
+            ids: list[str], units: str, started: float) -> CorrelateOutput:
+    m = res.match
+    match = MatchOut(
+        n_inliers=m.best.count_within(m.radius_um) if m.best else 0,
+        runner_up_inliers=m.runner_up.count_within(m.radius_um) if m.runner_up else None,
+        gate_radius_um=m.radius_um, nfa=m.nfa if math.isfinite(m.nfa) else None,
+        hypotheses=m.n_hypotheses)
+    targets: list[TargetOut] = []
+    pairs: list[PairOut] = []
+    loo_list: list[float] = []
+    transform = None
+    t = res.transform
+    if res.status == "ok" and t is not None and res.targets_um is not None \
+            and res.target_errors_um is not None:
+        targets = [TargetOut(id=i, x=float(p[0]), y=float(p[1]), predicted_error_um=float(e))
+                   for i, p, e in zip(ids, res.targets_um, res.target_errors_um)]
+        transform = t.to_dict()
+        resid = np.linalg.norm(t.residuals_um, axis=1)
+        loo = np.linalg.norm(t.loo_errors_um, axis=1)
+        loo_list = [float(v) for v in loo if np.isfinite(v)]
+        pairs = [PairOut(lm_index=int(a), em_index=int(b), lm_x=float(lm[a, 0]),
+                         lm_y=float(lm[a, 1]), em_x=float(em[b, 0]), em_y=float(em[b, 1]),
+                         residual_um=float(r), loo_error_um=float(v) if np.isfinite(v) else None)
+                 for (a, b), r, v in zip(res.pairs, resid, loo)]
+    return CorrelateOutput(command=command, status=res.status, reason=res.reason, units=units,
+                           targets=targets, transform=transform, pairs=pairs,
+                           leave_one_out_errors_um=loo_list, match=match,
+                           elapsed_s=time.perf_counter() - started)
+
+
+def _run_points(args: argparse.Namespace, started: float) -> CorrelateOutput:
+    _, lm = read_xy_csv(args.lm, "LM")
+    _, em = read_xy_csv(args.em, "EM")
+    for label, pts, path in (("LM", lm, args.lm), ("EM", em, args.em)):
+        if len(pts) < 2:
+            raise CorrelationInputError(f"{label} {path}: {len(pts)} bead(s), need at least 2")
+    ids, targets = (read_xy_csv(args.targets, "targets", with_id=True) if args.targets
+                    else ([], np.zeros((0, 2))))
+    res = correlate_points(lm, em, targets, prior=_read_prior(args.prior),
+                           from_frame="lm_um", to_frame="em_um")
+    return _output("points", res, lm, em, ids, "um", started)
+
+
+def _add_image_args(p: argparse.ArgumentParser, points_flag: str) -> None:
+    p.add_argument("--lm", type=Path, required=True)
+    p.add_argument("--lm-pixel-um", type=float, required=True)
+    p.add_argument("--em", type=Path, required=True)
+    p.add_argument("--em-pixel-um", type=float, required=True)
+    p.add_argument(points_flag, type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True)
+
+
+def _not_implemented(name: str) -> Callable[[argparse.Namespace, float], CorrelateOutput]:
+    def run(args: argparse.Namespace, started: float) -> CorrelateOutput:
+        raise CorrelationInputError(f"{name}: not implemented yet "
+                                    "(issue 3, phase 2); use 'points' with detected beads")
+    return run
+
+
+@dataclass(frozen=True)
+class Subcommand:
+    """One `clemd correlate` subcommand: its arguments and its runner."""
+
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace, float], CorrelateOutput]
+
+
+SUBCOMMANDS: dict[str, Subcommand] = {
+    "points": Subcommand("bead positions (um) without pairs", _add_points_args, _run_points),
+    "beads": Subcommand("fLM bead image and EM map of one square",
+                        lambda p: _add_image_args(p, "--targets"), _not_implemented("beads")),
+    "atlas": Subcommand("fLM overview and EM atlas of the grid",
+                        lambda p: _add_image_args(p, "--points"), _not_implemented("atlas")),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `clemd correlate` parser; errors raise instead of printing usage."""
+    parser = _Parser(prog="clemd correlate", description="Correlate LM and EM offline.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    for name, spec in SUBCOMMANDS.items():
+        spec.add_arguments(sub.add_parser(name, help=spec.help))
+    return parser
+
+
+def _write_json(path: Path, out: CorrelateOutput) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        tmp.write_text(out.model_dump_json(indent=1) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as err:
+        raise CorrelationInputError(f"--out {path}: cannot write ({err})") from err
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run `clemd correlate ...`; return the exit status (0 ok, 3 no match, 2 unusable)."""
+    started = time.perf_counter()
+    try:
+        args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+        out = SUBCOMMANDS[args.command].run(args, started)
+        _write_json(args.out, out)
+    except _UsageError as err:
+        print(f"clemd correlate: {err}", file=sys.stderr)
+        return EXIT_UNUSABLE
+    except (CorrelationInputError, np.linalg.LinAlgError) as err:
+        message = " ".join(str(err).split())  # exactly one line
+        print(f"clemd correlate: {message}", file=sys.stderr)
+        return EXIT_UNUSABLE
+    return EXIT_OK if out.status == "ok" else EXIT_NO_MATCH
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
