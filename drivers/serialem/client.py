@@ -198,13 +198,11 @@ class SerialEMClient:
             assert isinstance(reply, ImageInfo)
             if reply.num_bytes == 0:
                 raise InvalidState(f"there is no image in SerialEM buffer {buffer}")
-            sock = self._socket()
             try:
-                data = recv_image_chunks(sock, reply)
-            except (ConnectionLost, DeviceTimeout):
+                return image_from_bytes(reply, recv_image_chunks(self._socket(), reply))
+            except (ConnectionLost, DeviceTimeout):   # ProtocolError included
                 self._drop()
                 raise
-        return image_from_bytes(reply, data)
 
     def put_image(self, image: NDArray[Any], buffer: str = "A", *,
                   base_buffer: str | None = None, more_binning: int = 1,
