@@ -27,10 +27,10 @@ import structlog
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from drivers.clock import RealClock  # noqa: E402  (path set up above for a plain checkout)
-from drivers.micromanager import MicroManagerLightMicroscope  # noqa: E402
-from drivers.micromanager_config import demo_config  # noqa: E402
-from drivers.micromanager_core import MMConnection  # noqa: E402
+from drivers.clock import RealClock
+from drivers.micromanager import MicroManagerLightMicroscope
+from drivers.micromanager_config import demo_config
+from drivers.micromanager_core import MMConnection
 
 TARGET_RATIO = 0.9
 CHANNEL = "DIC"
@@ -62,8 +62,9 @@ def _through_driver(light: MicroManagerLightMicroscope, frames: int, exposure_ms
     """Seconds for ``frames`` frames streamed through the driver."""
     import useq
 
-    seq = useq.MDASequence(channels=[{"config": CHANNEL, "exposure": exposure_ms}],
-                           time_plan={"interval": 0, "loops": frames})
+    seq = useq.MDASequence.model_validate({
+        "channels": [{"config": CHANNEL, "exposure": exposure_ms}],
+        "time_plan": {"interval": 0, "loops": frames}})
     events = list(seq)  # planning the sequence is not the driver's cost
     start = time.perf_counter()
     count = sum(1 for _ in light.run_events(events))
@@ -80,8 +81,8 @@ def _case(light: MicroManagerLightMicroscope, connection: MMConnection, frames: 
         "driver": lambda: _through_driver(light, frames, exposure_ms),
         "pycromanager": lambda: _pycromanager_alone(connection, frames, exposure_ms),
     }
-    for name in timed:  # warm-up: first acquisitions pay for thread and buffer setup
-        timed[name]()
+    for run in timed.values():  # warm-up: first acquisitions pay for thread and buffer setup
+        run()
     for _ in range(repeats):
         for name, run in timed.items():
             runs[name].append(frames / run())
@@ -102,10 +103,13 @@ def bench_micromanager(frames: int, repeats: int, exposures_ms: list[float]) -> 
     """The micromanager section: one case per exposure, on one in-process demo core."""
     config = demo_config()
     with MMConnection.open(config.connection) as connection:
-        with MicroManagerLightMicroscope(config, connection, RealClock()) as light:
+        light = MicroManagerLightMicroscope(config, connection, RealClock())
+        try:
             shape = light.camera_shape()
             cases = [_case(light, connection, frames, repeats, e) for e in exposures_ms]
             pixel_type = f"uint{8 * int(connection.core.get_bytes_per_pixel())}"
+        finally:
+            light.close()
     return {
         "what": f"{frames}-frame acquisition, demo camera, in-process MMCore: "
                 "MicroManagerLightMicroscope.run_events vs pycromanager Acquisition alone",

@@ -18,7 +18,7 @@ directly; ``abort()`` does not take it, because it must interrupt such a run.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Generator, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -205,7 +205,7 @@ class MicroManagerLightMicroscope(LightMicroscope):
 
     # -- acquisition ------------------------------------------------------------------------
 
-    def run_events(self, events: Iterable[useq.MDAEvent]) -> Iterator[Image]:
+    def run_events(self, events: Iterable[useq.MDAEvent]) -> Generator[Image, None, None]:
         """Stream a multi-dimensional acquisition through pycromanager, frame by frame.
 
         As the contract says, and: events sharing a start time go to the engine together

@@ -16,7 +16,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
 import structlog
@@ -141,7 +141,7 @@ class MMConnection:
             with self.lock, self.errors("stopping the in-process core"):
                 stop_headless()
 
-    def __enter__(self) -> MMConnection:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -80,7 +80,7 @@ def plan_events(events: Sequence[useq.MDAEvent], channels: Mapping[str, Channel]
             x_um=x, y_um=y, z_um=None if ev.z_pos is None else float(ev.z_pos),
             min_start_time_s=None if ev.min_start_time is None else float(ev.min_start_time),
             reset_timer=bool(ev.reset_event_timer),
-            properties=tuple((p.device_name, p.property_name, str(p.value))
+            properties=tuple((p.device_name, p.property_name, str(p.property_value))
                              for p in (ev.properties or ())),
         ))
     return planned

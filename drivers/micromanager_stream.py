@@ -100,7 +100,7 @@ class FrameStream:
         self._queue.put(Frame(data=unsigned_frame(data, shape), event_number=number,
                               stage_um=self._stage[number], time_s=self._clock.now(),
                               tags=tags))
-        return None  # intercepted: pycromanager stores nothing
+        # Returning nothing intercepts the frame: pycromanager stores no second copy.
 
     def _on_notification(self, notification: Any) -> None:
         from pycromanager import AcqNotification
@@ -163,7 +163,7 @@ class FrameStream:
             try:
                 self._acq.mark_finished()
                 self._acq.await_completion()
-            except Exception as err:
+            except Exception as err:  # noqa: BLE001  (translated below, never dropped)
                 # pycromanager re-raises whatever stopped its engine, wrapped or not in a
                 # plain Exception; this is the edge where it becomes a clemd error.
                 engine_error = err

@@ -8,7 +8,6 @@ backend joins by adding a parameter to the ``light`` fixture.
 
 from __future__ import annotations
 
-import importlib
 import math
 from collections.abc import Iterator
 from typing import Any
@@ -17,26 +16,23 @@ import numpy as np
 import pytest
 import useq
 
-from drivers.base import LightMicroscope
+from drivers.base import AxisLimits, LightMicroscope
 from drivers.clock import VirtualClock
 from drivers.errors import Aborted, LimitViolation
+from simulators.light import SimulatedLightMicroscope
+from simulators.specimen import Specimen
 
 XY_TOL_UM = 0.05   # demo XY stage reads back in 0.005 um steps
 Z_TOL_UM = 0.05
 
 
-def _simulated_light() -> Iterator[LightMicroscope]:
-    try:
-        light_module = importlib.import_module("simulators.light")
-    except ModuleNotFoundError as err:
-        if err.name != "simulators.light":
-            raise  # the module exists but is broken: that is a failure, not a skip
-        # TODO(issue 4): drop this skip once simulators/light.py exists.
-        pytest.skip("simulators/light.py (SimulatedLightMicroscope) is not written yet")
-    from simulators.specimen import Specimen
+def mda(**fields: Any) -> useq.MDASequence:
+    """A validated useq sequence from plain values, as a config file would give them."""
+    return useq.MDASequence.model_validate(fields)
 
-    light: LightMicroscope = light_module.SimulatedLightMicroscope(
-        Specimen.generate(seed=0), clock=VirtualClock())
+
+def _simulated_light() -> Iterator[LightMicroscope]:
+    light = SimulatedLightMicroscope(Specimen.generate(seed=0), VirtualClock(), seed=0)
     yield light
     light.close()
 
@@ -52,7 +48,7 @@ def light(request: pytest.FixtureRequest) -> Iterator[LightMicroscope]:
 def _inside(light: LightMicroscope, fraction: float) -> tuple[float, float, float]:
     """A point near the centre of travel: ``fraction`` of 2 % of the half-travel towards the
     upper limits (negative: towards the lower), so moves stay short on a real stage."""
-    def at(axis: Any) -> float:
+    def at(axis: AxisLimits) -> float:
         centre = (axis.lower + axis.upper) / 2
         return round(centre + fraction * (axis.upper - centre) * 0.02, 3)
     return at(light.limits.x), at(light.limits.y), at(light.limits.z)
@@ -128,17 +124,19 @@ def test_snap_geometry_follows_objective_and_stage(light: LightMicroscope) -> No
 
 
 def test_run_events_channels_by_z(light: LightMicroscope) -> None:
-    channels = list(light.channels)[:2]
-    _, _, z0 = _inside(light, 0.1)
-    light.move_z(z0)
-    seq = useq.MDASequence(channels=channels, z_plan={"range": 2.0, "step": 1.0},
-                           stage_positions=[(*light.position_xy(), z0)], axis_order="pcz")
+    names = list(light.channels)[:2]
+    x, y, z0 = _inside(light, 0.1)
+    light.move_xy(x, y)
+    seq = mda(channels=tuple({"config": name} for name in names),
+                           z_plan={"range": 2.0, "step": 1.0},
+                           stage_positions=({"x": x, "y": y, "z": z0},),
+                           axis_order=tuple("pcz"))
     events = list(seq)
     images = list(light.run_events(events))
     assert len(images) == len(events) == 2 * 3
     for ev, img in zip(events, images, strict=True):
         assert img.index == {str(getattr(k, "value", k)): v for k, v in ev.index.items()}
-        assert img.channel == channels[ev.index["c"]]
+        assert img.channel == names[ev.index["c"]]
         assert img.z_um == pytest.approx(ev.z_pos, abs=Z_TOL_UM)
         assert img.shape == light.camera_shape()
     assert {(img.index["c"], img.index["z"]) for img in images} == {
@@ -146,7 +144,7 @@ def test_run_events_channels_by_z(light: LightMicroscope) -> None:
 
 
 def test_abort_stops_a_run(light: LightMicroscope) -> None:
-    seq = useq.MDASequence(time_plan={"interval": 0, "loops": 30})
+    seq = mda(time_plan={"interval": 0, "loops": 30})
     received = 0
     with pytest.raises(Aborted):
         for _ in light.run_events(seq):

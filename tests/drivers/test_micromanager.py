@@ -22,6 +22,15 @@ from drivers.micromanager_core import MMConnection
 XY_TOL_UM = 0.02  # the demo XY stage reads back in 0.005 um steps
 
 
+def mda(**fields: Any) -> useq.MDASequence:
+    """A validated useq sequence from plain values, as a config file would give them."""
+    return useq.MDASequence.model_validate(fields)
+
+
+def mda_event(**fields: Any) -> useq.MDAEvent:
+    return useq.MDAEvent.model_validate(fields)
+
+
 def core_xyz(connection: MMConnection) -> tuple[float, float, float]:
     core = connection.core
     return (core.get_x_position("XY"), core.get_y_position("XY"), core.get_position("Z"))
@@ -120,7 +129,8 @@ def test_unknown_channel_and_objective_refused(mm_light: MicroManagerLightMicros
 
 def test_z_stack_metadata(mm_light: MicroManagerLightMicroscope) -> None:
     mm_light.move_xy(40.0, -60.0)
-    seq = useq.MDASequence(channels=["488"], z_plan={"range": 4.0, "step": 1.0})
+    seq = mda(channels=({"config": "488"},),
+                           z_plan={"range": 4.0, "step": 1.0})
     images = list(mm_light.run_events(seq))
     assert len(images) == 5
     for i, img in enumerate(images):
@@ -138,8 +148,8 @@ def test_z_stack_metadata(mm_light: MicroManagerLightMicroscope) -> None:
 
 def test_channels_times_z_indices_and_channel_names(mm_light: MicroManagerLightMicroscope,
                                                     mm_connection: MMConnection) -> None:
-    seq = useq.MDASequence(channels=["405", "640"], z_plan={"range": 2.0, "step": 1.0},
-                           axis_order="tcz")
+    seq = mda(channels=({"config": "405"}, {"config": "640"}),
+                           z_plan={"range": 2.0, "step": 1.0}, axis_order=tuple("tcz"))
     images = list(mm_light.run_events(seq))
     assert [(img.index["c"], img.index["z"]) for img in images] == [
         (c, z) for c in range(2) for z in range(3)]
@@ -152,9 +162,9 @@ def test_channels_times_z_indices_and_channel_names(mm_light: MicroManagerLightM
 def test_grid_2x2_metadata(mm_light: MicroManagerLightMicroscope) -> None:
     mm_light.set_objective("20x")  # 0.5 um pixels: a 512 px frame is 256 um wide
     fov_um = 512 * 0.5
-    seq = useq.MDASequence(
-        stage_positions=[(300.0, -200.0, 5.0)],
-        grid_plan=useq.GridRowsColumns(rows=2, columns=2, fov_width=fov_um, fov_height=fov_um),
+    seq = mda(
+        stage_positions=({"x": 300.0, "y": -200.0, "z": 5.0},),
+        grid_plan={"rows": 2, "columns": 2, "fov_width": fov_um, "fov_height": fov_um},
     )
     events = list(seq)
     images = list(mm_light.run_events(events))
@@ -176,7 +186,7 @@ def test_grid_2x2_metadata(mm_light: MicroManagerLightMicroscope) -> None:
 
 def test_time_points_wait_on_the_clock(mm_light: MicroManagerLightMicroscope,
                                        mm_clock: VirtualClock) -> None:
-    seq = useq.MDASequence(time_plan={"interval": 30.0, "loops": 3})
+    seq = mda(time_plan={"interval": 30.0, "loops": 3})
     t0 = mm_clock.now()
     times = [img.time_s - t0 for img in mm_light.run_events(seq)]
     assert times == pytest.approx([0.0, 30.0, 60.0], abs=1e-6)
@@ -184,7 +194,7 @@ def test_time_points_wait_on_the_clock(mm_light: MicroManagerLightMicroscope,
 
 def test_late_time_point_records_lateness(mm_light: MicroManagerLightMicroscope,
                                           mm_clock: VirtualClock) -> None:
-    seq = useq.MDASequence(time_plan={"interval": 10.0, "loops": 3})
+    seq = mda(time_plan={"interval": 10.0, "loops": 3})
     lateness = []
     for img in mm_light.run_events(seq):
         lateness.append(img.extra["late_s"])
@@ -196,7 +206,7 @@ def test_late_time_point_records_lateness(mm_light: MicroManagerLightMicroscope,
 
 def test_hundred_frames_stream_in_order(mm_light: MicroManagerLightMicroscope) -> None:
     mm_light.set_channel("DIC")
-    seq = useq.MDASequence(time_plan={"interval": 0, "loops": 100})
+    seq = mda(time_plan={"interval": 0, "loops": 100})
     images = list(mm_light.run_events(seq))
     assert [img.index["t"] for img in images] == list(range(100))
     assert all(img.channel == "DIC" for img in images)
@@ -204,7 +214,7 @@ def test_hundred_frames_stream_in_order(mm_light: MicroManagerLightMicroscope) -
 
 def test_abort_stops_a_run(mm_light: MicroManagerLightMicroscope,
                            mm_connection: MMConnection) -> None:
-    seq = useq.MDASequence(time_plan={"interval": 0, "loops": 200})
+    seq = mda(time_plan={"interval": 0, "loops": 200})
     received = 0
     with pytest.raises(Aborted):
         for _ in mm_light.run_events(seq):
@@ -220,7 +230,7 @@ def test_abort_stops_a_run(mm_light: MicroManagerLightMicroscope,
 
 def test_abort_during_a_time_point_wait(mm_light: MicroManagerLightMicroscope,
                                         mm_clock: VirtualClock) -> None:
-    seq = useq.MDASequence(time_plan={"interval": 600.0, "loops": 3})
+    seq = mda(time_plan={"interval": 600.0, "loops": 3})
     run = mm_light.run_events(seq)
     first = next(run)
     assert first.index["t"] == 0
@@ -232,25 +242,38 @@ def test_abort_during_a_time_point_wait(mm_light: MicroManagerLightMicroscope,
 
 def test_stopping_early_leaves_the_driver_usable(mm_light: MicroManagerLightMicroscope,
                                                  mm_connection: MMConnection) -> None:
-    run = mm_light.run_events(useq.MDASequence(time_plan={"interval": 0, "loops": 100}))
+    seq = mda(time_plan={"interval": 0, "loops": 100})
+    run = mm_light.run_events(seq)
     next(run)
     run.close()
     assert not mm_connection.core.is_sequence_running()
     assert mm_light.snap().shape == (512, 512)
 
 
+def test_event_properties_are_set(mm_light: MicroManagerLightMicroscope,
+                                  mm_connection: MMConnection) -> None:
+    core = mm_connection.core
+    core.set_property("Camera", "Mode", "Artificial Waves")
+    events = [mda_event(index={"t": 0},
+                            properties=[("Camera", "Mode", "Fluorescent Beads")])]
+    images = list(mm_light.run_events(events))
+    assert len(images) == 1
+    assert core.get_property("Camera", "Mode") == "Fluorescent Beads"
+    core.set_property("Camera", "Mode", "Artificial Waves")
+
+
 def test_events_checked_before_anything_runs(mm_light: MicroManagerLightMicroscope,
                                              mm_connection: MMConnection) -> None:
     before = core_xyz(mm_connection)
-    bad_channel = [useq.MDAEvent(x_pos=50.0, y_pos=50.0),
-                   useq.MDAEvent(channel={"config": "GFP"})]
+    bad_channel = [mda_event(x_pos=50.0, y_pos=50.0),
+                   mda_event(channel={"config": "GFP"})]
     with pytest.raises(LimitViolation, match="GFP"):
         list(mm_light.run_events(bad_channel))
-    off_stage = [useq.MDAEvent(x_pos=50.0, y_pos=50.0), useq.MDAEvent(z_pos=400.0)]
+    off_stage = [mda_event(x_pos=50.0, y_pos=50.0), mda_event(z_pos=400.0)]
     with pytest.raises(LimitViolation, match="stage z"):
         list(mm_light.run_events(off_stage))
-    autofocus_action = [useq.MDAEvent(x_pos=50.0, y_pos=50.0),
-                        useq.MDAEvent(action={"type": "hardware_autofocus"})]
+    autofocus_action = [mda_event(x_pos=50.0, y_pos=50.0),
+                        mda_event(action={"type": "hardware_autofocus"})]
     with pytest.raises(InvalidState, match="hardware_autofocus"):
         list(mm_light.run_events(autofocus_action))
     assert core_xyz(mm_connection) == before
@@ -328,7 +351,7 @@ def test_bridge_connection_config() -> None:
 def test_config_is_frozen_and_replace_revalidates() -> None:
     config = demo_config()
     with pytest.raises(Exception, match="frozen"):
-        config.frame_timeout_s = 1.0  # type: ignore[misc]  # proving assignment is refused
+        setattr(config, "frame_timeout_s", 1.0)  # noqa: B010  (mypy would refuse the plain form)
     with pytest.raises(ConfigError) as info:
         config.replace(frame_timeout_s=-1.0)
     assert info.value.field == "lm.frame_timeout_s"
