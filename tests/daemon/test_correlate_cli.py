@@ -1,0 +1,141 @@
+"""`clemd correlate points`: JSON out, exit codes 0/3/2, one-line errors, no tracebacks."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from daemon.correlate_cmd import main
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _beads(seed: int = 0, n: int = 14) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """LM beads, EM beads (rotated 120 deg, mirrored, one lost and two extra per side)."""
+    rng = np.random.default_rng(seed)
+    g = rng.uniform(0, 90, (n, 2))
+    t = np.deg2rad(120.0)
+    lin = np.array([[np.cos(t), -np.sin(t)], [np.sin(t), np.cos(t)]]) @ np.diag([-1.0, 1.0])
+    lm = np.concatenate([g[1:], rng.uniform(0, 90, (2, 2))]) + rng.normal(0, 0.03, (n + 1, 2))
+    em = np.concatenate([g[:-1], rng.uniform(0, 90, (2, 2))]) @ lin.T + [800.0, -200.0]
+    targets = np.array([[45.0, 45.0], [30.0, 60.0]])
+    return lm, em, targets, targets @ lin.T + [800.0, -200.0]
+
+
+def _write(path: Path, header: str, rows: np.ndarray | list[str]) -> Path:
+    lines = [header] + [r if isinstance(r, str) else f"{float(r[0])!r},{float(r[1])!r}" for r in rows]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def files(tmp_path: Path) -> dict[str, Path]:
+    lm, em, targets, _ = _beads()
+    return {
+        "lm": _write(tmp_path / "lm.csv", "x,y", lm),
+        "em": _write(tmp_path / "em.csv", "x,y", em),
+        "targets": _write(tmp_path / "t.csv", "id,x,y",
+                          [f"virus-{i},{x},{y}" for i, (x, y) in enumerate(targets)]),
+        "out": tmp_path / "out.json",
+    }
+
+
+def _argv(f: dict[str, Path]) -> list[str]:
+    return ["points", "--lm", str(f["lm"]), "--em", str(f["em"]), "--targets", str(f["targets"]),
+            "--out", str(f["out"])]
+
+
+def test_points_ok_writes_the_contract_json(files: dict[str, Path],
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(_argv(files)) == 0
+    assert capsys.readouterr().err == ""
+    out = json.loads(files["out"].read_text())
+    assert out["status"] == "ok"
+    _, _, _, truth = _beads()
+    got = np.array([[t["x"], t["y"]] for t in out["targets"]])
+    assert [t["id"] for t in out["targets"]] == ["virus-0", "virus-1"]
+    assert np.all(np.linalg.norm(got - truth, axis=1) < 0.2)
+    assert all(0 < t["predicted_error_um"] < 0.5 for t in out["targets"])
+    assert out["transform"]["mirrored"] is True
+    assert out["transform"]["model"] in ("similarity", "affine", "tps")
+    assert len(out["transform"]["matrix"]) == 2
+    assert len(out["pairs"]) >= 10 and all("residual_um" in p for p in out["pairs"])
+    assert len(out["leave_one_out_errors_um"]) == len(out["pairs"])
+    assert out["elapsed_s"] > 0
+
+
+def test_unmatchable_sets_exit_3(tmp_path: Path, files: dict[str, Path]) -> None:
+    rng = np.random.default_rng(1)
+    _write(files["em"], "x,y", rng.uniform(0, 90, (15, 2)))
+    assert main(_argv(files)) == 3
+    out = json.loads(files["out"].read_text())
+    assert out["status"] == "no_confident_match"
+    assert out["targets"] == [] and out["transform"] is None and out["reason"]
+
+
+@pytest.mark.parametrize(("content", "needle"), [
+    ("", "empty file"),
+    ("x,y\n", "0 bead(s)"),
+    ("x,y\n1.0,2.0\n", "1 bead(s)"),
+    ("x,y\n1.0,2.0\nnan,3.0\n4,5\n", "NaN"),
+    ("x,y\n1.0,2.0\nabc,3.0\n4,5\n", "not a number"),
+    ("a,b\n1.0,2.0\n3,4\n5,6\n", "lacks column"),
+    ("x,y\n1.0\n3,4\n5,6\n", "not a number"),
+    (b"\xff\xfe\x00bad", "cannot read"),
+], ids=["empty", "header-only", "one-bead", "nan", "text", "no-header", "short-row", "binary"])
+def test_bad_lm_file_exits_2_with_one_line(files: dict[str, Path], content: str | bytes,
+                                           needle: str, capsys: pytest.CaptureFixture[str]
+                                           ) -> None:
+    if isinstance(content, bytes):
+        files["lm"].write_bytes(content)
+    else:
+        files["lm"].write_text(content)
+    assert main(_argv(files)) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and needle in err and "Traceback" not in err
+    assert not files["out"].exists()
+
+
+@pytest.mark.parametrize("argv_change", [
+    lambda a: a[:2] + ["--lm", "/nonexistent/lm.csv"] + a[4:],
+    lambda a: [x for x in a if x != "--out"][:-1],
+    lambda a: a + ["--bogus"],
+    lambda a: ["beads", "--lm", "a.tif", "--lm-pixel-um", "0.1", "--em", "b.mrc",
+               "--em-pixel-um", "0.01", "--targets", "t.csv", "--out", "o.json"],
+    lambda a: ["atlas"],
+    lambda a: [],
+], ids=["missing-file", "no-out", "unknown-flag", "beads-not-implemented", "atlas-no-args",
+        "no-subcommand"])
+def test_bad_command_lines_exit_2_with_one_line(files: dict[str, Path], argv_change,  # type: ignore[no-untyped-def]
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(argv_change(_argv(files))) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("clemd correlate: ")
+
+
+def test_bad_targets_and_unwritable_out(files: dict[str, Path], tmp_path: Path,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    _write(files["targets"], "x,y", np.zeros((1, 2)))  # no id column
+    assert main(_argv(files)) == 2
+    assert "id" in capsys.readouterr().err
+    _write(files["targets"], "id,x,y", ["a,1,2"])
+    files["out"] = tmp_path / "missing-dir" / "out.json"
+    assert main(_argv(files)) == 2
+    assert "cannot write" in capsys.readouterr().err
+
+
+def test_subprocess_entry_point(files: dict[str, Path]) -> None:
+    proc = subprocess.run([sys.executable, "-m", "daemon.correlate_cmd", *_argv(files)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(files["out"].read_text())["status"] == "ok"
+    files["lm"].write_text("x,y\n1,2\n")
+    proc = subprocess.run([sys.executable, "-m", "daemon.correlate_cmd", *_argv(files)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
