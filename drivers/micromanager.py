@@ -271,9 +271,11 @@ class MicroManagerLightMicroscope(LightMicroscope):
     def _prepare_hardware(self, first: PlannedEvent) -> None:
         """Put the hardware where the first event wants it before the engine starts.
 
-        pycromanager's engine skips a preset, exposure or move that it believes is already
-        in place, remembering the last event of the *previous* acquisition; clemd may have
-        changed the hardware since, so the first event's state is applied here.
+        pycromanager's engine skips setting an exposure it believes is already in place,
+        remembering the last event of the *previous* acquisition; a snap in between changes
+        the camera behind its back (frames would then carry the wrong exposure, and say the
+        right one). Applying the first event's whole state here means nothing depends on
+        what the engine remembers.
         """
         if first.set_channel:
             self._do_set_channel(first.channel)

@@ -184,6 +184,25 @@ def test_grid_2x2_metadata(mm_light: MicroManagerLightMicroscope) -> None:
     assert np.mean(ys) == pytest.approx(-200.0, abs=0.05)
 
 
+def test_run_after_manual_changes_reaches_the_event_state(
+        mm_light: MicroManagerLightMicroscope, mm_connection: MMConnection) -> None:
+    """pycromanager's engine remembers the previous run's last event and skips an exposure
+    it believes unchanged; a snap, move or preset change between runs must not fool it."""
+    event = mda_event(index={"t": 0}, x_pos=50.0, y_pos=60.0, exposure=5.0)
+    list(mm_light.run_events([event]))
+    mm_light.snap("405", exposure_s=0.002)
+    mm_light.move_xy(0.0, 0.0)
+    images = list(mm_light.run_events([event]))
+    core = mm_connection.core
+    assert core.get_exposure() == pytest.approx(5.0)
+    assert core.get_current_config("Channel") == "DAPI"  # events without a channel keep it
+    assert core_xyz(mm_connection)[:2] == pytest.approx((50.0, 60.0), abs=XY_TOL_UM)
+    for img in images:
+        assert img.channel == "405"
+        assert img.exposure_s == pytest.approx(0.005)
+        assert img.stage_um[:2] == pytest.approx((50.0, 60.0), abs=XY_TOL_UM)
+
+
 def test_time_points_wait_on_the_clock(mm_light: MicroManagerLightMicroscope,
                                        mm_clock: VirtualClock) -> None:
     seq = mda(time_plan={"interval": 30.0, "loops": 3})
