@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import pytest
-from conftest import BeadPair  # type: ignore[import-not-found]  # tests/protocols helper
 
 from protocols.correlation.errors import CorrelationInputError
 from protocols.correlation.matching import match_points
 from protocols.correlation.points import correlate_points
 
-MakeBeads = Callable[..., BeadPair]
+MakeBeads = Callable[..., Any]  # tests/protocols/conftest.py make_beads, via the fixture
 
 
 def _pair_set(p: np.ndarray) -> set[tuple[int, int]]:
