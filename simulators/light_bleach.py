@@ -63,7 +63,8 @@ class BleachLedger:
             h, w = fp.shape
             inside = (px >= -0.5) & (px < w - 0.5) & (py >= -0.5) & (py < h - 0.5)
             dose += np.float32(d) * inside
-        return np.exp(-dose / np.float32(tau_s)).astype(np.float32)
+        out: NDArray[np.float32] = np.exp(-dose / np.float32(tau_s)).astype(np.float32)
+        return out
 
     def __len__(self) -> int:
         return len(self._fields)

@@ -128,30 +128,30 @@ class TimingConfig(_Frozen):
 
 
 def _default_objectives() -> dict[str, ObjectiveConfig]:
-    return {
-        "20x": ObjectiveConfig(magnification=20, numerical_aperture=0.75, pixel_size_um=0.325,
-                               immersion_index=1.0),
-        "100x": ObjectiveConfig(magnification=100, numerical_aperture=1.49, pixel_size_um=0.065,
-                                immersion_index=1.515, parfocal_offset_um=1.2),
-    }
+    return {name: ObjectiveConfig.model_validate(v) for name, v in {
+        "20x": {"magnification": 20, "numerical_aperture": 0.75, "pixel_size_um": 0.325,
+                "immersion_index": 1.0},
+        "100x": {"magnification": 100, "numerical_aperture": 1.49, "pixel_size_um": 0.065,
+                 "immersion_index": 1.515, "parfocal_offset_um": 1.2},
+    }.items()}
 
 
 def _default_channels() -> dict[str, ChannelConfig]:
-    return {
-        "BF": ChannelConfig(contrast="brightfield", exposure_s=0.01, emission_nm=550,
-                            photons_per_s=1.2e6),
-        "DIC": ChannelConfig(contrast="dic", exposure_s=0.02, emission_nm=550,
-                             photons_per_s=3.0e6),
-        "405": ChannelConfig(contrast="beads", exposure_s=0.1, excitation_nm=405,
-                             emission_nm=450, photons_per_s=2.0e5, background_per_um2_s=4.0e4,
-                             bleach_tau_s=300.0),
-        "488": ChannelConfig(contrast="virus", exposure_s=0.1, excitation_nm=488,
-                             emission_nm=520, photons_per_s=4.0e4, background_per_um2_s=2.0e4,
-                             bleach_tau_s=25.0),
-        "640": ChannelConfig(contrast="cell_tracker", exposure_s=0.05, excitation_nm=640,
-                             emission_nm=670, photons_per_s=2.4e6, background_per_um2_s=1.0e4,
-                             bleach_tau_s=60.0),
-    }
+    return {name: ChannelConfig.model_validate(v) for name, v in {
+        "BF": {"contrast": "brightfield", "exposure_s": 0.01, "emission_nm": 550,
+               "photons_per_s": 1.2e6},
+        "DIC": {"contrast": "dic", "exposure_s": 0.02, "emission_nm": 550,
+                "photons_per_s": 3.0e6},
+        "405": {"contrast": "beads", "exposure_s": 0.1, "excitation_nm": 405,
+                "emission_nm": 450, "photons_per_s": 2.0e5, "background_per_um2_s": 4.0e4,
+                "bleach_tau_s": 300.0},
+        "488": {"contrast": "virus", "exposure_s": 0.1, "excitation_nm": 488,
+                "emission_nm": 520, "photons_per_s": 4.0e4, "background_per_um2_s": 2.0e4,
+                "bleach_tau_s": 25.0},
+        "640": {"contrast": "cell_tracker", "exposure_s": 0.05, "excitation_nm": 640,
+                "emission_nm": 670, "photons_per_s": 2.4e6, "background_per_um2_s": 1.0e4,
+                "bleach_tau_s": 60.0},
+    }.items()}
 
 
 class LightSimConfig(_Frozen):
@@ -159,9 +159,9 @@ class LightSimConfig(_Frozen):
 
     objectives: dict[str, ObjectiveConfig] = Field(default_factory=_default_objectives)
     channels: dict[str, ChannelConfig] = Field(default_factory=_default_channels)
-    camera: CameraConfig = CameraConfig()
-    stage: StageConfig = StageConfig()
-    timing: TimingConfig = TimingConfig()
+    camera: CameraConfig = Field(default_factory=lambda: CameraConfig.model_validate({}))
+    stage: StageConfig = Field(default_factory=lambda: StageConfig.model_validate({}))
+    timing: TimingConfig = Field(default_factory=lambda: TimingConfig.model_validate({}))
     start_objective: str = "20x"
     start_channel: str = "BF"
     dic_shear_deg: float = Field(45.0, ge=-180, le=180)   # shear direction in camera axes
@@ -188,7 +188,7 @@ class LightSimConfig(_Frozen):
         {"pixel_size_um": 0.1}})`` changes one field of one objective; a new objective or
         channel name must give all required fields.
         """
-        merged = _deep_merge(cls().model_dump(), values)
+        merged = _deep_merge(cls.model_validate({}).model_dump(), values)
         try:
             return cls.model_validate(merged)
         except ValidationError as err:

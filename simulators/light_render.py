@@ -79,7 +79,7 @@ class Optics:
         """z_r: defocus at which a point's peak has halved."""
         return self.immersion_index * wavelength_nm * 1e-3 / self.numerical_aperture ** 2
 
-    def sigma_um(self, wavelength_nm: float, defocus_um: NDArray[np.float64] | float
+    def sigma_um(self, wavelength_nm: float, defocus_um: NDArray[np.floating] | float
                  ) -> NDArray[np.float64]:
         s0 = self.sigma0_um(wavelength_nm)
         zr = self.axial_um(wavelength_nm)
@@ -166,7 +166,8 @@ def _upsample(layer: NDArray[np.float32], step: int, shape: tuple[int, int]) -> 
 def _blur(layer: NDArray[np.float32], sigma_px: float) -> NDArray[np.float32]:
     if sigma_px < 0.3:
         return layer
-    return cv2.GaussianBlur(layer, (0, 0), sigma_px, borderType=cv2.BORDER_REFLECT)
+    out = cv2.GaussianBlur(layer, (0, 0), sigma_px, borderType=cv2.BORDER_REFLECT)
+    return np.asarray(out, dtype=F32)
 
 
 def _blur_for_defocus(layer: NDArray[np.float32], optics: Optics, wavelength_nm: float,
@@ -355,7 +356,7 @@ def _add_points(img: NDArray[np.float32], spec: Specimen, view: View, optics: Op
     if channel.section_um is not None:
         amp = amp / (1 + (dz / (channel.section_um / 2)) ** 2)
     pix = apply_affine(invert_affine(view.pixel_to_grid), xy)
-    for (x0, y0), s, a in zip(pix, sigma_px, amp):
+    for (x0, y0), s, a in zip(pix, sigma_px, amp, strict=True):
         _add_spot(img, float(x0), float(y0), float(s), float(a))
 
 
