@@ -32,6 +32,7 @@ import numpy as np  # noqa: E402
 from numpy.typing import NDArray  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from protocols.correlation.errors import CorrelationInputError  # noqa: E402
 from protocols.correlation.points import correlate_points  # noqa: E402
 from protocols.correlation.transforms import fit_transform  # noqa: E402
 
@@ -174,7 +175,9 @@ def _summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return {
         "squares": len(rows),
         "fraction_correct": sum(r["correct"] for r in rows) / n,
-        "fraction_no_confident_match": sum(r["status"] != "ok" for r in rows) / n,
+        "fraction_no_confident_match": sum(r["status"] == "no_confident_match"
+                                           for r in rows) / n,
+        "fraction_unusable_input": sum(r["status"] == "unusable_input" for r in rows) / n,
         "confidently_wrong": sum(r["status"] == "ok" and not r["correct"] for r in rows),
         "median_target_error_nm": float(np.median(errs)) if errs.size else None,
         "p95_target_error_nm": float(np.percentile(errs, 95)) if errs.size else None,
@@ -190,7 +193,11 @@ def _summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 def _run_square(sq: PointSquare) -> dict[str, Any]:
     t0 = time.perf_counter()
-    res = correlate_points(sq.lm, sq.em, sq.targets_lm)
+    try:
+        res = correlate_points(sq.lm, sq.em, sq.targets_lm)
+    except CorrelationInputError:  # e.g. every bead lost on one side: the CLI's exit 2
+        return {"status": "unusable_input", "shared": len(sq.true_pairs),
+                "seconds": time.perf_counter() - t0, "correct": False}
     seconds = time.perf_counter() - t0
     row: dict[str, Any] = {"status": res.status, "shared": len(sq.true_pairs), "seconds": seconds,
                            "correct": False}
