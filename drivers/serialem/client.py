@@ -42,6 +42,14 @@ from drivers.errors import (
     ProtocolError,
 )
 from drivers.serialem.commands import EXIT_COMMAND, CommandTable
+from drivers.serialem.framing import (
+    image_from_bytes,
+    image_to_bytes,
+    num_chunks,
+    read_frame,
+    recv_image_chunks,
+    send_all,
+)
 from drivers.serialem.wire import (
     CLIENT_CHUNK_BYTES,
     NUM_BUFFERS,
@@ -61,12 +69,6 @@ from drivers.serialem.wire import (
     WireLimitExceeded,
     decode_reply,
     encode_request,
-    image_from_bytes,
-    image_to_bytes,
-    num_chunks,
-    read_frame,
-    recv_image_chunks,
-    send_all,
 )
 
 log = structlog.get_logger(__name__)
@@ -133,8 +135,8 @@ class SerialEMClient:
     Parameters
     ----------
     host, port:
-        SerialEM's address; None takes PY_SERIALEM_IP / PY_SERIALEM_PORT from ``environ``
-        (default ``os.environ``), else 127.0.0.1:48888, as the compiled module does.
+        SerialEM's address. The environment (PY_SERIALEM_IP / PY_SERIALEM_PORT) is read by
+        ``open_serialem``, never here, so a client is exactly what its arguments say.
     status_timeout_s:
         Reply timeout for status calls only; long commands wait without limit.
     connect_timeout_s:
@@ -144,13 +146,15 @@ class SerialEMClient:
         the request is resent once (the module uses 200 ms).
     """
 
-    def __init__(self, host: str | None = None, port: int | None = None, *,
+    def __init__(self, host: str, port: int, *,
                  status_timeout_s: float = 10.0, connect_timeout_s: float = 5.0,
                  resend_window_s: float = 0.2, clock: Clock | None = None,
-                 table: CommandTable | None = None,
-                 environ: Mapping[str, str] | None = None) -> None:
-        self.host, self.port = resolve_address(host, port,
-                                               os.environ if environ is None else environ)
+                 table: CommandTable | None = None) -> None:
+        if not host:
+            raise ConfigError("em.serialem.host", "must not be empty")
+        if not 0 < port < 65536:
+            raise ConfigError("em.serialem.port", f"{port} outside 1..65535")
+        self.host, self.port = host, port
         if not (status_timeout_s > 0 and connect_timeout_s > 0 and resend_window_s >= 0):
             raise ConfigError("em.serialem", "timeouts must be positive")
         self.status_timeout_s = status_timeout_s
@@ -433,11 +437,14 @@ class _ModuleErrors:
             raise ConnectionLost(text) from err
 
 
-def open_serialem(settings: SerialEMSettings, *,
-                  environ: Mapping[str, str] | None = None) -> SerialEMLink:
+def open_serialem(settings: SerialEMSettings, *, environ: Mapping[str, str] | None = None,
+                  clock: Clock | None = None) -> SerialEMLink:
     """The configured backend: the pure-Python client unless ``backend = "module"``.
 
-    Asking for the compiled module where it is not importable raises ConfigError.
+    The address is resolved here, as the compiled module does it: the settings' host and
+    port, else PY_SERIALEM_IP / PY_SERIALEM_PORT from ``environ`` (default ``os.environ``),
+    else 127.0.0.1:48888. Asking for the compiled module where it is not importable raises
+    ConfigError. Nothing is connected yet: the first call connects.
     """
     env = os.environ if environ is None else environ
     host, port = resolve_address(settings.host, settings.port, env)
@@ -449,4 +456,4 @@ def open_serialem(settings: SerialEMSettings, *,
                               "serialem module is not importable") from err
         return ModuleClient(serialem, host, port)
     return SerialEMClient(host, port, status_timeout_s=settings.status_timeout_s,
-                          connect_timeout_s=settings.connect_timeout_s, environ=env)
+                          connect_timeout_s=settings.connect_timeout_s, clock=clock)

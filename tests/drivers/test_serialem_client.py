@@ -28,6 +28,7 @@ from drivers.errors import (
     InvalidState,
     ProtocolError,
 )
+from drivers.serialem import framing as fr
 from drivers.serialem import wire as w
 from drivers.serialem.client import (
     ModuleClient,
@@ -94,7 +95,7 @@ class Peer:
     def _session(self, conn: socket.socket) -> None:
         while True:
             try:
-                frame = w.read_frame(conn)
+                frame = fr.read_frame(conn)
             except (ProtocolError, DeviceTimeout) as err:
                 self.errors.append(err)
                 return
@@ -155,7 +156,7 @@ def make() -> Iterator[Callable[..., tuple[Peer, SerialEMClient]]]:
     def factory(handler: Handler, **kw: Any) -> tuple[Peer, SerialEMClient]:
         peer = Peer(handler)
         kw.setdefault("resend_window_s", 5.0)
-        client = SerialEMClient("127.0.0.1", peer.port, table=TABLE, environ={}, **kw)
+        client = SerialEMClient("127.0.0.1", peer.port, table=TABLE, **kw)
         made.append((peer, client))
         return peer, client
 
@@ -316,7 +317,7 @@ def test_connect_failure_is_connection_lost() -> None:
     listener = socket.create_server(("127.0.0.1", 0))
     port = listener.getsockname()[1]
     listener.close()
-    client = SerialEMClient("127.0.0.1", port, environ={}, connect_timeout_s=1.0)
+    client = SerialEMClient("127.0.0.1", port, connect_timeout_s=1.0)
     with pytest.raises(ConnectionLost):
         client.call("ReportMag")
     client.close()
@@ -359,9 +360,9 @@ def test_get_image_in_chunks_with_handshakes(make: Any, dtype: str, chunks: int,
             reply(conn, w.OkToRunReply(True))
         elif isinstance(req, w.GetImageRequest):
             assert req == w.GetImageRequest(2, False)
-            info, raw = w.image_to_bytes(image, row_bytes=image.strides[0] + pad)
+            info, raw = fr.image_to_bytes(image, row_bytes=image.strides[0] + pad)
             reply(conn, replace(info, num_chunks=chunks))
-            w.send_image_chunks(conn, raw, chunks)     # raises unless [8][2] comes between
+            fr.send_image_chunks(conn, raw, chunks)     # raises unless [8][2] comes between
             sent.append(len(raw))
         else:
             reply(conn, EXIT_NO_EXC)
@@ -397,10 +398,10 @@ def test_put_image_streams_without_handshakes(make: Any) -> None:
         elif isinstance(req, w.PutImageRequest):
             assert (req.to_buffer, req.base_buffer, req.num_chunks) == (3, 0, 1)
             reply(conn, w.PutImageAck())
-            data = w.recv_image_stream(conn, req.num_bytes)
+            data = fr.recv_image_stream(conn, req.num_bytes)
             info = w.ImageInfo(req.mode, req.num_bytes // req.height, req.width, req.height,
                                req.num_bytes, 1)
-            received.append(w.image_from_bytes(info, data))
+            received.append(fr.image_from_bytes(info, data))
         else:
             reply(conn, w.RegularReply(0, (5.0,)))
 

@@ -16,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from drivers.errors import ConnectionLost, DeviceTimeout, ProtocolError
+from drivers.serialem import framing as fr
 from drivers.serialem import wire as w
 
 # --------------------------------------------------------------------------- captured frames
@@ -249,19 +250,19 @@ def test_image_bytes_round_trip(dtype: str, pad: int) -> None:
     else:
         image = (rng.random((5, 7)) * 1000).astype(dtype)
     line = image.strides[0]
-    info, raw = w.image_to_bytes(image, row_bytes=line + pad)
+    info, raw = fr.image_to_bytes(image, row_bytes=line + pad)
     assert info.mode == {"uint8": 0, "int16": 1, "float32": 2, "uint16": 6, "rgb": 16}[dtype]
     assert (info.width, info.height, info.row_bytes) == (7, 5, line + pad)
     assert len(raw) == info.num_bytes == (line + pad) * 5
-    back = w.image_from_bytes(info, raw)
+    back = fr.image_from_bytes(info, raw)
     assert back.dtype == image.dtype and np.array_equal(back, image)
 
 
 def test_chunk_sizes_follow_serialem() -> None:
-    assert w.num_chunks(4096 * 4096 * 2) == 1      # a 4k x 4k int16 image is one chunk
-    assert w.num_chunks(w.SERVER_CHUNK_BYTES + 1) == 2
-    assert w.chunk_sizes(10, 3) == [4, 4, 2]
-    assert w.chunk_sizes(9, 3) == [3, 3, 3]
+    assert fr.num_chunks(4096 * 4096 * 2) == 1      # a 4k x 4k int16 image is one chunk
+    assert fr.num_chunks(w.SERVER_CHUNK_BYTES + 1) == 2
+    assert fr.chunk_sizes(10, 3) == [4, 4, 2]
+    assert fr.chunk_sizes(9, 3) == [3, 3, 3]
 
 
 # --------------------------------------------------------------------------- bad frames
@@ -348,7 +349,7 @@ def test_read_frame_whole_and_split(pair: tuple[socket.socket, socket.socket]) -
     frame = w.encode_reply(w.RegularReply(0, (1.0,)))
     a.sendall(frame[:3])
     a.sendall(frame[3:])
-    assert w.read_frame(b) == frame
+    assert fr.read_frame(b) == frame
 
 
 def test_eof_between_frames_is_connection_lost(pair: tuple[socket.socket, socket.socket]
@@ -356,7 +357,7 @@ def test_eof_between_frames_is_connection_lost(pair: tuple[socket.socket, socket
     a, b = pair
     a.close()
     with pytest.raises(ConnectionLost) as info:
-        w.read_frame(b)
+        fr.read_frame(b)
     assert not isinstance(info.value, ProtocolError)
 
 
@@ -365,7 +366,7 @@ def test_eof_inside_frame_is_protocol_error(pair: tuple[socket.socket, socket.so
     a.sendall(w.encode_reply(w.RegularReply(0, (1.0,)))[:10])
     a.close()
     with pytest.raises(ProtocolError):
-        w.read_frame(b)
+        fr.read_frame(b)
 
 
 @pytest.mark.parametrize(("length", "code"), [(4, w.ServerCode.TOO_SHORT),
@@ -375,7 +376,7 @@ def test_absurd_length_prefix(pair: tuple[socket.socket, socket.socket], length:
     a, b = pair
     a.sendall(struct.pack("<i", length))
     with pytest.raises(w.FrameRejected) as info:
-        w.read_frame(b)
+        fr.read_frame(b)
     assert info.value.code == code
 
 
@@ -383,32 +384,32 @@ def test_socket_timeout_is_device_timeout(pair: tuple[socket.socket, socket.sock
     _, b = pair
     b.settimeout(0.05)
     with pytest.raises(DeviceTimeout):
-        w.read_frame(b)
+        fr.read_frame(b)
 
 
 def test_image_chunks_with_handshakes(pair: tuple[socket.socket, socket.socket]) -> None:
     server, client = pair
     image = np.arange(30 * 17, dtype=np.int16).reshape(30, 17)
-    info, raw = w.image_to_bytes(image, row_bytes=36)
+    info, raw = fr.image_to_bytes(image, row_bytes=36)
     info = w.ImageInfo(info.mode, info.row_bytes, info.width, info.height, info.num_bytes, 4)
     errors: list[BaseException] = []
 
     def serve() -> None:
         try:
-            w.send_image_chunks(server, raw, 4)
+            fr.send_image_chunks(server, raw, 4)
         except BaseException as err:   # reported to the test thread below
             errors.append(err)
 
     t = threading.Thread(target=serve)
     t.start()
-    data = w.recv_image_chunks(client, info)
+    data = fr.recv_image_chunks(client, info)
     t.join(5)
     assert errors == []
-    assert np.array_equal(w.image_from_bytes(info, data), image)
+    assert np.array_equal(fr.image_from_bytes(info, data), image)
 
 
 def test_missing_handshake_is_detected(pair: tuple[socket.socket, socket.socket]) -> None:
     server, client = pair
     client.sendall(w.encode_request(w.OkToRunRequest()))
     with pytest.raises(ProtocolError):
-        w.send_image_chunks(server, b"\1" * 10, 2)
+        fr.send_image_chunks(server, b"\1" * 10, 2)
