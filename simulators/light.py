@@ -26,8 +26,9 @@ from drivers.clock import Clock, VirtualClock
 from drivers.errors import InvalidState
 from drivers.imaging import affine_from
 from simulators.light_bleach import BleachLedger
+from simulators.light_camera import read_out
 from simulators.light_config import TRANSMITTED, LightSimConfig
-from simulators.light_render import Optics, View, read_out, render_frame
+from simulators.light_render import Optics, View, render_frame
 from simulators.specimen import Specimen
 
 _log = structlog.get_logger(__name__)

@@ -332,7 +332,9 @@ def _add_points(img: NDArray[np.float32], spec: Specimen, view: View, optics: Op
     margin = 15.0
     lo, hi = corners.min(axis=0) - margin, corners.max(axis=0) + margin
     if channel.contrast == "beads":
-        idx = spec.beads_in((lo[0], lo[1], hi[0], hi[1]))
+        # After plunge freezing (cryo-fLM) the beads lost at freezing are gone.
+        frozen = view.time_s >= spec.config.freeze_time_s
+        idx = spec.beads_in((lo[0], lo[1], hi[0], hi[1]), em=frozen)
         xy = spec.beads.xy_um[idx]
         height = spec.bead_heights_um()[idx]
         bright = spec.beads.brightness[idx]
@@ -376,40 +378,4 @@ def _add_spot(img: NDArray[np.float32], x0: float, y0: float, sigma: float, amp:
     img[r0:r1, c0:c1] += (amp * np.outer(py, px)).astype(F32)
 
 
-# --------------------------------------------------------------------------- camera
-
-
-def read_out(electrons: NDArray[np.float32], *, read_noise_e: float, e_per_adu: float,
-             offset_adu: float, full_well_e: float, bit_depth: int,
-             rng: np.random.Generator) -> NDArray[np.uint16]:
-    """Shot noise, saturation, read noise, gain and offset: expected e- to camera counts.
-
-    Shot plus read noise is drawn as one skewed Gaussian (Cornish-Fisher: mean e, variance
-    e + r^2, the skewness of the Poisson part), because an exact Poisson draw costs five
-    times more on a large frame and read noise hides the discreteness of counts anyway.
-    With a camera of almost no read noise (< 0.5 e-) counts below 30 e- are exact Poisson.
-    """
-    e = np.maximum(electrons, 0, dtype=F32)
-    z = rng.standard_normal(e.shape, dtype=F32)
-    var = e + F32(max(read_noise_e ** 2, 1e-6))
-    counts = np.multiply(z, z)                  # in-place steps: this runs on every frame
-    counts -= 1
-    counts *= e
-    counts /= var
-    counts *= F32(1 / 6)
-    np.sqrt(var, out=var)
-    var *= z
-    counts += var
-    counts += e
-    if read_noise_e < 0.5:
-        low = e < 30
-        if low.any():
-            counts[low] = rng.poisson(e[low]).astype(F32) + F32(read_noise_e) * z[low]
-    np.minimum(counts, F32(full_well_e), out=counts)
-    counts *= F32(1 / e_per_adu)
-    counts += F32(offset_adu + 0.5)             # + 0.5 and truncation round to nearest
-    np.clip(counts, 0, 2 ** bit_depth - 1, out=counts)
-    return counts.astype(np.uint16)
-
-
-__all__ = ["Optics", "View", "read_out", "render_frame"]
+__all__ = ["Optics", "View", "render_frame"]

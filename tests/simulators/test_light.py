@@ -427,3 +427,15 @@ def test_abort_stops_run_events(lm: SimulatedLightMicroscope) -> None:
                 lm.abort()
     assert len(got) == 3
     lm.snap()                                   # usable again afterwards
+
+
+def test_lost_beads_gone_after_freezing(spec: Specimen) -> None:
+    xy = spec.beads.xy_um
+    b = next(int(b) for b in np.nonzero(spec.beads.lost)[0]
+             if np.sort(np.hypot(*(xy - xy[b]).T))[1] > 5.0)
+    m = scope(spec, (64, 64), channels={"405": {"background_per_um2_s": 0.0}})
+    go_to(m, xy[b], "100x", height_um=BEAD_HEIGHT_UM)
+    live = m.render_expected("405", 0.1)
+    m.clock.sleep_until(spec.config.freeze_time_s + 600.0)   # plunged, now cryo-fLM
+    frozen = m.render_expected("405", 0.1)
+    assert live.max() > 1000.0 and frozen.max() < 1.0
