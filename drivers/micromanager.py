@@ -167,6 +167,11 @@ class MicroManagerLightMicroscope(LightMicroscope):
         return (float(core.get_x_position(self._xy)), float(core.get_y_position(self._xy)),
                 float(core.get_position(self._focus)))
 
+    def _set_properties_unlocked(self, properties: Sequence[tuple[str, str, str]]) -> None:
+        """An event's device properties, from the engine's thread (the run holds the lock)."""
+        for device, name, value in properties:
+            self._core.set_property(device, name, value)
+
     # -- presets ----------------------------------------------------------------------------
 
     def _do_set_objective(self, objective: Objective) -> None:
@@ -225,7 +230,11 @@ class MicroManagerLightMicroscope(LightMicroscope):
             planned = plan_events(evs, self.channels, self._presets, self._channel,
                                   self.position_xy())
             self._prepare_hardware(planned[0])
-            stream = FrameStream(self._conn, self.clock, self._read_stage_unlocked)
+            prepare = None
+            if any(p.properties for p in planned):
+                def prepare(number: int) -> None:
+                    self._set_properties_unlocked(planned[number].properties)
+            stream = FrameStream(self._conn, self.clock, self._read_stage_unlocked, prepare)
             self._stream = stream
             last_channel = planned[0].channel.name if planned[0].set_channel else self._channel
             self._channel = last_channel

@@ -104,7 +104,12 @@ def _refuse_unsupported(ev: useq.MDAEvent) -> None:
 
 
 def to_pycromanager(p: PlannedEvent) -> dict[str, Any]:
-    """The pycromanager event dict for ``p``, without ``min_start_time`` (the Clock waits)."""
+    """The pycromanager event dict for ``p``.
+
+    Without ``min_start_time`` (the Clock waits) and without ``properties``: the driver sets
+    those itself from a hook, because pycromanager 1.0.2's engine loses the exception of a
+    failed property (the run just stops delivering frames).
+    """
     event: dict[str, Any] = {"axes": {EVENT_AXIS: p.number}, "exposure": p.exposure_s * 1000.0}
     if p.set_channel:
         event["config_group"] = [p.group, p.preset]
@@ -113,8 +118,6 @@ def to_pycromanager(p: PlannedEvent) -> dict[str, Any]:
         event["y"] = p.y_um
     if p.z_um is not None:
         event["z"] = p.z_um
-    if p.properties:
-        event["properties"] = [list(t) for t in p.properties]
     return event
 
 
@@ -122,13 +125,16 @@ def time_groups(planned: Sequence[PlannedEvent]) -> list[list[PlannedEvent]]:
     """Cut the run where the start time changes or the event timer is reset.
 
     An event without ``min_start_time`` joins the group before it: it has no time to wait
-    for, so it runs as soon as its predecessor has.
+    for, so it runs as soon as its predecessor has. An event that sets device properties
+    runs alone: pycromanager's engine merges events into a hardware sequence without
+    looking at their properties, and a merged event's properties are never set.
     """
     groups: list[list[PlannedEvent]] = []
     for p in planned:
-        if groups and not p.reset_timer and (
-                p.min_start_time_s is None
-                or p.min_start_time_s == groups[-1][0].min_start_time_s):
+        if groups and not p.reset_timer and not p.properties \
+                and not groups[-1][-1].properties and (
+                    p.min_start_time_s is None
+                    or p.min_start_time_s == groups[-1][0].min_start_time_s):
             groups[-1].append(p)
         else:
             groups.append([p])

@@ -18,6 +18,7 @@ from __future__ import annotations
 import queue
 import threading
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,26 +53,33 @@ class FrameStream:
 
     Call from one thread: ``submit`` a list of pycromanager events, then take exactly that
     many frames from ``frames``; repeat; ``close`` always. ``abort`` may come from any thread.
-    ``read_stage`` runs on the engine thread while the caller holds the connection's lock
-    on the engine's behalf, so it must call the core directly, without taking that lock.
+    ``read_stage`` and ``prepare_event`` (given an event number, just before the engine
+    sets up the hardware for it; None installs no hook) run on the engine thread while the
+    caller holds the connection's lock on the engine's behalf, so they must call the core
+    directly, without taking that lock.
     """
 
     def __init__(self, connection: MMConnection, clock: Clock,
-                 read_stage: Callable[[], tuple[float, float, float]]) -> None:
+                 read_stage: Callable[[], tuple[float, float, float]],
+                 prepare_event: Callable[[int], None] | None = None) -> None:
         from pycromanager import Acquisition
 
         self._conn = connection
         self._clock = clock
         self._read_stage = read_stage
+        self._prepare_event = prepare_event
         self._queue: queue.Queue[Any] = queue.Queue()
         self._stage: dict[int, tuple[float, float, float]] = {}
         self._hook_error: BaseException | None = None
         self._aborted = threading.Event()
+        self._state_lock = threading.Lock()  # abort() from another thread vs close()
         self._finished = False
         self._closed = False
         kwargs: dict[str, Any] = {}
         if connection.bridge_port is not None:
             kwargs = {"show_display": False, "port": connection.bridge_port}
+        if prepare_event is not None:
+            kwargs["pre_hardware_hook_fn"] = self._on_hardware_next
         with connection.errors("starting a Micro-Manager acquisition"):
             self._acq = Acquisition(image_process_fn=self._on_image,
                                     post_hardware_hook_fn=self._on_hardware_ready,
@@ -79,20 +87,35 @@ class FrameStream:
 
     # -- engine-side callbacks (pycromanager threads) --------------------------------------
 
-    def _on_hardware_ready(self, event: dict[str, Any] | list[dict[str, Any]]) -> Any:
-        """Read the stage once per engine step (one event, or a merged hardware sequence).
+    def _on_hardware_next(self, event: dict[str, Any] | list[dict[str, Any]]) -> Any:
+        """Before the engine sets up an event (or a merged sequence): clemd's own steps."""
+        assert self._prepare_event is not None  # installed only when given
+        with self._kept_errors():
+            for number in _numbers(event):
+                self._prepare_event(number)
+        return event
 
-        Returning the event unchanged lets the engine go on; an error is kept for ``close``
-        (pycromanager would only print it) and re-raised so the engine aborts the run.
+    def _on_hardware_ready(self, event: dict[str, Any] | list[dict[str, Any]]) -> Any:
+        """Read the stage once per engine step (one event, or a merged hardware sequence)."""
+        with self._kept_errors():
+            position = self._read_stage()
+            for number in _numbers(event):
+                self._stage[number] = position
+        return event
+
+    @contextmanager
+    def _kept_errors(self) -> Iterator[None]:
+        """Keep a hook's error for ``close`` and re-raise it so the engine aborts the run.
+
+        pycromanager catches a hook's exception, prints it and aborts without recording it;
+        keeping it here is what turns it into a clemd error instead of a short run.
         """
         try:
-            position = self._read_stage()
-            for e in event if isinstance(event, list) else [event]:
-                self._stage[int(e["axes"][EVENT_AXIS])] = position
+            yield
         except BaseException as err:
-            self._hook_error = err
+            if self._hook_error is None:
+                self._hook_error = err
             raise
-        return event
 
     def _on_image(self, data: NDArray[Any], tags: dict[str, Any]) -> None:
         number = int(tags["Axes"][EVENT_AXIS])
@@ -125,9 +148,11 @@ class FrameStream:
             try:
                 item = self._queue.get(timeout=timeout_s)
             except queue.Empty:
+                # pycromanager 1.0.2's in-process engine drops some hardware errors (they
+                # only reach its log), and then this timeout is the only sign of them.
                 raise DeviceTimeout(f"no frame from Micro-Manager within {timeout_s:g} s "
-                                    f"(frame {received + 1} of {count}; "
-                                    f"lm.frame_timeout_s)") from None
+                                    f"(frame {received + 1} of {count}; lm.frame_timeout_s); "
+                                    f"a hardware error may be in pycromanager's log") from None
             if item is _FINISHED:
                 self._finished = True
                 self._raise_early_end(received, count)
@@ -141,9 +166,14 @@ class FrameStream:
                             f"frames without an error")
 
     def abort(self) -> None:
-        """Stop the engine at its next step and the camera at once; safe from any thread."""
+        """Stop the engine at its next step and the camera at once; safe from any thread.
+
+        After ``close()`` nothing is running and this does nothing.
+        """
         self._aborted.set()
-        with self._conn.errors("aborting the Micro-Manager acquisition"):
+        with self._state_lock, self._conn.errors("aborting the Micro-Manager acquisition"):
+            if self._closed:
+                return
             self._acq.abort()
             core = self._conn.core
             if core.is_sequence_running():
@@ -155,9 +185,10 @@ class FrameStream:
         Idempotent. The hook's error comes first (it caused the abort); otherwise the
         engine's own, translated.
         """
-        if self._closed:
-            return
-        self._closed = True
+        with self._state_lock:
+            if self._closed:
+                return
+            self._closed = True
         engine_error: Exception | None = None
         with self._conn.errors("finishing the Micro-Manager acquisition"):
             try:
@@ -172,8 +203,13 @@ class FrameStream:
                 if core.is_sequence_running():
                     core.stop_sequence_acquisition()
         if self._hook_error is not None:
-            raise HardwareFault(f"reading the stage during the acquisition failed: "
-                                f"{self._hook_error}") from self._hook_error
+            raise HardwareFault(f"a hardware step inside the Micro-Manager acquisition "
+                                f"failed: {self._hook_error}") from self._hook_error
         if engine_error is not None:
             raise HardwareFault(f"Micro-Manager acquisition failed: {engine_error}") \
                 from engine_error
+
+
+def _numbers(event: dict[str, Any] | list[dict[str, Any]]) -> list[int]:
+    """Event numbers of one pycromanager event or of a merged hardware sequence."""
+    return [int(e["axes"][EVENT_AXIS]) for e in (event if isinstance(event, list) else [event])]

@@ -14,7 +14,14 @@ import pytest
 import useq
 
 from drivers.clock import VirtualClock
-from drivers.errors import Aborted, ConfigError, InvalidState, LimitViolation
+from drivers.errors import (
+    Aborted,
+    ConfigError,
+    DeviceTimeout,
+    HardwareFault,
+    InvalidState,
+    LimitViolation,
+)
 from drivers.micromanager import MicroManagerLightMicroscope
 from drivers.micromanager_config import MicroManagerConfig, demo_config
 from drivers.micromanager_core import MMConnection
@@ -269,16 +276,49 @@ def test_stopping_early_leaves_the_driver_usable(mm_light: MicroManagerLightMicr
     assert mm_light.snap().shape == (512, 512)
 
 
-def test_event_properties_are_set(mm_light: MicroManagerLightMicroscope,
-                                  mm_connection: MMConnection) -> None:
+def test_event_properties_are_set_between_frames(mm_light: MicroManagerLightMicroscope,
+                                                 mm_connection: MMConnection) -> None:
     core = mm_connection.core
     core.set_property("Camera", "Mode", "Artificial Waves")
-    events = [mda_event(index={"t": 0},
-                            properties=[("Camera", "Mode", "Fluorescent Beads")])]
-    images = list(mm_light.run_events(events))
-    assert len(images) == 1
-    assert core.get_property("Camera", "Mode") == "Fluorescent Beads"
-    core.set_property("Camera", "Mode", "Artificial Waves")
+    events = [mda_event(index={"t": 0}),
+              mda_event(index={"t": 1}, properties=[("Camera", "Mode", "Fluorescent Beads")]),
+              mda_event(index={"t": 2})]
+    try:
+        images = list(mm_light.run_events(events))
+        assert [img.index["t"] for img in images] == [0, 1, 2]
+        assert core.get_property("Camera", "Mode") == "Fluorescent Beads"
+    finally:
+        core.set_property("Camera", "Mode", "Artificial Waves")
+
+
+def test_hardware_error_mid_run_raises_and_leaves_driver_usable(
+        mm_light: MicroManagerLightMicroscope, mm_connection: MMConnection) -> None:
+    events = [mda_event(index={"t": 0}),
+              mda_event(index={"t": 1}, properties=[("Camera", "Mode", "No Such Mode")]),
+              mda_event(index={"t": 2})]
+    received = []
+    with pytest.raises(HardwareFault, match="acquisition failed"):
+        for img in mm_light.run_events(events):
+            received.append(img.index["t"])
+    assert received == [0]
+    assert not mm_connection.core.is_sequence_running()
+    assert mm_light.snap().shape == (512, 512)
+
+
+def test_engine_error_it_does_not_report_ends_in_a_timeout(
+        mm_connection: MMConnection) -> None:
+    """pycromanager 1.0.2 swallows a failed move inside its engine; the frame timeout must
+    still end the run with an error, and the driver must be usable afterwards."""
+    config = demo_config().replace(frame_timeout_s=0.3,
+                                   stage_limits={"x_um": (-1e4, 1e4), "y_um": (-1e4, 1e4),
+                                                 "z_um": (-1000.0, 1000.0)})
+    light = MicroManagerLightMicroscope(config, mm_connection, VirtualClock())
+    events = [mda_event(index={"z": 0}, z_pos=0.0), mda_event(index={"z": 1}, z_pos=500.0)]
+    with pytest.raises(DeviceTimeout, match="lm.frame_timeout_s"):
+        list(light.run_events(events))  # the demo focus drive stops at +-300 um
+    assert not mm_connection.core.is_sequence_running()
+    light.move_z(1.0)
+    assert light.snap().z_um == pytest.approx(1.0)
 
 
 def test_events_checked_before_anything_runs(mm_light: MicroManagerLightMicroscope,
