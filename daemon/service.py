@@ -107,6 +107,7 @@ class Service:
         self.stop_event.set()
         if self.runner is not None:
             self.runner.stop()
+            self.runner = None
         if self.bus is not None and self.journal is not None:
             self.bus.emit(EventKind.SERVICE, None, {"state": "stopped"})
             self.bus.attach(None)
