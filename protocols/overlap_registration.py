@@ -1,21 +1,26 @@
 """Register the overlap of two neighbouring tiles: a sub-pixel shift, a score, an ambiguity flag.
 
 Why this is more than ``cv2.phaseCorrelate``: grid images are periodic (bars every 127 um,
-holes every 4 um), so the strongest correlation peak is not always the true shift. The search
-is therefore limited to the expected stage error around the nominal shift, every candidate
-peak is re-scored by normalised cross-correlation (NCC) on its real overlap area (which removes
-the bias of phase correlation towards small shifts with large overlap), and when two distinct
-candidates score alike the one nearest the nominal shift wins and the match is flagged
-``ambiguous`` so that the caller can refuse it.
+holes every 4 um), so the strongest correlation peak is not always the true shift, and the
+overlap left after a stage error of a few um can be a small part of a narrow strip. So:
 
-The correlation is whitened (phase correlation) and then band-passed by a Gaussian low-pass
-(noise in EM tiles lives at high frequencies) and a Gaussian high-pass (uneven illumination in
-transmitted-light tiles lives at low ones). NCC is measured on the same band (difference of
-Gaussians) so that it means "structure agrees", not "both tiles are bright".
+- both crops are compared as gradient magnitude after Gaussian smoothing (``structure``):
+  smoothing removes the pixel noise of EM tiles, the gradient the uneven illumination of
+  transmitted-light tiles, and the filter is local, so it treats a narrow overlap strip the
+  same in both tiles (a wide band-pass does not: it sees different neighbours in each);
+- tile i's crop is the nominal overlap widened by the search radius, so the true overlap is
+  inside it whatever the stage error within that radius;
+- the score of every shift is the normalised cross-correlation (NCC) over the area where both
+  crops exist (Padfield's masked NCC, computed with FFTs), so a shift with a small overlap is
+  not favoured or penalised for its size;
+- the search is limited to ``max_shift_px`` (per axis) around the nominal shift, and when two
+  distinct peaks score alike (a lattice, or an aperture problem along one bar) the one nearest the
+  nominal shift wins and the match is flagged ``ambiguous`` so that the caller can refuse it.
 
-Conventions: ``a`` and ``b`` are the nominal overlap cut from tile i and tile j with the same
-shape; ``shift_px`` is the (x, y) = (column, row) residual ``r`` with ``b(p) = a(p + r)``, i.e.
-the true offset of tile j relative to tile i is the integer nominal offset plus ``r``.
+Conventions: pixel (x, y) = (column, row). Crop ``b`` sits at integer ``offset`` in the frame
+of crop ``a`` according to the stage; ``shift_px`` is the residual ``r`` such that
+``b(p - offset) = a(p + r)``: the true offset of tile j relative to tile i is the nominal
+(integer) one plus ``r``.
 """
 
 from __future__ import annotations
@@ -27,37 +32,40 @@ import numpy as np
 from numpy.typing import NDArray
 from scipy import fft as sfft
 from scipy.ndimage import maximum_filter
-from scipy.signal.windows import tukey
 
 FloatArray = NDArray[np.float64]
 
-__all__ = ["OverlapMatch", "RegistrationSettings", "band_pass", "ncc_at", "register_overlap"]
+__all__ = ["OverlapMatch", "RegistrationSettings", "context_px", "register_overlap", "structure"]
 
 
 @dataclass(frozen=True)
 class RegistrationSettings:
     """How one overlap is registered; lengths in tile pixels.
 
-    ``max_shift_px`` bounds the search around the nominal shift: set it from the stage error
+    ``peak_sigma_px`` is the smoothing of the crops (``structure``): peaks closer than twice
+    that are one peak. ``max_shift_px`` bounds the search around the nominal shift: set it from the stage error
     (about three standard deviations) and keep it below half the shortest lattice period
     in the tiles, else a neighbouring period is as good a match and the overlap is flagged.
     """
 
     max_shift_px: float
-    lowpass_sigma_px: float = 1.0
-    highpass_sigma_px: float = 20.0
+    peak_sigma_px: float = 1.0
     ambiguity_margin: float = 0.9
     n_candidates: int = 6
     min_pixels: int = 256
+    min_overlap_fraction: float = 0.25
 
 
 @dataclass(frozen=True)
 class OverlapMatch:
     """Result of one registration.
 
-    ``ncc`` is the normalised cross-correlation of the band-passed overlap at the chosen shift
-    (1 = identical structure, ~0 = unrelated). ``peak_ratio`` is the NCC of the best *other*
-    candidate over ``ncc`` (near 1 = another shift explains the overlap as well).
+    ``ncc`` is the normalised cross-correlation of the filtered overlap at the chosen shift
+    (1 = identical structure, ~0 = unrelated). ``z_score`` is ``ncc`` times the square root of
+    the number of independent pixels compared (smoothing correlates neighbours): unrelated
+    images reach ~3 by chance over a search window, so small overlaps need a higher NCC.
+    ``peak_ratio`` is the NCC of the best *other* candidate over ``ncc`` (near 1 = another
+    shift explains the overlap as well).
     """
 
     shift_px: tuple[float, float]
@@ -65,64 +73,77 @@ class OverlapMatch:
     peak_ratio: float
     ambiguous: bool
     n_pixels: int
+    z_score: float = 0.0
 
 
-def band_pass(image: NDArray[np.floating] | NDArray[np.integer], lowpass_sigma_px: float,
-              highpass_sigma_px: float) -> NDArray[np.float32]:
-    """Difference of Gaussians: keeps structure between the two scales, drops noise and shading."""
+def structure(image: NDArray[np.floating] | NDArray[np.integer], sigma_px: float
+              ) -> NDArray[np.float32]:
+    """Gradient magnitude after Gaussian smoothing: what registration compares.
+
+    Smoothing by ``sigma_px`` removes the pixel noise of low-dose EM tiles; the gradient removes
+    the illumination level and its slow variation in transmitted light, so the same filter
+    serves both. Its support is only ~3 sigma, so a crop taken with that much context from
+    its tile is filtered exactly as the whole tile would be (a wide high-pass is not: on a
+    narrow overlap strip it sees different neighbours in the two tiles).
+    """
     img = np.asarray(image, dtype=np.float32)
-    low = cv2.GaussianBlur(img, (0, 0), lowpass_sigma_px) if lowpass_sigma_px > 0 else img
-    background = cv2.GaussianBlur(img, (0, 0), highpass_sigma_px)
-    out: NDArray[np.float32] = low - background
+    if sigma_px > 0:
+        img = cv2.GaussianBlur(img, (0, 0), sigma_px)
+    gx = cv2.Sobel(img, cv2.CV_32F, 1, 0, ksize=3)
+    gy = cv2.Sobel(img, cv2.CV_32F, 0, 1, ksize=3)
+    out: NDArray[np.float32] = cv2.magnitude(gx, gy)
     return out
 
 
-def ncc_at(a: NDArray[np.float32], b: NDArray[np.float32], shift: tuple[int, int],
-           min_pixels: int = 1) -> tuple[float, int]:
-    """NCC of ``a(p + shift)`` against ``b(p)`` over their common area; (0, n) if undefined."""
-    h, w = a.shape
-    sx, sy = shift
-    bx0, bx1 = max(0, -sx), min(w, w - sx)
-    by0, by1 = max(0, -sy), min(h, h - sy)
-    if bx1 <= bx0 or by1 <= by0:
-        return 0.0, 0
-    pb = b[by0:by1, bx0:bx1].astype(np.float64)
-    pa = a[by0 + sy:by1 + sy, bx0 + sx:bx1 + sx].astype(np.float64)
-    n = pa.size
-    if n < min_pixels:
-        return 0.0, n
-    pa = pa - pa.mean()
-    pb = pb - pb.mean()
-    denom = float(np.sqrt((pa * pa).sum() * (pb * pb).sum()))
-    if denom <= 1e-12:
-        return 0.0, n
-    return float((pa * pb).sum() / denom), n
+def context_px(sigma_px: float) -> int:
+    """Pixels of context a crop needs for ``structure`` to be exact in its interior."""
+    return int(np.ceil(4.0 * sigma_px)) + 2
 
 
-def _window(shape: tuple[int, int]) -> NDArray[np.float32]:
-    h, w = shape
-    return np.outer(tukey(h, 0.5), tukey(w, 0.5)).astype(np.float32)
+def _masked_ncc_surface(a: NDArray[np.float32], b: NDArray[np.float32], offset: tuple[int, int],
+                        max_shift_px: float, mask_a: NDArray[np.bool_], mask_b: NDArray[np.bool_]
+                        ) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+    """NCC of ``a(p + s)`` with ``b`` placed at ``offset`` in a's frame, for every shift s.
 
+    Padfield's masked normalised cross-correlation (IEEE TIP 2012) with FFTs: each shift is
+    normalised over the area where both crops exist, so small and large overlaps compare
+    fairly; pixels outside the masks take no part. Returns (ncc, n_pixels); index (sy, sx)
+    modulo the surface shape.
+    """
+    ha, wa = a.shape
+    hb, wb = b.shape
+    ox, oy = offset
+    pad = int(np.ceil(max_shift_px)) + 1
+    size = (cv2.getOptimalDFTSize(ha + pad), cv2.getOptimalDFTSize(wa + pad))
+    ma = mask_a.astype(np.float64)
+    a64 = a.astype(np.float64) * ma
+    mb = np.zeros((ha, wa))
+    mb[oy:oy + hb, ox:ox + wb] = mask_b
+    b_full = np.zeros((ha, wa))
+    b_full[oy:oy + hb, ox:ox + wb] = b
+    b_full *= mb
 
-def _correlation_surface(a: NDArray[np.float32], b: NDArray[np.float32],
-                         settings: RegistrationSettings) -> NDArray[np.float64]:
-    """Band-passed phase correlation; index (qy, qx) (mod size) peaks at q = r."""
-    h, w = a.shape
-    pad = int(np.ceil(settings.max_shift_px)) + 1
-    size = (cv2.getOptimalDFTSize(h + pad), cv2.getOptimalDFTSize(w + pad))
-    win = _window((h, w))
-    fa = sfft.rfft2((a - a.mean()) * win, s=size)
-    fb = sfft.rfft2((b - b.mean()) * win, s=size)
-    cross = fa * np.conj(fb)
-    cross /= np.abs(cross) + 1e-12 * float(np.abs(cross).max() + 1e-30)
-    ky = sfft.fftfreq(size[0])[:, None]
-    kx = sfft.rfftfreq(size[1])[None, :]
-    k2 = kx * kx + ky * ky
-    two_pi2 = 2.0 * np.pi ** 2
-    weight = np.exp(-two_pi2 * settings.lowpass_sigma_px ** 2 * k2)
-    weight *= 1.0 - np.exp(-two_pi2 * settings.highpass_sigma_px ** 2 * k2)
-    surface: NDArray[np.float64] = sfft.irfft2(cross * weight, s=size)
-    return surface
+    def spectrum(x: NDArray[np.float64]) -> NDArray[np.complex128]:
+        out: NDArray[np.complex128] = sfft.rfft2(x, s=size)
+        return out
+
+    def corr(fx: NDArray[np.complex128], fy: NDArray[np.complex128]) -> NDArray[np.float64]:
+        out: NDArray[np.float64] = sfft.irfft2(fx * np.conj(fy), s=size)
+        return out
+
+    f_ma, f_mb = spectrum(ma), spectrum(mb)
+    f_a, f_b = spectrum(a64), spectrum(b_full)
+    n = np.round(corr(f_ma, f_mb))
+    sa, sb = corr(f_a, f_mb), corr(f_ma, f_b)
+    saa, sbb = corr(spectrum(a64 * a64), f_mb), corr(f_ma, spectrum(b_full * b_full))
+    sab = corr(f_a, f_b)
+    safe_n = np.maximum(n, 1.0)
+    var_a = np.maximum(saa - sa * sa / safe_n, 0.0)
+    var_b = np.maximum(sbb - sb * sb / safe_n, 0.0)
+    denom = np.sqrt(var_a * var_b)
+    tol = 1e-9 * float(denom.max() + 1e-30)
+    ncc = np.where((denom > tol) & (n > 0), (sab - sa * sb / safe_n) / np.maximum(denom, tol), 0.0)
+    return ncc, n
 
 
 def _subpixel(surface: NDArray[np.float64], qy: int, qx: int) -> tuple[float, float]:
@@ -141,46 +162,58 @@ def _subpixel(surface: NDArray[np.float64], qy: int, qx: int) -> tuple[float, fl
 
 def register_overlap(a: NDArray[np.floating] | NDArray[np.integer],
                      b: NDArray[np.floating] | NDArray[np.integer],
-                     settings: RegistrationSettings) -> OverlapMatch:
-    """Find ``r`` with ``b(p) = a(p + r)``, ``|r| <= max_shift_px``, scored and checked.
+                     offset: tuple[int, int], settings: RegistrationSettings,
+                     mask_a: NDArray[np.bool_] | None = None,
+                     mask_b: NDArray[np.bool_] | None = None) -> OverlapMatch:
+    """Find ``r`` (|r_x|, |r_y| <= max_shift_px) with ``b(p - offset) = a(p + r)``, scored and checked.
 
-    Runs on the nominal overlap only (a few hundred kB per pair). Raises ValueError if the
-    two crops differ in shape; never fails on featureless input, which comes back with
-    ``ncc`` near 0 for the caller to refuse.
+    ``a`` is the overlap of tile i widened by the search radius, ``b`` the part of tile j that
+    the stage says lies in it, at ``offset`` (x, y) in a's frame, both already filtered (see
+    ``structure``); NCC removes their level and gain. Optional boolean masks mark the pixels
+    that may be compared (e.g. not next to a tile edge, where filtering had no context). Raises
+    ValueError for non-2D crops or ``b`` not inside ``a``; never fails on featureless input,
+    which comes back with ``ncc`` near 0 for the caller to refuse.
     """
-    if a.shape != b.shape or a.ndim != 2:
-        raise ValueError(f"overlap crops must be equal 2D shapes, got {a.shape} and {b.shape}")
-    fa = band_pass(a, settings.lowpass_sigma_px, settings.highpass_sigma_px)
-    fb = band_pass(b, settings.lowpass_sigma_px, settings.highpass_sigma_px)
-    surface = _correlation_surface(np.asarray(a, np.float32), np.asarray(b, np.float32), settings)
+    ox, oy = offset
+    if a.ndim != 2 or b.ndim != 2 or ox < 0 or oy < 0 or oy + b.shape[0] > a.shape[0] \
+            or ox + b.shape[1] > a.shape[1]:
+        raise ValueError(f"crop {b.shape} at {offset} does not lie inside crop {a.shape}")
+    ma = np.ones(a.shape, bool) if mask_a is None else mask_a
+    mb = np.ones(b.shape, bool) if mask_b is None else mask_b
+    if ma.shape != a.shape or mb.shape != b.shape:
+        raise ValueError("masks must have the shapes of their crops")
+    surface, counts = _masked_ncc_surface(np.asarray(a, np.float32), np.asarray(b, np.float32),
+                                          offset, settings.max_shift_px, ma, mb)
     hs, ws = surface.shape
-    qy = np.fft.fftfreq(hs, 1.0 / hs)[:, None]
-    qx = np.fft.fftfreq(ws, 1.0 / ws)[None, :]
-    inside = qx * qx + qy * qy <= settings.max_shift_px ** 2
+    sy = np.fft.fftfreq(hs, 1.0 / hs)[:, None]
+    sx = np.fft.fftfreq(ws, 1.0 / ws)[None, :]
+    # a shift that overlaps only a sliver of b can correlate well by chance
+    min_count = max(settings.min_pixels, settings.min_overlap_fraction * int(mb.sum()))
+    inside = ((np.abs(sx) <= settings.max_shift_px) & (np.abs(sy) <= settings.max_shift_px)
+              & (counts >= min_count))
     masked = np.where(inside, surface, -np.inf)
-    exclusion = max(2, int(np.ceil(3.0 * settings.lowpass_sigma_px)))
+    exclusion = max(2, int(np.ceil(2.0 * settings.peak_sigma_px)))
     peaks = (masked == maximum_filter(masked, size=2 * exclusion + 1, mode="wrap")) & inside
     rows, cols = np.nonzero(peaks)
     order = np.argsort(masked[rows, cols])[::-1][: settings.n_candidates]
-    candidates: list[tuple[int, int, float, int]] = []  # (rx, ry, ncc, n)
-    for k in order:
-        qyi, qxi = int(qy[rows[k], 0]), int(qx[0, cols[k]])
-        score, n = ncc_at(fa, fb, (qxi, qyi), settings.min_pixels)
-        candidates.append((qxi, qyi, score, n))
-    if not candidates:
+    # (rx, ry, ncc, n)
+    candidates = [(int(sx[0, cols[k]]), int(sy[rows[k], 0]), float(masked[rows[k], cols[k]]),
+                   int(counts[rows[k], cols[k]])) for k in order]
+    if not candidates or candidates[0][2] <= 0:
         return OverlapMatch((0.0, 0.0), 0.0, 1.0, True, 0)
-    best_score = max(c[2] for c in candidates)
-    if best_score <= 0:
-        rx, ry, score, n = candidates[0]
-        return OverlapMatch((float(rx), float(ry)), max(score, 0.0), 1.0, True, n)
+    best_score = candidates[0][2]
     # Of the candidates that explain the overlap about as well as the best, the one nearest the
     # nominal shift wins: stage errors are small, lattice periods are not.
     good = [c for c in candidates if c[2] >= settings.ambiguity_margin * best_score]
     chosen = min(good, key=lambda c: (c[0] ** 2 + c[1] ** 2, -c[2]))
-    others = [c[2] for c in candidates
-              if max(abs(c[0] - chosen[0]), abs(c[1] - chosen[1])) > exclusion]
-    ratio = max(others, default=0.0) / chosen[2] if chosen[2] > 0 else 1.0
-    ambiguous = any(max(abs(c[0] - chosen[0]), abs(c[1] - chosen[1])) > exclusion for c in good)
+
+    def distinct(c: tuple[int, int, float, int]) -> bool:
+        return max(abs(c[0] - chosen[0]), abs(c[1] - chosen[1])) > exclusion
+
+    others = [c[2] for c in candidates if distinct(c)]
+    ratio = max(max(others, default=0.0), 0.0) / chosen[2]
+    ambiguous = any(distinct(c) for c in good)
     dx, dy = _subpixel(surface, chosen[1], chosen[0])
-    return OverlapMatch((chosen[0] + dx, chosen[1] + dy), chosen[2], float(max(ratio, 0.0)),
-                        ambiguous, chosen[3])
+    n_independent = chosen[3] / max(1.0, 4.0 * np.pi * settings.peak_sigma_px ** 2)
+    return OverlapMatch((chosen[0] + dx, chosen[1] + dy), chosen[2], float(ratio), ambiguous,
+                        chosen[3], float(chosen[2] * np.sqrt(n_independent)))

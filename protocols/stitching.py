@@ -5,8 +5,8 @@ is several to hundreds of pixels, so a mosaic placed on nominal positions has to
 doubled beads and every coordinate read from it inherits the error. Instead:
 
 1. pairs of tiles that overlap are found from the nominal affines;
-2. each overlap is registered (protocols/overlap_registration.py: band-passed phase
-   correlation, searched only within ``max_shift_um`` of the nominal shift, scored by NCC,
+2. each overlap is registered (protocols/overlap_registration.py: masked normalised
+   cross-correlation of smoothed gradient images, searched only within twice ``max_stage_error_um`` of the nominal shift, scored by NCC,
    flagged when a lattice makes two shifts equally good);
 3. a global weighted least-squares problem places every tile (one translation each) so that
    all accepted pairwise shifts agree; the gauge is fixed by keeping the *mean* of the
@@ -37,7 +37,12 @@ from scipy.sparse.csgraph import connected_components
 from drivers.errors import ClemdError, ConfigError
 from drivers.imaging import Image
 from protocols.mosaic_blend import BlendMode, Canvas, blend_tiles, plan_canvas
-from protocols.overlap_registration import RegistrationSettings, register_overlap
+from protocols.overlap_registration import (
+    RegistrationSettings,
+    context_px,
+    register_overlap,
+    structure,
+)
 
 FloatArray = NDArray[np.float64]
 log = structlog.get_logger(__name__)
@@ -57,16 +62,22 @@ class StitchingError(ClemdError, ValueError):
 class StitchSettings:
     """Stitching parameters; lengths in um unless the name says px.
 
-    ``max_shift_um`` is the search radius around the nominal shift between two tiles: about
-    three times the stage's relative positioning error, and below half the shortest lattice
-    period visible in the tiles (grid pitch 127 um at 200 mesh; R2/2 hole pitch 4 um).
+    ``max_stage_error_um`` bounds how far (per axis) any tile may lie from its nominal position,
+    about three standard deviations of the stage error. Two tiles can then be off by twice
+    that relative to each other, which is the search radius of every overlap. Where the tiles
+    show nothing but a lattice, twice the bound must stay below half the lattice period (grid
+    pitch 127 um at 200 mesh; R2/2 hole pitch 4 um), else pairs come out ``ambiguous``; with
+    non-periodic content (cells, beads, debris) the lattice is told apart by its score. A tile
+    whose correction exceeds the bound is flagged: it was most likely placed one lattice
+    period off by a consistent set of wrong matches.
     """
 
-    max_shift_um: float = 10.0
+    max_stage_error_um: float = 5.0
     min_overlap_px: int = 16
-    lowpass_sigma_px: float = 1.0
-    highpass_sigma_px: float = 20.0
+    smoothing_sigma_px: float = 1.0
     min_ncc: float = 0.25
+    min_z_score: float = 6.0
+    corner_pairs: bool = False
     ambiguity_margin: float = 0.9
     reject_ambiguous: bool = True
     outlier_px: float = 3.0
@@ -76,8 +87,8 @@ class StitchSettings:
     max_output_pixels: int = 400_000_000
 
     def __post_init__(self) -> None:
-        checks = {"max_shift_um": self.max_shift_um, "lowpass_sigma_px": self.lowpass_sigma_px,
-                  "highpass_sigma_px": self.highpass_sigma_px, "outlier_px": self.outlier_px}
+        checks = {"max_stage_error_um": self.max_stage_error_um,
+                  "smoothing_sigma_px": self.smoothing_sigma_px, "outlier_px": self.outlier_px}
         for name, value in checks.items():
             if not (np.isfinite(value) and value > 0):
                 raise ConfigError(f"stitching.{name}", f"must be a positive number, got {value!r}")
@@ -185,14 +196,28 @@ def _common_frame(tiles: Sequence[Image]) -> tuple[FloatArray, FloatArray]:
     return linear, offsets
 
 
-def _crop(tile: Image, x0: int, x1: int, y0: int, y1: int) -> NDArray[Any]:
-    return tile.data[y0:y1, x0:x1]
+def _filtered_crop(tile: Image, x0: int, x1: int, y0: int, y1: int, sigma_px: float
+                   ) -> tuple[NDArray[np.float32], NDArray[np.bool_]]:
+    """``structure`` of a tile region, filtered with context from the tile around it.
+
+    The mask excludes pixels next to the tile's own edges, where the filter had no context:
+    across a narrow overlap those edges of the two tiles face each other and would otherwise
+    pull the match towards the nominal shift.
+    """
+    h, w = tile.shape
+    c = context_px(sigma_px)
+    cx0, cy0 = max(0, x0 - c), max(0, y0 - c)
+    filtered = structure(tile.data[cy0:min(h, y1 + c), cx0:min(w, x1 + c)], sigma_px)
+    xs, ys = np.arange(x0, x1), np.arange(y0, y1)
+    mask = np.outer((ys >= c) & (ys < h - c), (xs >= c) & (xs < w - c))
+    return filtered[y0 - cy0:y1 - cy0, x0 - cx0:x1 - cx0], mask
 
 
 def _measure_pairs(tiles: Sequence[Image], offsets: FloatArray, settings: StitchSettings,
                    reg: RegistrationSettings) -> list[_Pair]:
     pairs: list[_Pair] = []
     m = settings.min_overlap_px
+    margin = int(np.ceil(reg.max_shift_px)) + 1
     for i in range(len(tiles)):
         hi, wi = tiles[i].shape
         for j in range(i + 1, len(tiles)):
@@ -203,12 +228,21 @@ def _measure_pairs(tiles: Sequence[Image], offsets: FloatArray, settings: Stitch
             y0, y1 = max(0, dy), min(hi, dy + hj)
             if x1 - x0 < m or y1 - y0 < m:
                 continue
-            a = _crop(tiles[i], x0, x1, y0, y1)
-            b = _crop(tiles[j], x0 - dx, x1 - dx, y0 - dy, y1 - dy)
-            match = register_overlap(a, b, reg)
+            along = max((x1 - x0) / min(wi, wj), (y1 - y0) / min(hi, hj))
+            if along < 0.5 and not settings.corner_pairs:
+                continue  # diagonal neighbours share a corner: small, often bar-only, and redundant
+            # tile i: the nominal overlap widened by the search radius; tile j: what the stage
+            # says lies in that window
+            ax0, ax1 = max(0, x0 - margin), min(wi, x1 + margin)
+            ay0, ay1 = max(0, y0 - margin), min(hi, y1 + margin)
+            bx0, bx1 = max(0, ax0 - dx), min(wj, ax1 - dx)
+            by0, by1 = max(0, ay0 - dy), min(hj, ay1 - dy)
+            a, mask_a = _filtered_crop(tiles[i], ax0, ax1, ay0, ay1, settings.smoothing_sigma_px)
+            b, mask_b = _filtered_crop(tiles[j], bx0, bx1, by0, by1, settings.smoothing_sigma_px)
+            match = register_overlap(a, b, (bx0 + dx - ax0, by0 + dy - ay0), reg, mask_a, mask_b)
             measured = np.array([dx + match.shift_px[0], dy + match.shift_px[1]])
             status: OverlapStatus = "used"
-            if match.ncc < settings.min_ncc:
+            if match.ncc < settings.min_ncc or match.z_score < settings.min_z_score:
                 status = "low_score"
             elif match.ambiguous and settings.reject_ambiguous:
                 status = "ambiguous"
@@ -217,7 +251,8 @@ def _measure_pairs(tiles: Sequence[Image], offsets: FloatArray, settings: Stitch
     return pairs
 
 
-def _solve(n: int, offsets: FloatArray, edges: list[_Pair]) -> tuple[FloatArray, FloatArray]:
+def _solve(n: int, offsets: FloatArray, edges: list[_Pair]
+           ) -> tuple[FloatArray, NDArray[np.int64]]:
     """Weighted least squares of tile offsets; returns (positions, component label per tile).
 
     Each component's gauge: the sum of its positions equals the sum of its nominal ones.
@@ -240,22 +275,22 @@ def _solve(n: int, offsets: FloatArray, edges: list[_Pair]) -> tuple[FloatArray,
         a[len(edges) + c, members] = 1.0
         rhs[len(edges) + c] = offsets[members].sum(axis=0)
     positions, *_ = np.linalg.lstsq(a, rhs, rcond=None)
-    return positions, labels.astype(float)
+    return positions, labels.astype(np.int64)
 
 
 def _robust_solve(n: int, offsets: FloatArray, pairs: list[_Pair], outlier_px: float
-                  ) -> tuple[FloatArray, list[_Pair]]:
+                  ) -> tuple[FloatArray, list[_Pair], NDArray[np.int64]]:
     """Solve, drop the worst pair while its residual exceeds ``outlier_px``, re-solve."""
     pairs = list(pairs)
     while True:
         used = [p for p in pairs if p.status == "used"]
-        positions, _ = _solve(n, offsets, used)
+        positions, labels = _solve(n, offsets, used)
         if not used:
-            return positions, pairs
+            return positions, pairs, labels
         res = [float(np.hypot(*(positions[p.j] - positions[p.i] - p.measured))) for p in used]
         worst = int(np.argmax(res))
         if res[worst] <= outlier_px:
-            return positions, pairs
+            return positions, pairs, labels
         bad = used[worst]
         pairs[pairs.index(bad)] = _Pair(bad.i, bad.j, bad.nominal, bad.measured, bad.ncc,
                                         bad.peak_ratio, bad.ambiguous, "outlier")
@@ -271,9 +306,8 @@ def stitch(tiles: Sequence[Image], settings: StitchSettings | None = None) -> Mo
     start = time.perf_counter()
     linear, offsets = _common_frame(tiles)
     px_um = float(tiles[0].pixel_size_um)
-    reg = RegistrationSettings(max_shift_px=s.max_shift_um / px_um,
-                               lowpass_sigma_px=s.lowpass_sigma_px,
-                               highpass_sigma_px=s.highpass_sigma_px,
+    reg = RegistrationSettings(max_shift_px=2.0 * s.max_stage_error_um / px_um,
+                               peak_sigma_px=s.smoothing_sigma_px,
                                ambiguity_margin=s.ambiguity_margin)
     factor = 1.0 if s.output_pixel_um is None else s.output_pixel_um / px_um
     n = len(tiles)
@@ -282,23 +316,34 @@ def stitch(tiles: Sequence[Image], settings: StitchSettings | None = None) -> Mo
         raise StitchingError(f"mosaic of {canvas_guess.shape} pixels exceeds max_output_pixels "
                              f"{s.max_output_pixels}; set stitching.output_pixel_um")
     pairs = _measure_pairs(tiles, offsets, s, reg)
-    positions, pairs = _robust_solve(n, offsets, pairs, s.outlier_px)
+    positions, pairs, labels = _robust_solve(n, offsets, pairs, s.outlier_px)
     used_count = np.zeros(n, int)
     for p in pairs:
         if p.status == "used":
             used_count[p.i] += 1
             used_count[p.j] += 1
     positions[used_count == 0] = offsets[used_count == 0]
+    main = int(np.bincount(labels[used_count > 0]).argmax()) if used_count.any() else -1
     t0 = np.asarray(tiles[0].pixel_to_stage, float)[:, 2]
     placements = []
     for k in range(n):
         translation = linear @ positions[k] + t0
         correction = linear @ (positions[k] - offsets[k])
-        flagged = bool(used_count[k] == 0)
+        reason = ""
+        if used_count[k] == 0:
+            reason = "no usable overlap: kept at its nominal position"
+        elif labels[k] != main:
+            size = int((labels == labels[k]).sum())
+            reason = (f"not linked to the main mosaic: placed within its own group of {size} "
+                      "tiles, whose absolute position is only as good as the stage")
+        elif np.abs(correction).max() > s.max_stage_error_um:
+            reason = (f"moved ({correction[0]:.2f}, {correction[1]:.2f}) um from nominal, more "
+                      f"than stitching.max_stage_error_um {s.max_stage_error_um:g}: possibly "
+                      "one lattice period off")
         placements.append(TilePlacement(
             k, np.hstack([linear, translation[:, None]]),
-            (float(correction[0]), float(correction[1])), int(used_count[k]), flagged,
-            "no usable overlap: kept at its nominal position" if flagged else ""))
+            (float(correction[0]), float(correction[1])), int(used_count[k]), bool(reason),
+            reason))
     reports = tuple(
         OverlapReport(p.i, p.j, (float(p.nominal[0]), float(p.nominal[1])),
                       (float(p.measured[0]), float(p.measured[1])),
@@ -312,7 +357,8 @@ def stitch(tiles: Sequence[Image], settings: StitchSettings | None = None) -> Mo
     used_res = [r.residual_um for r in reports if r.status == "used"]
     stats = {
         "n_tiles": float(n), "n_overlaps": float(len(reports)),
-        "n_used": float(len(used_res)), "n_flagged_tiles": float((used_count == 0).sum()),
+        "n_used": float(len(used_res)),
+        "n_flagged_tiles": float(sum(p.flagged for p in placements)),
         "rms_residual_um": float(np.sqrt(np.mean(np.square(used_res)))) if used_res else 0.0,
         "max_residual_um": float(max(used_res, default=0.0)),
     }
