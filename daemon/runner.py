@@ -207,8 +207,10 @@ class SessionRunner:
                     self._transition(row.id, S.ABORTED, Reason.SERVICE_RESTART,
                                      message="abort completed at restart")
                     continue
+                where = (f"during step {row.current_step}" if row.current_step
+                         else "between steps")
                 self._transition(row.id, S.INTERRUPTED, Reason.SERVICE_RESTART,
-                                 message=f"service stopped during step {row.current_step}")
+                                 message=f"service stopped {where}")
                 if self.cfg.on_restart == "resume":
                     self._transition(row.id, S.RUNNING, Reason.SERVICE_RESTART,
                                      message="resumed after restart")
