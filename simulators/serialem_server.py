@@ -43,6 +43,7 @@ from drivers.base import ElectronMicroscope
 from drivers.clock import VirtualClock
 from drivers.errors import ConnectionLost, DeviceTimeout, ProtocolError
 from drivers.serialem.commands import EXIT_COMMAND, CommandTable, UnknownCommand
+from drivers.serialem.config import SerialEMConfig
 from drivers.serialem.framing import (
     image_from_bytes,
     image_to_bytes,
@@ -185,6 +186,25 @@ class SerialEMTwin:
         """SerialEM runs something of its own: external control cannot start meanwhile."""
         with self._lock:
             self._busy = busy
+
+    def driver_config(self, **overrides: Any) -> SerialEMConfig:
+        """Settings for drivers/serialem that match this twin's microscope and address."""
+        em = self.em
+        host, port = self.address
+        values: dict[str, Any] = {
+            "host": host, "port": port,
+            "magnifications": [{"index": m.index, "magnification": m.magnification,
+                                "pixel_size_um": m.pixel_size_um, "rotation_deg": m.rotation_deg}
+                               for m in em.magnifications.values()],
+            "low_dose": {area.name.lower(): {
+                "mag_index": s.mag_index, "exposure_s": s.exposure_s, "binning": s.binning,
+                "dose_rate_e_per_a2_s": s.dose_rate_e_per_a2_s,
+                "defocus_offset_um": s.defocus_offset_um} for area, s in em.low_dose.items()},
+            "stage_limits_um": (em.limits.x.lower, em.limits.x.upper),
+            "z_limits_um": (em.limits.z.lower, em.limits.z.upper),
+            "tilt_limits_deg": (em.tilt_limits.lower, em.tilt_limits.upper),
+        }
+        return SerialEMConfig.build(**{**values, **overrides})
 
     @property
     def in_control(self) -> bool:
@@ -384,8 +404,10 @@ def build_twin(*, seed: int = 0, camera: int = 512, host: str = "127.0.0.1",
     return SerialEMTwin(em, host=host, port=port)
 
 
-def main(argv: list[str] | None = None, *, stop: threading.Event | None = None) -> int:
-    """``clemd sim serialem``: serve until SIGINT/SIGTERM (or ``stop`` is set, for tests)."""
+def main(argv: list[str] | None = None, *, stop: threading.Event | None = None,
+         ready: threading.Event | None = None) -> int:
+    """``clemd sim serialem``: serve until SIGINT/SIGTERM (or ``stop`` is set, for tests);
+    ``ready`` is set once the twin listens. Returns 1 if the address cannot be bound."""
     parser = argparse.ArgumentParser(prog="clemd sim serialem",
                                      description="A simulated SerialEM on TCP.")
     parser.add_argument("--host", default="127.0.0.1")
@@ -404,6 +426,8 @@ def main(argv: list[str] | None = None, *, stop: threading.Event | None = None) 
         with twin:
             log.info("serialem_twin.ready", host=twin.address[0], port=twin.address[1],
                      seed=args.seed, camera=args.camera)
+            if ready is not None:
+                ready.set()
             done.wait()
     except OSError as err:
         log.error("serialem_twin.cannot_listen", host=args.host, port=args.port, error=str(err))

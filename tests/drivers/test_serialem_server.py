@@ -1,0 +1,395 @@
+"""The SerialEM twin (simulators/serialem_server.py) against the real client, over loopback TCP.
+
+Everything goes through real sockets: the client (drivers/serialem/client.py) for what a
+SerialEM user does, and a raw socket for what no well-behaved client sends (out-of-bounds
+indices, garbage, half-closed connections). The twin is backed by the simulated TEM on a
+virtual clock, so no test waits for simulated hardware.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import struct
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+
+from drivers.base import LowDoseArea
+from drivers.clock import VirtualClock
+from drivers.errors import Aborted, ConnectionLost, DeviceBusy, InvalidState
+from drivers.serialem import framing as fr
+from drivers.serialem import wire as w
+from drivers.serialem.client import SerialEMClient, SerialEMExited, SerialEMScriptError
+from drivers.serialem.commands import CommandTable
+from simulators.electron import SimulatedElectronMicroscope
+from simulators.serialem_server import SerialEMTwin, TwinFaults, main
+from simulators.specimen import Specimen
+
+TABLE = CommandTable.load()
+CAMERA = (128, 96)
+
+
+@pytest.fixture(scope="module")
+def specimen() -> Specimen:
+    return Specimen.generate(seed=3)
+
+
+@pytest.fixture
+def make_twin(specimen: Specimen) -> Iterator[Callable[..., SerialEMTwin]]:
+    twins: list[SerialEMTwin] = []
+
+    def factory(**kw: Any) -> SerialEMTwin:
+        em = SimulatedElectronMicroscope.for_tests(specimen, VirtualClock(), camera=CAMERA)
+        twin = SerialEMTwin(em, **kw).start()
+        twins.append(twin)
+        return twin
+
+    yield factory
+    for twin in twins:
+        twin.close()
+
+
+@pytest.fixture
+def twin(make_twin: Callable[..., SerialEMTwin]) -> SerialEMTwin:
+    return make_twin()
+
+
+@pytest.fixture
+def connect() -> Iterator[Callable[..., SerialEMClient]]:
+    clients: list[SerialEMClient] = []
+
+    def factory(twin: SerialEMTwin, **kw: Any) -> SerialEMClient:
+        kw.setdefault("resend_window_s", 5.0)
+        client = SerialEMClient(*twin.address, status_timeout_s=5.0, **kw)
+        clients.append(client)
+        return client
+
+    yield factory
+    for client in clients:
+        with contextlib.suppress(ConnectionLost, InvalidState):   # tests that cut the link
+            client.close()
+
+
+@pytest.fixture
+def client(twin: SerialEMTwin, connect: Callable[..., SerialEMClient]) -> SerialEMClient:
+    return connect(twin)
+
+
+class Raw:
+    """A bare socket to the twin, for bytes no client would send."""
+
+    def __init__(self, twin: SerialEMTwin) -> None:
+        self.sock = socket.create_connection(twin.address, timeout=5.0)
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def reply(self, function: w.Function) -> w.Reply:
+        return w.decode_reply(function, fr.read_frame(self.sock))
+
+    def regular(self, index: int, *args: w.WireArg) -> w.Reply:
+        self.send(w.encode_request(w.RegularRequest(index, args)))
+        return self.reply(w.Function.REGULAR)
+
+    def at_eof(self) -> bool:
+        try:
+            return self.sock.recv(1) == b""
+        except ConnectionResetError:
+            return True
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def raw(twin: SerialEMTwin) -> Iterator[Callable[[], Raw]]:
+    opened: list[Raw] = []
+
+    def factory() -> Raw:
+        r = Raw(twin)
+        opened.append(r)
+        return r
+
+    yield factory
+    for r in opened:
+        r.close()
+
+
+def index_of(name: str) -> int:
+    return TABLE.spec(name).index
+
+
+# --------------------------------------------------------------------------- stage, optics
+
+
+def test_stage_moves_read_back(client: SerialEMClient) -> None:
+    client.call("MoveStageTo", 120.5, -40.25)
+    assert client.call("ReportStageXYZ") == pytest.approx((120.5, -40.25, 0.0))
+    client.call("MoveStage", -20.5, 10.0, 3.0)
+    assert client.call("ReportStageXYZ") == pytest.approx((100.0, -30.25, 3.0))
+    client.call("TiltTo", 30.0)
+    client.call("TiltBy", -5.0)
+    assert client.call("ReportTiltAngle") == pytest.approx(25.0)
+
+
+def test_optics_read_back(client: SerialEMClient) -> None:
+    client.call("SetMagIndex", 20)
+    assert client.call("ReportMagIndex") == 20.0
+    client.call("SetDefocus", -3.5)
+    client.call("ChangeFocus", 1.0)
+    assert client.call("ReportDefocus") == pytest.approx(-2.5)
+    client.call("ImageShiftByMicrons", 1.5, -0.5)
+    client.call("ImageShiftByMicrons", 0.5, 0.0)
+    assert client.call("ReportImageShift") == pytest.approx((2.0, -0.5, 2.0, -0.5))
+
+
+def test_status_commands(twin: SerialEMTwin, client: SerialEMClient) -> None:
+    assert client.call("ReportVacuumGauge", "IGPco") == (0.0, pytest.approx(2e-6))
+    assert client.call("ReportColumnOrGunValve") == 1.0
+    assert client.call("ReportHighVoltage") == 300.0
+    assert client.call("AreDewarsFilling") == 0.0
+    client.call("SetColumnOrGunValve", 0)
+    assert client.call("ReportColumnOrGunValve") == 0.0
+    with pytest.raises(SerialEMScriptError, match="no vacuum gauge named Nope"):
+        client.call("ReportVacuumGauge", "Nope")
+
+
+# --------------------------------------------------------------------------- images
+
+
+def test_acquisitions_land_in_a_and_roll(twin: SerialEMTwin, client: SerialEMClient) -> None:
+    client.call("SetLowDoseMode", 1)
+    client.call("Record")
+    record = client.get_image("A")
+    view_settings = twin.em.low_dose[LowDoseArea.VIEW]
+    client.call("View")
+    view = client.get_image("A")
+    h, w = CAMERA
+    assert record.shape == (h, w) and record.dtype == np.uint16
+    b = view_settings.binning
+    assert view.shape == (h // b, w // b) and view.dtype == np.uint16
+    assert np.array_equal(client.get_image("B"), record)
+    props = client.call("ImageProperties", "A")
+    assert props[:4] == (w // b, h // b, b, view_settings.exposure_s)
+    assert props[5] == 6.0                                   # mode 6: uint16
+    assert client.call("ReportLowDose") == (1.0, 0.0)      # in low dose, at View
+
+
+def test_empty_buffer_is_refused(client: SerialEMClient) -> None:
+    with pytest.raises(InvalidState, match="no image in SerialEM buffer D"):
+        client.get_image("D")
+    with pytest.raises(SerialEMScriptError, match="no image in buffer D"):
+        client.call("ImageProperties", "D")
+
+
+@pytest.mark.parametrize("dtype", ["int16", "uint8", "float32", "uint16"])
+def test_put_then_get_in_chunks(make_twin: Callable[..., SerialEMTwin],
+                                connect: Callable[..., SerialEMClient], dtype: str) -> None:
+    twin = make_twin(chunk_bytes=1000)      # several chunks, each acknowledged by [8][2]
+    client = connect(twin)
+    image = (np.arange(77 * 53) % 251 - 100).astype(dtype).reshape(77, 53)
+    if dtype.startswith("u"):
+        image = np.abs(image)
+    client.put_image(image, "C")
+    back = client.get_image("C")
+    assert back.dtype == np.dtype(dtype) and np.array_equal(back, image)
+
+
+# --------------------------------------------------------------------------- navigator
+
+
+def test_navigator_edits(client: SerialEMClient) -> None:
+    assert client.call("ReportNumTableItems") == 0.0
+    assert client.call("AddStagePosAsNavPoint", 10.0, 20.0, -1.0) == 1.0
+    assert client.call("AddStagePosAsNavPoint", -30.0, 5.0, 0.0) == 2.0
+    client.call("ChangeItemLabel", 2, "target-7")
+    client.call("ChangeItemNote", 2, "bead cluster, 3 um")
+    client.call("SetItemAcquire", 2, 1)
+    assert client.call("ReportOtherItem", -1) == (2.0, -30.0, 5.0, 0.0, 0.0, 1.0)
+    assert client.call("GetVariable", "navLabel") == "target-7"
+    assert client.call("GetVariable", "navNote") == "bead cluster, 3 um"
+    assert client.call("ReportItemAcquire", 2) == 1.0
+    assert client.call("ReportItemAcquire", 1) == 0.0
+    assert client.call("NavIndexWithLabel", "target-7") == 2.0
+    client.call("MoveToNavItem", 1)
+    assert client.call("ReportStageXYZ") == pytest.approx((10.0, 20.0, -1.0))
+    client.call("RealignToOtherItem", 2, 1)
+    assert client.call("ReportStageXYZ")[:2] == pytest.approx((-30.0, 5.0))
+    assert client.call("GetRealignToItemError") == (0.0, 0.0, 0.0, 0.0)   # a point, no map
+    with pytest.raises(SerialEMScriptError, match="index 3 is out of range"):
+        client.call("ReportOtherItem", 3)
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def test_limit_is_a_script_error_with_the_simulators_message(client: SerialEMClient) -> None:
+    client.call("MoveStageTo", 1.0, 2.0)
+    with pytest.raises(SerialEMScriptError, match=r"stage x 5000 um outside \[-1600, 1600\]"):
+        client.call("MoveStageTo", 5000.0, 0.0)
+    with pytest.raises(SerialEMScriptError, match="magnification index 999 not in the table"):
+        client.call("SetMagIndex", 999)
+    assert client.call("ReportStageXYZ") == pytest.approx((1.0, 2.0, 0.0))   # still usable
+
+
+def test_unknown_and_script_only_indices(raw: Callable[[], Raw]) -> None:
+    r = raw()
+    r.send(w.encode_request(w.OkToRunRequest()))
+    assert r.reply(w.Function.OK_TO_RUN) == w.OkToRunReply(True)
+    out = r.regular(len(TABLE) + 100)
+    assert isinstance(out, w.RegularReply) and out.error_flag == w.ErrorFlag.SCRIPT_ERROR
+    assert out.values == (f"External script interpreter passed an out-of-bounds function "
+                          f"code of {len(TABLE) + 100} (maximum is {len(TABLE) - 1})",)
+    out = r.regular(index_of("Label"))
+    assert isinstance(out, w.RegularReply) and out.error_flag == w.ErrorFlag.SCRIPT_ERROR
+    assert "Label" in str(out.values[0]) and "not available to external" in str(out.values[0])
+    out = r.regular(index_of("MoveStageTo"), w.WireArg("10.", 10.0))    # one of two args
+    assert isinstance(out, w.RegularReply) and out.error_flag == w.ErrorFlag.SCRIPT_ERROR
+    assert "must be followed by at least 2 entries" in str(out.values[0])
+    out = r.regular(index_of("ReportHighVoltage"))                     # still serving
+    assert out == w.RegularReply(0, (300.0,))
+
+
+def test_user_stop_during_control(twin: SerialEMTwin, client: SerialEMClient) -> None:
+    client.call("MoveStageTo", 5.0, 5.0)
+    twin.press_stop()
+    with pytest.raises(Aborted, match="STOP"):
+        client.call("MoveStageTo", 50.0, 50.0)
+    assert not twin.in_control
+    assert client.call("ReportStageXYZ") == pytest.approx((5.0, 5.0, 0.0))  # it did not run
+
+
+def test_stop_pending_outside_control_answers_minus_10(twin: SerialEMTwin,
+                                                       raw: Callable[[], Raw],
+                                                       client: SerialEMClient) -> None:
+    twin.press_stop()
+    r = raw()
+    assert r.regular(index_of("ReportHighVoltage")) == w.ErrorReply(-10)
+    twin.press_stop()
+    with pytest.raises(Aborted, match="-10"):
+        client.call("ReportHighVoltage")
+    assert client.call("ReportHighVoltage") == 300.0        # STOP was consumed
+
+
+def test_busy(twin: SerialEMTwin, raw: Callable[[], Raw], client: SerialEMClient) -> None:
+    twin.set_busy(True)
+    with pytest.raises(DeviceBusy):
+        client.call("ReportHighVoltage")                     # OK-to-run answers FALSE
+    r = raw()
+    assert r.regular(index_of("ReportHighVoltage")) == w.ErrorReply(-9)
+    twin.set_busy(False)
+    assert client.call("ReportHighVoltage") == 300.0
+
+
+def test_ok_to_run_is_false_while_in_control(raw: Callable[[], Raw]) -> None:
+    r = raw()
+    r.send(w.encode_request(w.OkToRunRequest()))
+    assert r.reply(w.Function.OK_TO_RUN) == w.OkToRunReply(True)
+    r.send(w.encode_request(w.OkToRunRequest()))
+    assert r.reply(w.Function.OK_TO_RUN) == w.OkToRunReply(False)
+
+
+def test_exit_ends_control(twin: SerialEMTwin, client: SerialEMClient) -> None:
+    assert client.call("Exit", 1) is None
+    assert not twin.in_control
+    assert client.call("ReportHighVoltage") == 300.0        # control asked for again
+    with pytest.raises(SerialEMExited):
+        client.call("Exit")
+    assert not twin.in_control
+
+
+# --------------------------------------------------------------------------- the link
+
+
+def test_dropped_connection_mid_call_is_reconnected_and_resent(
+        make_twin: Callable[..., SerialEMTwin], connect: Callable[..., SerialEMClient]) -> None:
+    twin = make_twin(faults=TwinFaults(drop_link_after_n=2))
+    client = connect(twin)
+    client.call("MoveStageTo", 1.0, 1.0)
+    client.call("MoveStageTo", 7.0, 8.0)          # dropped unanswered, resent on a new link
+    assert client.call("ReportStageXYZ") == pytest.approx((7.0, 8.0, 0.0))
+    assert twin.connections == 2
+
+
+def test_drop_outside_the_resend_window_raises_then_reconnects(
+        make_twin: Callable[..., SerialEMTwin], connect: Callable[..., SerialEMClient]) -> None:
+    twin = make_twin(faults=TwinFaults(drop_link_after_n=1))
+    client = connect(twin, resend_window_s=0.0)
+    with pytest.raises(ConnectionLost):
+        client.call("MoveStageTo", 3.0, 4.0)
+    assert not twin.in_control
+    client.call("MoveStageTo", 3.0, 4.0)
+    assert client.call("ReportStageXYZ") == pytest.approx((3.0, 4.0, 0.0))
+    assert twin.connections == 2
+
+
+@pytest.mark.parametrize(("garbage", "code"), [
+    (struct.pack("<i", 3), -4),                     # shorter than a header
+    (struct.pack("<i", 2**30) + b"\0" * 8, -5),     # absurdly long
+    (b"\xff" * 64, -4),                             # noise: length -1
+])
+def test_garbage_drops_that_connection_only(twin: SerialEMTwin, raw: Callable[[], Raw],
+                                            client: SerialEMClient, garbage: bytes,
+                                            code: int) -> None:
+    r = raw()
+    r.send(garbage)
+    assert fr.read_frame(r.sock) == w.encode_error(code)
+    assert r.at_eof()
+    assert client.call("ReportHighVoltage") == 300.0
+
+
+def test_framed_but_malformed_request_is_answered_and_served_on(raw: Callable[[], Raw]) -> None:
+    r = raw()
+    r.send(struct.pack("<3i", 12, 4, 0))            # get-image needs 16 bytes
+    assert fr.read_frame(r.sock) == w.encode_error(-4)
+    r.send(struct.pack("<2i", 8, 77))               # no such function
+    assert fr.read_frame(r.sock) == w.encode_error(-1)
+    assert r.regular(index_of("ReportHighVoltage")) == w.RegularReply(0, (300.0,))
+
+
+@pytest.mark.parametrize("sent", ["nothing", "half a frame"])
+def test_half_closed_connection_is_dropped(twin: SerialEMTwin, raw: Callable[[], Raw],
+                                           client: SerialEMClient, sent: str) -> None:
+    r = raw()
+    if sent == "half a frame":
+        r.send(w.encode_request(w.OkToRunRequest())[:5])
+    r.sock.shutdown(socket.SHUT_WR)
+    assert r.at_eof()                               # the twin closed its side
+    assert client.call("ReportHighVoltage") == 300.0
+
+
+def test_new_connection_replaces_the_old(twin: SerialEMTwin, raw: Callable[[], Raw],
+                                         client: SerialEMClient) -> None:
+    client.call("MoveStageTo", 2.0, 2.0)
+    assert twin.in_control
+    r = raw()
+    r.send(w.encode_request(w.OkToRunRequest()))
+    assert r.reply(w.Function.OK_TO_RUN) == w.OkToRunReply(True)   # the old one lost control
+    assert client.call("ReportStageXYZ") == pytest.approx((2.0, 2.0, 0.0))  # reconnects
+    assert r.at_eof()                               # ...and replaces the raw one in turn
+    assert twin.connections == 3
+
+
+def test_main_serves_standalone_until_stopped() -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    stop, ready = threading.Event(), threading.Event()
+    result: list[int] = []
+    thread = threading.Thread(target=lambda: result.append(
+        main(["--port", str(port), "--camera", "64", "--seed", "2"], stop=stop, ready=ready)))
+    thread.start()
+    try:
+        assert ready.wait(30), "the twin did not start listening"
+        client = SerialEMClient("127.0.0.1", port, connect_timeout_s=5.0)
+        client.call("Record")
+        assert client.get_image("A").shape == (64, 64)
+        client.close()
+    finally:
+        stop.set()
+        thread.join(20)
+    assert result == [0]
