@@ -178,23 +178,35 @@ def _micromanager_lm(cfg: ServiceConfig, settings: dict[str, Any], clock: Clock,
                      shared: dict[str, Any]) -> LightMicroscope:
     module = _import("drivers.micromanager", "micromanager (drivers/micromanager.py)")
     model = _validated("lm", "micromanager", settings)
-    factory = getattr(module, "MicroManagerLightMicroscope", None)
-    if model is None or factory is None:
-        raise InstrumentUnavailable("driver micromanager not available: drivers/micromanager.py "
-                                    "has no MicroManagerLightMicroscope or settings model")
-    built: LightMicroscope = factory.from_config(model, clock=clock)
+    if model is None:
+        raise InstrumentUnavailable("driver micromanager not available: its settings model "
+                                    "(drivers/micromanager_config.py) cannot be imported")
+    try:
+        built: LightMicroscope = module.MicroManagerLightMicroscope.from_config(
+            model, clock, prefix="lm.settings")
+    except ConfigError:
+        raise
+    except ClemdError as err:
+        raise InstrumentUnavailable(f"lm (micromanager) cannot be opened: {err}") from err
     return built
 
 
 def _serialem_em(cfg: ServiceConfig, settings: dict[str, Any], clock: Clock,
                  shared: dict[str, Any]) -> ElectronMicroscope:
+    """The SerialEM link connects on its first call, so a SerialEM that is not running yet
+    does not stop the service: the first step fails with ConnectionLost and is retried."""
     module = _import("drivers.serialem.microscope", "serialem (drivers/serialem/)")
     model = _validated("em", "serialem", settings)
-    factory = getattr(module, "SerialEMMicroscope", None)
-    if model is None or factory is None:
-        raise InstrumentUnavailable("driver serialem not available: drivers/serialem has no "
-                                    "SerialEMMicroscope or settings model")
-    built: ElectronMicroscope = factory.from_config(model, clock=clock)
+    if model is None:
+        raise InstrumentUnavailable("driver serialem not available: its settings model "
+                                    "(drivers/serialem/config.py) cannot be imported")
+    try:
+        built: ElectronMicroscope = module.SerialEMElectronMicroscope.from_config(model,
+                                                                                  clock=clock)
+    except ConfigError:
+        raise
+    except ClemdError as err:
+        raise InstrumentUnavailable(f"em (serialem) cannot be opened: {err}") from err
     return built
 
 
