@@ -1,0 +1,243 @@
+"""The ElectronMicroscope contract, written once and run on every backend.
+
+Backends: "simulated" is simulators/electron.py called directly; "serialem" is the real
+driver (drivers/serialem/microscope.py) over TCP to the SerialEM twin
+(simulators/serialem_server.py), which is backed by the same simulator. Tests use only the
+contract (drivers/base.py) and take limits, areas and sizes from the instance, so a new
+backend joins by adding a parameter to the ``em`` fixture.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+
+from drivers.base import ElectronMicroscope, LowDoseArea
+from drivers.clock import VirtualClock
+from drivers.errors import Aborted, LimitViolation
+from drivers.serialem.microscope import SerialEMElectronMicroscope
+from simulators.electron import SimulatedElectronMicroscope
+from simulators.electron_config import ElectronSimConfig
+from simulators.serialem_server import SerialEMTwin
+from simulators.specimen import Specimen
+
+CAMERA = (128, 128)
+
+
+@pytest.fixture(scope="module")
+def specimen() -> Specimen:
+    return Specimen.generate(seed=5)
+
+
+def _simulator(specimen: Specimen, **fields: Any) -> SimulatedElectronMicroscope:
+    """Small frames; ``fields`` replace ElectronSimConfig fields whole (not merged)."""
+    config = ElectronSimConfig.build(camera_shape=CAMERA, **fields)
+    return SimulatedElectronMicroscope(specimen, VirtualClock(), config)
+
+
+@pytest.fixture(params=["simulated", "serialem"])
+def make_em(request: pytest.FixtureRequest,
+            specimen: Specimen) -> Iterator[Any]:
+    """Factory: an ElectronMicroscope of the parameter's kind on a simulator made with
+    ``overrides`` (ElectronSimConfig fields)."""
+    closing: list[Any] = []
+
+    def factory(**overrides: Any) -> ElectronMicroscope:
+        sim = _simulator(specimen, **overrides)
+        if request.param == "simulated":
+            closing.append(sim)
+            return sim
+        twin = SerialEMTwin(sim).start()
+        closing.append(twin)
+        em = SerialEMElectronMicroscope.from_config(twin.driver_config(), clock=VirtualClock(),
+                                                    environ={})
+        closing.append(em)
+        return em
+
+    yield factory
+    for thing in reversed(closing):
+        thing.close()
+
+
+@pytest.fixture
+def em(make_em: Any) -> ElectronMicroscope:
+    built: ElectronMicroscope = make_em()
+    return built
+
+
+# --------------------------------------------------------------------------- stage
+
+
+def test_moves_read_back(em: ElectronMicroscope) -> None:
+    em.move_stage(120.0, -45.5)
+    assert em.stage_position()[:2] == pytest.approx((120.0, -45.5), abs=1e-3)
+    em.move_stage(-10.0, 20.0, 4.0)
+    assert em.stage_position() == pytest.approx((-10.0, 20.0, 4.0), abs=1e-3)
+
+
+@pytest.mark.parametrize("where", ["x-above", "y-below", "z-above", "x-nan"])
+def test_stage_limits_refused_before_moving(em: ElectronMicroscope, where: str) -> None:
+    em.move_stage(10.0, 10.0)
+    before = em.stage_position()
+    lim = em.limits
+    with pytest.raises(LimitViolation, match="outside"):
+        if where == "x-above":
+            em.move_stage(lim.x.upper + 1.0, 0.0)
+        elif where == "y-below":
+            em.move_stage(0.0, lim.y.lower - 1.0)
+        elif where == "z-above":
+            em.move_stage(0.0, 0.0, lim.z.upper + 1.0)
+        else:
+            em.move_stage(math.nan, 0.0)
+    assert em.stage_position() == before
+
+
+def test_tilt_reads_back_and_limits(em: ElectronMicroscope) -> None:
+    em.tilt_to(30.0)
+    assert em.tilt() == pytest.approx(30.0)
+    with pytest.raises(LimitViolation, match="tilt"):
+        em.tilt_to(em.tilt_limits.upper + 5.0)
+    assert em.tilt() == pytest.approx(30.0)
+
+
+# --------------------------------------------------------------------------- optics
+
+
+def test_magnification_reads_back_and_unknown_is_refused(em: ElectronMicroscope) -> None:
+    index = sorted(em.magnifications)[len(em.magnifications) // 2]
+    em.set_mag_index(index)
+    assert em.mag_index() == index
+    with pytest.raises(LimitViolation, match="magnification index 999"):
+        em.set_mag_index(999)
+    assert em.mag_index() == index
+
+
+def test_defocus_and_image_shift_read_back(em: ElectronMicroscope) -> None:
+    em.set_defocus(-4.25)
+    assert em.defocus() == pytest.approx(-4.25)
+    em.set_image_shift(1.5, -2.0)
+    assert em.image_shift() == pytest.approx((1.5, -2.0))
+    em.set_image_shift(0.0, 0.5)
+    assert em.image_shift() == pytest.approx((0.0, 0.5))
+    with pytest.raises(LimitViolation):
+        em.set_image_shift(50.0, 0.0)
+
+
+# --------------------------------------------------------------------------- acquisition
+
+
+@pytest.mark.parametrize("area", [LowDoseArea.RECORD, LowDoseArea.VIEW, LowDoseArea.SEARCH])
+def test_acquire_returns_an_image_with_its_geometry(em: ElectronMicroscope,
+                                                    area: LowDoseArea) -> None:
+    em.move_stage(40.0, -25.0)
+    em.tilt_to(-12.0)
+    settings = em.low_dose[area]
+    image = em.acquire(area)
+    mag = em.magnifications[settings.mag_index]
+    assert image.shape == em.camera_shape(settings.binning)
+    assert image.data.dtype == np.uint16
+    assert image.mag_index == settings.mag_index and image.binning == settings.binning
+    assert image.pixel_size_um == pytest.approx(mag.pixel_size_um * settings.binning)
+    assert image.low_dose_area == area.value and image.instrument == "em"
+    assert image.tilt_deg == pytest.approx(-12.0)
+    assert image.exposure_s == pytest.approx(settings.exposure_s)
+    assert image.dose_e_per_a2 == pytest.approx(settings.dose_rate_e_per_a2_s
+                                                 * settings.exposure_s)
+    h, w = image.shape
+    centre = image.pixel_to_stage_xy([(w - 1) / 2, (h - 1) / 2])
+    assert centre == pytest.approx((40.0, -25.0), abs=1e-6)
+    # one pixel along x moves by the pixel size along the magnification's rotation
+    step = image.pixel_to_stage_xy([1.0, 0.0]) - image.pixel_to_stage_xy([0.0, 0.0])
+    theta = math.radians(mag.rotation_deg)
+    assert step == pytest.approx(image.pixel_size_um * np.array([math.cos(theta),
+                                                                 math.sin(theta)]))
+
+
+def test_image_shift_moves_the_image_centre(em: ElectronMicroscope) -> None:
+    em.move_stage(0.0, 0.0)
+    em.set_image_shift(2.0, -1.0)
+    image = em.acquire(LowDoseArea.RECORD)
+    h, w = image.shape
+    assert image.pixel_to_stage_xy([(w - 1) / 2, (h - 1) / 2]) == pytest.approx((2.0, -1.0))
+
+
+def test_unconfigured_area_is_refused(make_em: Any) -> None:
+    em = make_em(low_dose={"record": {"mag_index": 24, "exposure_s": 1.0}})
+    assert em.acquire(LowDoseArea.RECORD).shape == CAMERA
+    with pytest.raises(LimitViolation, match="SEARCH is not configured"):
+        em.acquire(LowDoseArea.SEARCH)
+
+
+def test_montage_tiles(em: ElectronMicroscope) -> None:
+    tiles = em.montage((100.0, 50.0), (2, 1), overlap=0.1, area=LowDoseArea.VIEW)
+    assert len(tiles) == 2
+    assert [t.index for t in tiles] == [{"tile": 0}, {"tile": 1}]
+    xs = [t.stage_um[0] for t in tiles]
+    ys = [t.stage_um[1] for t in tiles]
+    assert np.mean(xs) == pytest.approx(100.0, abs=1e-3)
+    assert np.mean(ys) == pytest.approx(50.0, abs=1e-3)
+    assert xs[0] != pytest.approx(xs[1]) or ys[0] != pytest.approx(ys[1])
+
+
+def test_montage_outside_travel_is_refused_before_moving(em: ElectronMicroscope) -> None:
+    em.move_stage(5.0, 5.0)
+    with pytest.raises(LimitViolation):
+        em.montage((em.limits.x.upper, 0.0), (3, 3), area=LowDoseArea.VIEW)
+    assert em.stage_position()[:2] == pytest.approx((5.0, 5.0))
+
+
+# --------------------------------------------------------------------------- navigator
+
+
+def test_nav_points(em: ElectronMicroscope) -> None:
+    assert em.nav_items() == []
+    first = em.add_nav_point(10.0, 20.0, -2.0, label="sq-3", note="bead cluster", acquire=True)
+    second = em.add_nav_point(-30.0, 40.0)
+    assert (first.label, first.note, first.acquire, first.kind) == \
+        ("sq-3", "bead cluster", True, "point")
+    assert first.stage_um == pytest.approx((10.0, 20.0, -2.0))
+    assert second.acquire is False and second.item_id != first.item_id
+    assert em.nav_items() == [first, second]
+    with pytest.raises(LimitViolation):
+        em.add_nav_point(em.limits.x.upper + 10.0, 0.0)
+    assert len(em.nav_items()) == 2
+
+
+def test_realign_to_item_moves_there(em: ElectronMicroscope) -> None:
+    item = em.add_nav_point(-60.0, 35.0)
+    em.move_stage(0.0, 0.0)
+    shift = em.realign_to_item(item.item_id)
+    assert len(shift) == 2
+    assert em.stage_position()[:2] == pytest.approx((-60.0, 35.0))
+    with pytest.raises(LimitViolation, match="does not exist"):
+        em.realign_to_item(item.item_id + 100)
+
+
+# --------------------------------------------------------------------------- status, abort
+
+
+def test_status(em: ElectronMicroscope) -> None:
+    status = em.status()
+    assert status.vacuum_ok and status.column_valve_open and not status.dewar_filling
+    assert status.high_voltage_kv == pytest.approx(300.0)
+    assert status.ready
+
+
+def test_vacuum_fault_is_reported(make_em: Any) -> None:
+    em = make_em(faults={"vacuum_fault_after_s": 0.0})
+    status = em.status()
+    assert not status.vacuum_ok and not status.column_valve_open and not status.ready
+
+
+def test_abort_stops_the_next_step(em: ElectronMicroscope) -> None:
+    em.move_stage(1.0, 1.0)
+    em.abort()
+    with pytest.raises(Aborted):
+        em.move_stage(2.0, 2.0)
+    assert em.stage_position()[:2] == pytest.approx((1.0, 1.0))
+    em.move_stage(2.0, 2.0)
+    assert em.stage_position()[:2] == pytest.approx((2.0, 2.0))
