@@ -9,13 +9,21 @@ from creating the acquisition to having the last frame and pycromanager finished
 alternate so drift hits both alike; the median of the repeats is reported. Target:
 driver / pycromanager >= 0.9.
 
-Usage: ``python benchmarks/drivers.py [--frames N] [--repeats R] [--exposure-ms MS ...]``
+Section "serialem": the SerialEM client (drivers/serialem/client.py) over loopback TCP to the
+SerialEM twin (simulators/serialem_server.py): round-trip latency of a status call
+(ReportStageXYZ; median and p99 of N calls after a warm-up), and the throughput of fetching
+a 4096 x 4096 int16 image from a buffer (get, as the driver does after each shot; and put),
+median of R transfers, MB = 10^6 bytes.
+
+Usage: ``python benchmarks/drivers.py [--sections micromanager serialem] [--frames N]
+[--repeats R] [--exposure-ms MS ...] [--status-calls N] [--image-repeats R]``
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -122,15 +130,78 @@ def bench_micromanager(frames: int, repeats: int, exposures_ms: list[float]) -> 
     }
 
 
+def _serialem_latency_us(client: Any, calls: int) -> list[float]:
+    """Microseconds of each of ``calls`` ReportStageXYZ round trips."""
+    out = []
+    for _ in range(calls):
+        start = time.perf_counter()
+        client.call("ReportStageXYZ")
+        out.append((time.perf_counter() - start) * 1e6)
+    return out
+
+
+def bench_serialem(status_calls: int, image_repeats: int) -> dict[str, Any]:
+    """The serialem section: client <-> twin on loopback, one connection, TCP_NODELAY."""
+    import numpy as np
+
+    from drivers.serialem.client import SerialEMClient
+    from simulators.serialem_server import build_twin
+
+    image = np.random.default_rng(0).integers(-2000, 2000, (4096, 4096), dtype=np.int16)
+    megabytes = image.nbytes / 1e6
+    with build_twin(camera=512, port=0) as twin:
+        client = SerialEMClient(*twin.address)
+        try:
+            _serialem_latency_us(client, 100)            # connect, control, warm caches
+            latencies = sorted(_serialem_latency_us(client, status_calls))
+            puts, gets = [], []
+            for _ in range(image_repeats):
+                start = time.perf_counter()
+                client.put_image(image, "B")
+                puts.append(megabytes / (time.perf_counter() - start))
+                start = time.perf_counter()
+                back = client.get_image("B")
+                gets.append(megabytes / (time.perf_counter() - start))
+            if not np.array_equal(back, image):
+                raise RuntimeError("the image came back different")
+        finally:
+            client.close()
+    p99 = latencies[min(len(latencies) - 1, int(round(0.99 * (len(latencies) - 1))))]
+    return {
+        "what": "SerialEMClient over loopback TCP to simulators/serialem_server.py",
+        "host": {"cpus": os.cpu_count(), "load_1min": round(os.getloadavg()[0], 2)},
+        "status_call": {
+            "command": "ReportStageXYZ", "calls": status_calls,
+            "median_us": round(statistics.median(latencies), 1), "p99_us": round(p99, 1),
+            "max_us": round(latencies[-1], 1),
+        },
+        "image_transfer": {
+            "shape": list(image.shape), "dtype": "int16", "megabytes": round(megabytes, 2),
+            "repeats": image_repeats,
+            "get_mb_per_s": round(statistics.median(gets), 1),
+            "put_mb_per_s": round(statistics.median(puts), 1),
+            "get_mb_per_s_runs": [round(v, 1) for v in gets],
+        },
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--frames", type=int, default=100)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--exposure-ms", type=float, nargs="+", default=[10.0, 1.0])
+    parser.add_argument("--sections", nargs="+", choices=["micromanager", "serialem"],
+                        default=["micromanager", "serialem"])
+    parser.add_argument("--status-calls", type=int, default=1000)
+    parser.add_argument("--image-repeats", type=int, default=5)
     args = parser.parse_args(argv)
     # The JSON object is the only thing on stdout.
     structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))
-    result = {"micromanager": bench_micromanager(args.frames, args.repeats, args.exposure_ms)}
+    result: dict[str, Any] = {}
+    if "micromanager" in args.sections:
+        result["micromanager"] = bench_micromanager(args.frames, args.repeats, args.exposure_ms)
+    if "serialem" in args.sections:
+        result["serialem"] = bench_serialem(args.status_calls, args.image_repeats)
     print(json.dumps(result, indent=2))
     return 0
 
