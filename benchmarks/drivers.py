@@ -166,7 +166,7 @@ def bench_serialem(status_calls: int, image_repeats: int) -> dict[str, Any]:
                 raise RuntimeError("the image came back different")
         finally:
             client.close()
-    p99 = latencies[min(len(latencies) - 1, int(round(0.99 * (len(latencies) - 1))))]
+    p99 = latencies[min(len(latencies) - 1, round(0.99 * (len(latencies) - 1)))]
     return {
         "what": "SerialEMClient over loopback TCP to simulators/serialem_server.py",
         "host": {"cpus": os.cpu_count(), "load_1min": round(os.getloadavg()[0], 2)},

@@ -35,7 +35,7 @@ import signal
 import socket
 import threading
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Self
 
 import structlog
 
@@ -73,7 +73,9 @@ from drivers.serialem.wire import (
     encode_error,
     encode_reply,
 )
-from simulators.serialem_commands import ScriptError, SerialEMState, image_buffer, run
+from simulators.serialem_commands import COMMANDS
+from simulators.serialem_nav_commands import NAV_COMMANDS
+from simulators.serialem_state import ScriptError, SerialEMState, image_buffer, run
 
 log = structlog.get_logger(__name__)
 
@@ -81,6 +83,7 @@ DEFAULT_PORT = 48888
 MAX_REQUEST_FRAME = 64 * 1024      # SerialEM regrows its buffer; anything this big is garbage
 MAX_PUT_BYTES = 1 << 30
 _NO_IMAGE = ImageInfo(0, 0, 0, 0, 0, 0)
+HANDLERS = {**COMMANDS, **NAV_COMMANDS}
 
 
 @dataclass(frozen=True)
@@ -133,7 +136,7 @@ class SerialEMTwin:
 
     # -- lifetime ---------------------------------------------------------------------------
 
-    def start(self) -> SerialEMTwin:
+    def start(self) -> Self:
         """Bind, listen and accept on a background thread."""
         if self._listener is not None:
             raise RuntimeError("the twin is already started")
@@ -169,7 +172,7 @@ class SerialEMTwin:
         if self._threads:
             raise RuntimeError(f"{len(self._threads)} twin threads did not stop")
 
-    def __enter__(self) -> SerialEMTwin:
+    def __enter__(self) -> Self:
         return self.start() if self._listener is None else self
 
     def __exit__(self, *exc: object) -> None:
@@ -341,7 +344,7 @@ class SerialEMTwin:
             return RegularReply(ErrorFlag.EXIT_NO_EXCEPTION if no_exception
                                 else ErrorFlag.NORMAL_EXIT)
         try:
-            values = run(self.state, spec, args)
+            values = run(self.state, HANDLERS, spec, args)
         except ScriptError as err:
             log.info("serialem_twin.script_error", command=spec.name, message=str(err))
             return _script_error(str(err))
@@ -417,7 +420,7 @@ def main(argv: list[str] | None = None, *, stop: threading.Event | None = None,
                         help="camera size in pixels (square); the real one is 4096")
     args = parser.parse_args(argv)
     done = stop or threading.Event()
-    previous: dict[int, Any] = {}
+    previous: dict[signal.Signals, Any] = {}
     if stop is None and threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGINT, signal.SIGTERM):
             previous[sig] = signal.signal(sig, lambda *_: done.set())

@@ -23,7 +23,7 @@ import os
 import socket
 import threading
 from collections.abc import Mapping
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, Self
 
 import numpy as np
 import structlog
@@ -244,7 +244,7 @@ class SerialEMClient:
                 self._closed = True
                 self._drop()
 
-    def __enter__(self) -> SerialEMClient:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

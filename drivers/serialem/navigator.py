@@ -18,7 +18,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from enum import IntEnum
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Self
 from xml.etree import ElementTree
 from xml.sax.saxutils import escape, quoteattr
 
@@ -98,7 +98,7 @@ class Section:
             raise NavFileError(f"[{self.kind} = {self.name}] has no {key}")
         return value
 
-    def with_value(self, key: str, value: object) -> Section:
+    def with_value(self, key: str, value: object) -> Self:
         """A copy with ``key`` set (in place if present, else appended); typed values are
         formatted as SerialEM writes them, strings are written as given."""
         text = _format(value)
@@ -108,7 +108,7 @@ class Section:
             entries = (*self.entries, (key, text))
         return replace(self, entries=entries)
 
-    def without(self, key: str) -> Section:
+    def without(self, key: str) -> Self:
         return replace(self, entries=tuple(e for e in self.entries if e[0] != key))
 
     # -- typed access ------------------------------------------------------------------------

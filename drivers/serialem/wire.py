@@ -93,13 +93,13 @@ class WireLimitExceeded(ClemdError, ValueError):
 
 def format_double(value: float) -> str:
     """The module's text for a double: ``%f`` with trailing zeros stripped (10.0 -> "10.")."""
-    text = "%f" % value
+    text = f"{value:f}"
     return text.rstrip("0") if "." in text else text
 
 
 def format_int(value: int) -> str:
     """The module's text for an int: ``%d``."""
-    return "%d" % value
+    return f"{value:d}"
 
 
 _ATOF = re.compile(r"\s*([+-]?(?:0[xX][0-9a-fA-F]*\.?[0-9a-fA-F]*(?:[pP][+-]?\d+)?"

@@ -127,7 +127,7 @@ def test_presets_are_pushed_before_each_shot(make: Make) -> None:
 
 
 def test_metadata_describes_what_serialem_did(make: Make) -> None:
-    twin, em = make()
+    _, em = make()
     em.move_stage(12.0, -7.0)
     em.set_defocus(-3.0)
     image = em.acquire(LowDoseArea.VIEW)
@@ -143,7 +143,7 @@ def test_metadata_describes_what_serialem_did(make: Make) -> None:
 
 def test_serialem_refusal_is_a_script_error_with_its_message(make: Make) -> None:
     # the driver's travel is wider than the instrument's: SerialEM has the last word
-    twin, em = make(stage_limits_um=(-5000.0, 5000.0))
+    _, em = make(stage_limits_um=(-5000.0, 5000.0))
     em.move_stage(3.0, 4.0)
     with pytest.raises(SerialEMScriptError, match=r"stage x 3000 um outside \[-1600, 1600\]"):
         em.move_stage(3000.0, 0.0)
