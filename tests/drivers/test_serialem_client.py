@@ -39,8 +39,12 @@ from drivers.serialem.client import (
     open_serialem,
     resolve_address,
 )
-from drivers.serialem.commands import ArgumentError, CommandTable, NotExternalCommand, \
-    UnknownCommand
+from drivers.serialem.commands import (
+    ArgumentError,
+    CommandTable,
+    NotExternalCommand,
+    UnknownCommand,
+)
 
 TABLE = CommandTable.load()
 EXIT_NO_EXC = w.RegularReply(w.ErrorFlag.EXIT_NO_EXCEPTION)
@@ -108,7 +112,7 @@ class Peer:
                 self.handler(self, conn, w.decode_request(frame))
             except _Hangup:
                 return
-            except Exception as err:  # a broken script must fail the test, not hang it
+            except Exception as err:  # noqa: BLE001 - a broken script fails the test, not hangs it
                 self.errors.append(err)
                 return
 
@@ -196,8 +200,8 @@ def test_string_reply(make: Any) -> None:
 
 
 def test_script_error_carries_serialem_message(make: Any) -> None:
-    _, client = make(scripted({"SetMagIndex": w.RegularReply(1, ("Mag index 99 is out of "
-                                                                 "range",))}))
+    _, client = make(scripted({"SetMagIndex": w.RegularReply(1, ("Mag index 99 is out of range",))
+                               }))
     with pytest.raises(SerialEMScriptError, match="Mag index 99 is out of range") as info:
         client.call("SetMagIndex", 99)
     assert isinstance(info.value, HardwareFault)
@@ -405,7 +409,7 @@ def test_put_image_streams_without_handshakes(make: Any) -> None:
         else:
             reply(conn, w.RegularReply(0, (5.0,)))
 
-    peer, client = make(handle)
+    _, client = make(handle)
     image = np.arange(24 * 16, dtype=np.uint16).reshape(24, 16)
     client.put_image(image, "D", base_buffer="A")
     assert client.call("ReportMag") == 5.0     # the stream ended where the server expected

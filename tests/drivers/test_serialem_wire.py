@@ -37,27 +37,27 @@ def masked(data: bytes, mask: bytes) -> bytes:
 
 NAV_PATH = "C:\\data\\nav.nav"
 
-CAPTURED_REQUESTS = {
+CAPTURED_REQUESTS: dict[str, tuple[str, w.Request]] = {
     "ok_to_run": ("08000000 03000000", w.OkToRunRequest()),
     "move_stage_to_10_20": (
-        "44000000 01000000 1e010000 02000000 0c000000"
-        "00000000 00000000 00000000"
-        "0000000000000000 0000000000002440 0000000000003440"
-        "00 31302e00 32302e00 00 xxxx",
+        ("44000000 01000000 1e010000 02000000 0c000000"
+         "00000000 00000000 00000000"
+         "0000000000000000 0000000000002440 0000000000003440"
+         "00 31302e00 32302e00 00 xxxx"),
         w.RegularRequest(286, (w.WireArg("10.", 10.0), w.WireArg("20.", 20.0)))),
     "report_stage_xyz": ("18000000 01000000 25010000 00000000 01000000 00xxxxxx",
                          w.RegularRequest(293)),
 }
 
-CAPTURED_REPLIES = {
+CAPTURED_REPLIES: dict[str, tuple[w.Function, str, w.Reply]] = {
     "ok_to_run": (w.Function.OK_TO_RUN, "0c000000 00000000 01000000", w.OkToRunReply(True)),
     "move_stage_to": (w.Function.REGULAR,
                       "18000000 00000000 ffffffff 00000000 01000000 00xxxxxx",
                       w.RegularReply(0, ())),
     "report_stage_xyz": (
         w.Function.REGULAR,
-        "3c000000 00000000 02000000 00000000 0a000000"
-        "00000000 00000000 00000000 0000000000002440 0000000000003440 00000000000016c0 00xxxxxx",
+        ("3c000000 00000000 02000000 00000000 0a000000"
+         "00000000 00000000 00000000 0000000000002440 0000000000003440 00000000000016c0 00xxxxxx"),
         w.RegularReply(0, (10.0, 20.0, -5.5))),
     # the document elides the string bytes ("433a5c...766100"); they are C:\data\nav.nav\0
     "string_reply": (
@@ -68,7 +68,7 @@ CAPTURED_REPLIES = {
 }
 
 # Layouts the document gives in words rather than hex (sections 2 and 5).
-LAYOUT_FRAMES = {
+LAYOUT_FRAMES: dict[str, tuple[w.Request, bytes]] = {
     "handshake": (w.HandshakeRequest(), struct.pack("<2i", 8, 2)),
     "get_image_b_fft": (w.GetImageRequest(1, True), struct.pack("<4i", 16, 4, 1, 1)),
     "put_image": (w.PutImageRequest(1, 64, 32, 4096, 0, 2, 1, -1, 1),
@@ -194,7 +194,7 @@ def test_limits_refused_before_sending() -> None:
 
 # --------------------------------------------------------------------------- round trips
 
-_text = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\0"),
+_text = st.text(st.characters(exclude_categories=("Cs",), exclude_characters="\0"),
                 max_size=12)
 _finite = st.floats(allow_nan=False, allow_infinity=True, width=64)
 _i32 = st.integers(-(2**31), 2**31 - 1)
@@ -270,7 +270,7 @@ def test_chunk_sizes_follow_serialem() -> None:
 _GOOD_REPLY = w.encode_reply(w.RegularReply(0, (10.0, "abc", -5.5)))
 
 
-@pytest.mark.parametrize("cut", range(0, len(_GOOD_REPLY)))
+@pytest.mark.parametrize("cut", range(len(_GOOD_REPLY)))
 def test_truncated_reply_raises(cut: int) -> None:
     with pytest.raises(ProtocolError):
         w.decode_reply(w.Function.REGULAR, _GOOD_REPLY[:cut])
@@ -397,7 +397,7 @@ def test_image_chunks_with_handshakes(pair: tuple[socket.socket, socket.socket])
     def serve() -> None:
         try:
             fr.send_image_chunks(server, raw, 4)
-        except BaseException as err:   # reported to the test thread below
+        except BaseException as err:  # noqa: BLE001 - handed to the test thread, which fails
             errors.append(err)
 
     t = threading.Thread(target=serve)
