@@ -14,7 +14,7 @@ from daemon.api_schema import (
 )
 from daemon.errors import BadRequest, NotFound
 from daemon.events import EventKind, topic
-from daemon.journal import Journal, TargetRow
+from daemon.journal import Journal, SessionRow, TargetRow
 from daemon.states import TERMINAL, SessionState
 from drivers.base import InvalidState
 
@@ -42,11 +42,16 @@ def _same(row: TargetRow, t: TargetIn) -> bool:
         t.label, t.frame, t.x, t.y, t.z, t.meta)
 
 
+def _open_session(call: Call, sid: str) -> SessionRow:
+    session = call.services.runner.get(sid)
+    if SessionState(session.state) in TERMINAL:
+        raise InvalidState(f"session {session.id} is {session.state}; its targets are final")
+    return session
+
+
 def submit(call: Call, p: TargetsSubmit) -> TargetsResult:
     svc = call.services
-    session = svc.runner.get(p.session_id)
-    if SessionState(session.state) in TERMINAL:
-        raise InvalidState(f"session {session.id} is {session.state}; it takes no more targets")
+    session = _open_session(call, p.session_id)
     ids = [t.id for t in p.targets if t.id is not None]
     if len(set(ids)) != len(ids):
         raise BadRequest("targets: the same id appears twice in one request")
@@ -88,7 +93,7 @@ def list_(call: Call, p: TargetsList) -> TargetsResult:
 
 def remove(call: Call, p: TargetsRemove) -> RemovedResult:
     svc = call.services
-    session = svc.runner.get(p.session_id)
+    session = _open_session(call, p.session_id)
     for tid in p.target_ids:
         row = svc.journal.target(session.id, tid)
         if row is None or row.removed_at is not None:

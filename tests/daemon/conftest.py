@@ -11,7 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
 
+from daemon import logs
 from daemon.client import ClemdClient, CurveClientKeys
 from daemon.config import ServiceConfig, config_from_mapping
 from daemon.service import Service
@@ -45,6 +47,15 @@ def config_dict(data_dir: Path, **overrides: Any) -> dict[str, Any]:
         else:
             base[key] = value
     return base
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _logs_to_stderr() -> Iterator[None]:
+    """Service logs as JSON on stderr (as `clemd serve` writes them), so stdout stays the
+    CLI's; structlog's defaults come back afterwards."""
+    logs.configure("info")
+    yield
+    structlog.reset_defaults()
 
 
 @dataclass
