@@ -84,9 +84,9 @@ def blend_tiles(tiles: Sequence[NDArray[Any]], offsets_px: NDArray[np.float64], 
         if mode == "feather":
             wx = np.where(in_x, np.minimum(xs + 1.0, w - xs), 0.0)
             wy = np.where(in_y, np.minimum(ys + 1.0, h - ys), 0.0)
-            tw = np.outer(wy, wx).astype(np.float32)
-            acc[v0:v1, u0:u1] += warped * tw
-            weight[v0:v1, u0:u1] += tw
+            tw = np.outer(wy.astype(np.float32), wx.astype(np.float32))
+            cv2.accumulateProduct(warped, tw, acc[v0:v1, u0:u1])
+            cv2.accumulate(tw, weight[v0:v1, u0:u1])
         else:
             # weight holds 1 / (1 + normalised centre distance) of the winner so far
             dx = np.abs(xs - (w - 1) / 2.0) / w
@@ -96,8 +96,8 @@ def blend_tiles(tiles: Sequence[NDArray[Any]], offsets_px: NDArray[np.float64], 
             win = closeness > weight[v0:v1, u0:u1]
             acc[v0:v1, u0:u1][win] = warped[win]
             weight[v0:v1, u0:u1][win] = closeness[win]
-    covered = weight > 0
+    uncovered = weight <= 0
     if mode == "feather":
-        acc[covered] /= weight[covered]
-    acc[~covered] = fill_value
+        np.divide(acc, weight, out=acc, where=~uncovered)
+    np.copyto(acc, np.float32(fill_value), where=uncovered)
     return acc

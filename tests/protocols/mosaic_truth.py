@@ -7,10 +7,13 @@ with *nominal* affines (commanded positions only), as an instrument would report
 Two appearances, both with the periodic structure that makes grid stitching hard:
 
 - ``lm``: transmitted light at 20x: bright background with smooth illumination, dark grid
-  bars (127 um pitch, 35 um wide), faint cells and debris, mild camera noise;
+  bars (127 um pitch, 35 um wide), faint cells and debris; camera noise per tile;
 - ``em``: a grid square at ~4,700x: carbon film with an R2/2 hole lattice (bright holes,
-  4 um pitch), cells as thicker darker regions, small dark beads, Poisson noise at a low
-  dose so that single pixels are mostly noise.
+  4 um pitch), cells as thicker darker regions, small dark beads; Poisson noise per tile at
+  a low dose (~20 counts per pixel), so single pixels are mostly noise.
+
+The specimen is rendered noise-free; each tile gets its own noise when it is cut, as each
+exposure does, so two tiles never share noise in their overlap.
 
 Only tests and benchmarks import this module.
 """
@@ -86,8 +89,12 @@ def _holes(shape: tuple[int, int], pixel_um: float, pitch_um: float, diameter_um
 
 
 def render_field(kind: Kind, shape: tuple[int, int], pixel_um: float, seed: int,
-                 texture: float = 1.0, noise: float = 1.0) -> NDArray[np.float32]:
-    """The specimen as one image; ``texture`` scales the non-periodic content (0 = pure lattice)."""
+                 texture: float = 1.0) -> NDArray[np.float32]:
+    """The noise-free specimen; ``texture`` scales the non-periodic content (0 = pure lattice).
+
+    LM values are camera counts (~1000 in the squares); EM values are expected electron counts
+    per pixel (~40 in the holes).
+    """
     rng = np.random.default_rng(seed)
     if kind == "lm":
         illum = 1.0 + 0.15 * _smooth_noise(rng, shape, 300.0)
@@ -95,8 +102,7 @@ def render_field(kind: Kind, shape: tuple[int, int], pixel_um: float, seed: int,
         bars = _bars(shape, pixel_um, 127.0, 35.0, (20.0, 50.0))
         bar_texture = 0.03 * _smooth_noise(rng, shape, 3.0)
         img = illum * ((1 - bars) * (1.0 + texture * cells) + bars * (0.12 + texture * bar_texture))
-        img = 1000.0 * img + noise * rng.normal(0, 10.0, shape)
-        return img.astype(np.float32)
+        return (1000.0 * img).astype(np.float32)
     holes = _holes(shape, pixel_um, 4.0, 2.0)
     cell = np.clip(_smooth_noise(rng, shape, 1.5 / pixel_um), 0, None)
     film = 0.55 - 0.2 * texture * cell + 0.05 * texture * _smooth_noise(rng, shape, 0.08 / pixel_um)
@@ -106,9 +112,7 @@ def render_field(kind: Kind, shape: tuple[int, int], pixel_um: float, seed: int,
         cx, cy = rng.uniform(0, shape[1]), rng.uniform(0, shape[0])
         cv2.circle(img, (int(cx), int(cy)), max(1, int(0.1 / pixel_um)), 0.1, -1)
     img = cv2.GaussianBlur(img.astype(np.float32), (0, 0), 0.8)
-    dose = 40.0 / max(noise, 1e-3)
-    counts = rng.poisson(np.clip(img, 0, None) * dose) if noise > 0 else img * dose
-    return np.asarray(counts, np.float32)
+    return np.asarray(40.0 * np.clip(img, 0, None), np.float32)
 
 
 def cut_tiles(field: NDArray[np.float32], field_pixel_um: float, grid: tuple[int, int],
@@ -118,7 +122,8 @@ def cut_tiles(field: NDArray[np.float32], field_pixel_um: float, grid: tuple[int
     """Cut ``grid`` = (nx, ny) tiles whose centres are commanded on a regular raster.
 
     Stage error is Gaussian with ``stage_error_um`` per axis, clipped at 3 sigma. Tiles share the
-    field's pixel size and the given camera rotation.
+    field's pixel size and the given camera rotation. Each tile gets independent noise:
+    Poisson counts for ``instrument="em"``, Gaussian read noise (15 counts) otherwise.
     """
     rng = np.random.default_rng(seed)
     nx, ny = grid
@@ -139,6 +144,10 @@ def cut_tiles(field: NDArray[np.float32], field_pixel_um: float, grid: tuple[int
             data = cv2.warpAffine(field, tile_to_field[:2], (w, h),
                                   flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
                                   borderMode=cv2.BORDER_REFLECT)
+            if instrument == "em":
+                data = rng.poisson(data).astype(np.float32)
+            else:
+                data = (data + rng.normal(0.0, 15.0, data.shape)).astype(np.float32)
             tiles.append(Image(data=data, pixel_size_um=field_pixel_um, pixel_to_stage=nominal,
                                instrument=instrument, stage_um=(centre[0], centre[1], 0.0),
                                index={"row": r, "col": c}))
