@@ -215,7 +215,9 @@ class SimulatedElectronMicroscope(ElectronMicroscope):
         px_nominal = mag.pixel_size_um * b
         if beam_on:
             maps = self._sampler.sample(geom)
-            contrast = self._phase.apply(maps.phase, geom.pixel_size_um * 1e3, defocus)
+            # LM mode has the objective lens off: mass-thickness contrast only
+            contrast = (None if self._lm.get(mag.index) else
+                        self._phase.apply(maps.phase, geom.pixel_size_um * 1e3, defocus))
             rel = intensity(maps.transmission, contrast, cfg.optics)
             electrons = settings.dose_rate_e_per_a2_s * settings.exposure_s * (px_nominal * 1e4) ** 2
             rng = np.random.default_rng([cfg.seed, 7, frame_id])

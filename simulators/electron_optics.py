@@ -32,6 +32,8 @@ ANSCOMBE_MIN_COUNTS = 4.0
 _KERNEL_CACHE_SIZE = 6
 _NOISE_BAND_ROWS = 64
 MAX_PAD_PX = 160
+#: Below this phase error at Nyquist the CTF filter changes nothing a camera could see.
+NEGLIGIBLE_CHI_RAD = 1e-3
 
 
 def wavelength_nm(kv: float) -> float:
@@ -71,7 +73,7 @@ class PhaseContrast:
         k2 = fy * fy + fx * fx
         chi = np.float32(math.pi * lam * dz) * k2 - np.float32(0.5 * math.pi * cs * lam ** 3) * k2 * k2
         kernel: NDArray[np.float32] | None
-        if float(np.abs(chi).max()) < 1e-4:
+        if float(np.abs(chi).max()) < NEGLIGIBLE_CHI_RAD:
             kernel = None
         else:
             k = np.sqrt(k2)
@@ -153,13 +155,14 @@ def electron_counts(rel_intensity: NDArray[np.float32], electrons_per_pixel: flo
         z += np.sqrt(lam)
         np.square(z, out=z)
         z -= np.float32(0.25)
-        dark = lam < ANSCOMBE_MIN_COUNTS
-        if dark.any():
-            dark &= lam > 0
-            z[lam <= 0] = 0
-            if dark.any():
-                z[dark] = rng.poisson(lam[dark])
-        np.rint(z, out=z)
+        dark = np.flatnonzero(lam < ANSCOMBE_MIN_COUNTS)
+        if dark.size:
+            lam_dark = lam.reshape(-1)[dark]
+            counts = np.zeros(dark.size, np.float32)
+            lit = lam_dark > 0                    # metal and closed valves: no draw at all
+            counts[lit] = rng.poisson(lam_dark[lit])
+            z.reshape(-1)[dark] = counts
         np.clip(z, 0, 65535, out=z)
+        z += np.float32(0.5)                  # the cast truncates: round half up
         out[rows] = z
     return out

@@ -11,8 +11,8 @@ the carbon film (absent in holes and on broken squares) and cells attenuate as
 ``exp(-t / mfp)`` along the tilted path; beads, contamination and viruses are spheres (or a
 membrane shell) drawn in pixel space where they project, only if they are in the field.
 Per-square quantities (ice, square state) change only under the bars, so they are sampled on
-a grid 8x coarser. Rows are processed in bands that fit in cache, and bands that are wholly
-inside one square opening skip the metal layer.
+a grid 8x coarser. The frame is processed in tiles that fit in cache; tiles wholly under
+metal are skipped, and tiles wholly inside one square opening skip the metal layer.
 """
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ from simulators.specimen import MARK_RASTER_UM, Specimen, SquareState
 
 NODE_STEP_PX = 32
 LAYER_STEP_PX = 8
-BAND_ROWS = 32
+TILE_ROWS = 64
+TILE_COLS = 512
 
 
 @dataclass(frozen=True)
@@ -58,11 +59,11 @@ def _upsample(a: NDArray[np.float32], shape: tuple[int, int],
 class _BaseLayers:
     """Full-frame layers upsampled from the coarse grid."""
 
-    mu: NDArray[np.float32]              # ice (and smooth cells) attenuation exponent
-    phase: NDArray[np.float32]           # their phase (rad)
+    ice: NDArray[np.float32]             # vitreous ice thickness (nm)
+    cell: NDArray[np.float32] | None     # cell thickness (um); None = no cell in the frame
     carbon: NDArray[np.float32]          # carbon film thickness before holes (nm)
     inside: NDArray[np.float32] | None   # inside the grid disc; None = everywhere
-    cells_fine: bool                     # cells must be sampled at full resolution
+    open_coarse: NDArray[np.float32]     # coarse (inside * (1 - metal)), for skipping tiles
 
 
 class SpecimenSampler:
@@ -107,59 +108,66 @@ class SpecimenSampler:
             res_y = _upsample(np.ascontiguousarray(res_nodes[..., 1]), (h, w))
         path = 1.0 / math.cos(math.radians(geom.tilt_deg))
         frame_box = self._band_box(a_g, (h, w), res_max + 2 * px_grid)
-        base = self._coarse_layers(a_g, res_nodes, (h, w), px_grid, path, frame_box)
+        base = self._coarse_layers(a_g, res_nodes, (h, w), px_grid, frame_box)
         obj_mu, obj_phi, drawn = self._objects(geom, a_g, res_max)
 
+        f_ice = np.float32(path / o.ice_mfp_nm)
+        p_ice = np.float32(self.sigma * o.ice_v * path)
         f_carbon = np.float32(path / o.carbon_mfp_nm)
         p_carbon = np.float32(self.sigma * o.carbon_dv_v * path)
         p_metal = np.float32(o.metal_phase_rad)
         f_cell = np.float32(path * 1e3 / o.ice_mfp_nm)
         p_cell = np.float32(self.sigma * o.cell_dv_v * path * 1e3)
-        transmission = np.empty((h, w), np.float32)
-        phase = np.empty((h, w), np.float32)
-        col_x = (np.float32(a_g[0, 0]) * np.arange(w, dtype=np.float32) + np.float32(a_g[0, 2]))
-        col_y = (np.float32(a_g[1, 0]) * np.arange(w, dtype=np.float32) + np.float32(a_g[1, 2]))
-        for r0 in range(0, h, BAND_ROWS):
-            rows = slice(r0, min(h, r0 + BAND_ROWS))
-            ys = np.arange(rows.start, rows.stop, dtype=np.float32)[:, None]
-            gx = col_x[None, :] + np.float32(a_g[0, 1]) * ys
-            gy = col_y[None, :] + np.float32(a_g[1, 1]) * ys
-            if res_x is not None and res_y is not None:
-                gx += res_x[rows]
-                gy += res_y[rows]
-            band_affine = a_g.copy()
-            band_affine[:, 2] += a_g[:, 1] * rows.start
-            box = self._band_box(band_affine, (rows.stop - rows.start, w), res_max + 2 * px_grid)
-            metal = self.spec.metal(gx, gy, px_grid) if self._may_hold_metal(box) else None
-            open_ = None if base.inside is None else base.inside[rows]
-            if metal is not None:
-                open_ = (1.0 - metal) if open_ is None else open_ * (1.0 - metal)
-            if open_ is not None and float(open_.max()) <= 1e-4:
-                transmission[rows] = 0.0
-                phase[rows] = p_metal * metal if metal is not None else 0.0
-                continue
-            film = base.carbon[rows]
-            if float(film.max()) > 0:
-                film = film * (1.0 - self.spec.hole_fraction(gx, gy, px_grid))
-                mu = base.mu[rows] + film * f_carbon
-                ph = base.phase[rows] + film * p_carbon
-            else:
-                mu, ph = base.mu[rows].copy(), base.phase[rows].copy()
-            if metal is not None:
-                ph += p_metal * metal
-            if base.cells_fine and self._cells_near(box):
-                cell = self.spec.cell_thickness_um(gx, gy, band_affine)
-                mu += cell * f_cell
-                ph += cell * p_cell
-            if obj_mu is not None and obj_phi is not None:
-                mu += obj_mu[rows]
-                ph += obj_phi[rows]
-            np.negative(mu, out=mu)
-            np.exp(mu, out=mu)
-            if open_ is not None:
-                mu *= open_
-            transmission[rows] = mu
-            phase[rows] = ph
+        transmission = np.zeros((h, w), np.float32)
+        phase = np.zeros((h, w), np.float32)
+        xs_all = np.arange(w, dtype=np.float32)
+        cy, cx = base.open_coarse.shape
+        for r0 in range(0, h, TILE_ROWS):
+            r1 = min(h, r0 + TILE_ROWS)
+            ys = np.arange(r0, r1, dtype=np.float32)[:, None]
+            for c0 in range(0, w, TILE_COLS):
+                c1 = min(w, c0 + TILE_COLS)
+                rows, cols = slice(r0, r1), slice(c0, c1)
+                if _coarse_window(base.open_coarse, (r0, r1, c0, c1), (h, w)).max() <= 0:
+                    phase[rows, cols] = p_metal         # wholly under metal or off the grid
+                    continue
+                xs = xs_all[None, c0:c1]
+                gx = np.float32(a_g[0, 0]) * xs + (np.float32(a_g[0, 1]) * ys
+                                                   + np.float32(a_g[0, 2]))
+                gy = np.float32(a_g[1, 0]) * xs + (np.float32(a_g[1, 1]) * ys
+                                                   + np.float32(a_g[1, 2]))
+                if res_x is not None and res_y is not None:
+                    gx += res_x[rows, cols]
+                    gy += res_y[rows, cols]
+                tile_affine = a_g.copy()
+                tile_affine[:, 2] += a_g[:, 0] * c0 + a_g[:, 1] * r0
+                box = self._band_box(tile_affine, (r1 - r0, c1 - c0), res_max + 2 * px_grid)
+                metal = self.spec.metal(gx, gy, px_grid) if self._may_hold_metal(box) else None
+                open_ = None if base.inside is None else base.inside[rows, cols]
+                if metal is not None:
+                    open_ = (1.0 - metal) if open_ is None else open_ * (1.0 - metal)
+                ice = base.ice[rows, cols]
+                mu, ph = ice * f_ice, ice * p_ice
+                film = base.carbon[rows, cols]
+                if float(film.max()) > 0:
+                    film = film * (1.0 - self.spec.hole_fraction(gx, gy, px_grid))
+                    mu += film * f_carbon
+                    ph += film * p_carbon
+                if base.cell is not None:
+                    cell = base.cell[rows, cols]
+                    mu += cell * f_cell
+                    ph += cell * p_cell
+                if metal is not None:
+                    ph += p_metal * metal
+                if obj_mu is not None and obj_phi is not None:
+                    mu += obj_mu[rows, cols]
+                    ph += obj_phi[rows, cols]
+                np.negative(mu, out=mu)
+                np.exp(mu, out=mu)
+                if open_ is not None:
+                    mu *= open_
+                transmission[rows, cols] = mu
+                phase[rows, cols] = ph
         return SpecimenMaps(transmission=transmission, phase=phase, drawn=drawn)
 
     # ------------------------------------------------------------------ layers
@@ -172,40 +180,55 @@ class SpecimenSampler:
                            & (c[:, 1] + e >= box[1]) & (c[:, 1] - e <= box[3])))
 
     def _coarse_layers(self, a_g: NDArray[np.float64], res_nodes: NDArray[np.float32],
-                       shape: tuple[int, int], px_grid: float, path: float,
+                       shape: tuple[int, int], px_grid: float,
                        frame_box: tuple[float, float, float, float]) -> _BaseLayers:
-        """Ice, carbon film presence, inside-grid and (when smooth at this pixel size) cells,
-        sampled every LAYER_STEP_PX pixels and upsampled.
+        """Per-square and smooth layers sampled every LAYER_STEP_PX pixels, upsampled.
 
-        Ice and square state jump only at bar centres, which metal hides; the cell raster is
-        0.5 um, so cells are smooth below 30 nm pixels.
+        Ice and square state jump only at bar centres, which metal hides. Coarse metal
+        (edges as soft as the coarse step) finds tiles that are wholly covered. Cells come
+        from a 0.5 um raster, so they are sampled every ~0.25 um and upsampled.
         """
         o = self.optics
         h, w = shape
-        cy, cx = max(2, math.ceil(h / LAYER_STEP_PX)), max(2, math.ceil(w / LAYER_STEP_PX))
-        px, py = np.meshgrid(_nodes(cx, w), _nodes(cy, h))
-        res = [_upsample(np.ascontiguousarray(res_nodes[..., i]), (cy, cx)) for i in (0, 1)]
-        gx = (a_g[0, 0] * px + a_g[0, 1] * py + a_g[0, 2]).astype(np.float32) + res[0]
-        gy = (a_g[1, 0] * px + a_g[1, 1] * py + a_g[1, 2]).astype(np.float32) + res[1]
+        gx, gy = self._grid_nodes(a_g, res_nodes, shape, LAYER_STEP_PX)
         ice = self.spec.ice_thickness_nm(gx, gy).astype(np.float32)
-        mu = ice * np.float32(path / o.ice_mfp_nm)
-        ph = ice * np.float32(self.sigma * o.ice_v * path)
-        cells_fine = False
-        if self._cells_near(frame_box):
-            if LAYER_STEP_PX * px_grid <= 0.25:
-                cell = self.spec.cell_thickness_um(gx, gy) * np.float32(1e3 * path)
-                mu += cell / np.float32(o.ice_mfp_nm)
-                ph += cell * np.float32(self.sigma * o.cell_dv_v)
-            else:
-                cells_fine = True
         state = self.spec.square_state(gx, gy)
         carbon = np.where(state == int(SquareState.BROKEN), 0.0, o.carbon_nm).astype(np.float32)
-        inside = self.spec.inside_grid(gx, gy)
+        inside = self.spec.inside_grid(gx, gy).astype(np.float32)
+        step_px = LAYER_STEP_PX * px_grid
+        open_coarse = inside * (1.0 - self.spec.metal(gx, gy, step_px))
+        cell = None
+        if self._cells_near(frame_box):
+            step = int(min(LAYER_STEP_PX, max(1, math.floor(0.25 / px_grid))))
+            cgx, cgy = self._grid_nodes(a_g, res_nodes, shape, step)
+            ny, nx = cgx.shape
+            scale = np.diag([w / nx, h / ny])                 # node index -> pixel
+            node_to_grid = np.hstack([a_g[:, :2] @ scale, (a_g[:, :2] @ (
+                0.5 * np.diag(scale) - 0.5) + a_g[:, 2])[:, None]])
+            cell = self.spec.cell_thickness_um(cgx, cgy, node_to_grid)
+            if step > 1:
+                cell = _upsample(cell, shape)
         return _BaseLayers(
-            mu=_upsample(mu, shape), phase=_upsample(ph, shape),
-            carbon=_upsample(carbon, shape, cv2.INTER_NEAREST),
-            inside=None if bool(inside.all()) else _upsample(inside.astype(np.float32), shape),
-            cells_fine=cells_fine)
+            ice=_upsample(ice, shape), carbon=_upsample(carbon, shape, cv2.INTER_NEAREST),
+            inside=None if bool(inside.min() >= 1) else _upsample(inside, shape),
+            cell=cell, open_coarse=open_coarse)
+
+    @staticmethod
+    def _grid_nodes(a_g: NDArray[np.float64], res_nodes: NDArray[np.float32],
+                    shape: tuple[int, int], step: int) -> tuple[NDArray[np.float32],
+                                                                NDArray[np.float32]]:
+        """Grid coordinates sampled every ``step`` pixels (cv2.resize-aligned nodes)."""
+        h, w = shape
+        ny, nx = max(2, math.ceil(h / step)), max(2, math.ceil(w / step))
+        if step == 1:
+            ny, nx = h, w
+        px, py = np.meshgrid(_nodes(nx, w).astype(np.float32), _nodes(ny, h).astype(np.float32))
+        res = [_upsample(np.ascontiguousarray(res_nodes[..., i]), (ny, nx)) for i in (0, 1)]
+        gx = (np.float32(a_g[0, 0]) * px + np.float32(a_g[0, 1]) * py
+              + np.float32(a_g[0, 2])) + res[0]
+        gy = (np.float32(a_g[1, 0]) * px + np.float32(a_g[1, 1]) * py
+              + np.float32(a_g[1, 2])) + res[1]
+        return gx, gy
 
     @staticmethod
     def _band_box(affine: NDArray[np.float64], shape: tuple[int, int],
@@ -292,6 +315,19 @@ class SpecimenSampler:
                 mu[rows, cols] += t_nm * np.float32(mu_per_nm[k])
                 phi[rows, cols] += t_nm * np.float32(phi_per_nm[k])
         return mu, phi, drawn
+
+
+def _coarse_window(coarse: NDArray[np.float32], tile: tuple[int, int, int, int],
+                   shape: tuple[int, int]) -> NDArray[np.float32]:
+    """Coarse samples around a full-resolution tile (r0, r1, c0, c1), one node of margin."""
+    ny, nx = coarse.shape
+    h, w = shape
+    r0, r1, c0, c1 = tile
+    i0 = max(0, int(math.floor((r0 + 0.5) * ny / h - 0.5)) - 1)
+    i1 = min(ny, int(math.ceil((r1 - 0.5) * ny / h - 0.5)) + 2)
+    j0 = max(0, int(math.floor((c0 + 0.5) * nx / w - 0.5)) - 1)
+    j1 = min(nx, int(math.ceil((c1 - 0.5) * nx / w - 0.5)) + 2)
+    return coarse[i0:i1, j0:j1]
 
 
 def _in_box(xy: NDArray[np.float64], box: tuple[float, float, float, float]) -> NDArray[np.int_]:
