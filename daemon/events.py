@@ -70,12 +70,18 @@ class EventBus:
 
     @contextmanager
     def transaction(self) -> Iterator[Tx]:
-        """Write the journal; after the commit publish the transaction's events in order."""
+        """Write the journal; after the commit publish the transaction's events in order.
+
+        Nested in another transaction, its events are published when the outermost one
+        commits (and never, if that one rolls back).
+        """
         with self._lock:
+            outermost = not self.journal.in_transaction()
             with self.journal.write() as tx:
                 yield tx
-            for ev in tx.events:
-                self._send(ev)
+            if outermost:
+                for ev in tx.events:
+                    self._send(ev)
 
     def emit(self, kind: EventKind, session_id: str | None, payload: dict[str, Any]) -> EventRow:
         """Commit and publish one event on its own."""

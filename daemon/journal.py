@@ -13,6 +13,7 @@ costs nothing measurable and makes "commit, then publish" ordering trivial.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 import threading
@@ -102,6 +103,10 @@ CREATE TABLE IF NOT EXISTS events (
     session_id TEXT,
     payload TEXT NOT NULL
 );
+CREATE INDEX IF NOT EXISTS steps_by_ord ON steps (session_id, ord);
+CREATE INDEX IF NOT EXISTS targets_by_ord ON targets (session_id, ord);
+CREATE INDEX IF NOT EXISTS sessions_by_state ON sessions (state);
+CREATE INDEX IF NOT EXISTS events_by_session ON events (session_id, seq);
 """
 
 
@@ -276,6 +281,7 @@ class Journal:
         self.path = path
         self._wall = wall
         self._lock = threading.RLock()
+        self._stack: list[Tx] = []        # open transactions of the thread holding the lock
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
             self._conn = sqlite3.connect(str(path), isolation_level=None,
@@ -312,16 +318,45 @@ class Journal:
 
     @contextmanager
     def write(self) -> Iterator[Tx]:
-        """A write transaction: committed (and fsynced) on exit, rolled back on error."""
+        """A write transaction: committed (and fsynced) on exit, rolled back on error.
+
+        Nested inside another ``write()`` on the same thread it is a savepoint: an error
+        undoes only its own changes, and its events join the enclosing transaction's, which
+        alone commits. The API edge uses this to commit a group of requests with one fsync.
+        """
         with self._lock:
-            self._conn.execute("BEGIN IMMEDIATE")
-            tx = Tx(self._conn, self._wall())
+            depth = len(self._stack)
+            name = f"sp{depth}"
+            self._conn.execute("BEGIN IMMEDIATE" if depth == 0 else f"SAVEPOINT {name}")
+            tx = Tx(self._conn, self._wall() if depth == 0 else self._stack[0].now)
+            self._stack.append(tx)
             try:
                 yield tx
             except BaseException:
-                self._conn.execute("ROLLBACK")
+                self._stack.pop()
+                if depth == 0:
+                    self._conn.execute("ROLLBACK")
+                else:
+                    self._conn.execute(f"ROLLBACK TO {name}")
+                    self._conn.execute(f"RELEASE {name}")
                 raise
-            self._conn.execute("COMMIT")
+            self._stack.pop()
+            if depth == 0:
+                try:
+                    self._conn.execute("COMMIT")
+                except sqlite3.Error:
+                    # sqlite may have rolled back already; the commit error is what counts
+                    with contextlib.suppress(sqlite3.Error):
+                        self._conn.execute("ROLLBACK")
+                    raise
+            else:
+                self._conn.execute(f"RELEASE {name}")
+                self._stack[-1].events.extend(tx.events)
+
+    def in_transaction(self) -> bool:
+        """True when the calling thread is inside ``write()``."""
+        with self._lock:
+            return bool(self._stack)
 
     def _all(self, sql: str, args: Sequence[Any] = ()) -> list[sqlite3.Row]:
         with self._lock:

@@ -22,6 +22,7 @@ class Method:
     params: type[BaseModel]
     handler: Callable[[Any, Any], BaseModel]
     mutating: bool          # operators only
+    group_commit: bool = False   # may share one journal commit with neighbouring requests
 
 
 METHODS: dict[str, Method] = {
@@ -40,9 +41,9 @@ METHODS: dict[str, Method] = {
     "sessions.resume": Method(SessionRef, ses.resume, True),
     "sessions.abort": Method(SessionsAbort, ses.abort, True),
     "sessions.confirm": Method(SessionsConfirm, ses.confirm, True),
-    "targets.submit": Method(TargetsSubmit, tgt.submit, True),
+    "targets.submit": Method(TargetsSubmit, tgt.submit, True, group_commit=True),
     "targets.list": Method(TargetsList, tgt.list_, False),
-    "targets.remove": Method(TargetsRemove, tgt.remove, True),
+    "targets.remove": Method(TargetsRemove, tgt.remove, True, group_commit=True),
     "jobs.enqueue": Method(JobsEnqueue, ses.jobs_enqueue, True),
     "jobs.list": Method(Empty, ses.jobs_list, False),
     "jobs.reorder": Method(JobsReorder, ses.jobs_reorder, True),

@@ -12,6 +12,7 @@ import json
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
@@ -25,7 +26,7 @@ from daemon.errors import (
     ApiError, BadRequest, Forbidden, ServiceBusy, TooLarge, Unauthorised, UnknownMethod,
     error_code,
 )
-from daemon.methods import METHODS
+from daemon.methods import METHODS, Method
 from daemon.security import API_DOMAIN, EVENTS_DOMAIN, CurveKeys, make_curve_server
 
 log = structlog.get_logger(__name__)
@@ -33,6 +34,8 @@ log = structlog.get_logger(__name__)
 #: Above this many times ``api.max_request_bytes`` a frame is dropped by ZMQ itself (the peer
 #: is disconnected) instead of being read into memory to send a 413.
 HARD_LIMIT_FACTOR = 4
+#: Requests read in one go; consecutive target requests among them share one commit.
+MAX_BATCH = 256
 Socket = zmq.Socket[bytes]
 
 
@@ -81,6 +84,34 @@ def _validation_message(err: ValidationError, prefix: str) -> str:
     return "; ".join(parts)
 
 
+@dataclass
+class _Item:
+    """One request on its way through the server."""
+
+    route: list[bytes]
+    rid: Any = None
+    method: str = ""
+    run: Callable[[], BaseModel] | None = None
+    group: bool = False
+    code: int = 200
+    reply: dict[str, Any] = field(default_factory=dict)
+    t0: float = field(default_factory=time.perf_counter)
+
+    def succeed(self, result: BaseModel) -> None:
+        self.code = 200
+        self.reply = {"schema": API_SCHEMA, "id": self.rid, "ok": True,
+                      "result": result.model_dump(mode="json", by_alias=True)}
+
+    def fail(self, err: BaseException) -> None:
+        self.run = None
+        self.code, etype, retryable = error_code(err)
+        if self.code >= 500 and not isinstance(err, ServiceBusy):
+            log.error("api.internal_error", method=self.method, error=str(err), exc_info=err)
+        self.reply = {"schema": API_SCHEMA, "id": self.rid, "ok": False,
+                      "error": {"code": self.code, "type": etype, "message": str(err),
+                                "retryable": retryable}}
+
+
 class ApiServer:
     """Binds the request socket and answers requests until ``stop`` is set."""
 
@@ -100,64 +131,101 @@ class ApiServer:
     def close(self) -> None:
         self.sock.close(linger=0)
 
-    def serve(self, stop: threading.Event, after_reply: Callable[[], None] | None = None) -> None:
+    def serve(self, stop: threading.Event) -> None:
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
         while not stop.is_set():
             if not poller.poll(100):
                 continue
-            while not stop.is_set():
+            batch: list[list[zmq.Frame]] = []
+            while len(batch) < MAX_BATCH:
                 try:
-                    frames = self.sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+                    batch.append(self.sock.recv_multipart(flags=zmq.NOBLOCK, copy=False))
                 except zmq.Again:
                     break
-                reply = self.handle(frames)
-                if reply is not None:
-                    try:
-                        self.sock.send_multipart(reply, flags=zmq.NOBLOCK)
-                    except zmq.Again:
-                        log.warning("api.reply_dropped", reason="peer queue full")
-                if after_reply is not None:
-                    after_reply()
+            for reply in self.handle_batch(batch):
+                try:
+                    self.sock.send_multipart(reply, flags=zmq.NOBLOCK)
+                except zmq.Again:
+                    log.warning("api.reply_dropped", reason="peer queue full")
 
-    # ------------------------------------------------------------------ one request
+    # ------------------------------------------------------------------ requests
 
     def handle(self, frames: list[zmq.Frame]) -> list[bytes] | None:
-        if len(frames) < 2:
-            return None
+        """Answer one request (for tests and tools; ``serve`` uses ``handle_batch``)."""
+        replies = self.handle_batch([frames])
+        return replies[0] if replies else None
+
+    def handle_batch(self, batch: list[list[zmq.Frame]]) -> list[list[bytes]]:
+        """Answer requests in arrival order; consecutive ones that only add or remove targets
+        commit together (one fsync), each in its own savepoint so that a refused request
+        changes nothing. Every reply is sent only after its request's commit."""
+        items = [self._prepare(frames) for frames in batch if len(frames) >= 2]
+        i = 0
+        while i < len(items):
+            j = i
+            while j < len(items) and items[j].group:
+                j += 1
+            if j - i > 1:
+                self._execute_group(items[i:j])
+                i = j
+            else:
+                self._execute(items[i])
+                i += 1
+        out = []
+        for item in items:
+            log.debug("api.request", method=item.method, code=item.code,
+                      ms=round((time.perf_counter() - item.t0) * 1000, 3))
+            out.append([*item.route, json.dumps(item.reply, allow_nan=False).encode()])
+        return out
+
+    def _prepare(self, frames: list[zmq.Frame]) -> _Item:
         identity = frames[0].bytes
         middle, last = frames[1:-1], frames[-1]
-        route = [identity] + [b"" for f in middle if len(f) == 0]
+        item = _Item(route=[identity] + [b"" for f in middle if len(f) == 0])
         self.requests += 1
-        t0 = time.perf_counter()
-        rid: Any = None
-        method = ""
         try:
             size = sum(len(f) for f in frames[1:])
             if size > self.cfg.max_request_bytes:
                 raise TooLarge(f"request of {size} bytes exceeds api.max_request_bytes "
                                f"({self.cfg.max_request_bytes})")
             body = last.bytes
-            rid = _lenient_id(body)
+            item.rid = _lenient_id(body)
             if any(len(f) for f in middle):
                 raise BadRequest("a request is one frame (after an optional empty delimiter)")
             role, client = self._authenticate(last)
             req = self._parse(body)
-            rid, method = req.id, req.method
-            result = self._dispatch(req, role, client)
-            reply: dict[str, Any] = {"schema": API_SCHEMA, "id": rid, "ok": True,
-                                     "result": result.model_dump(mode="json", by_alias=True)}
-            code = 200
+            item.rid, item.method = req.id, req.method
+            method, params = self._check(req, role)
+            item.run = lambda: method.handler(Call(self.services, role, client), params)
+            item.group = method.group_commit
         except Exception as err:  # noqa: BLE001 - the API edge turns every error into a reply
-            code, etype, retryable = error_code(err)
-            if code >= 500 and not isinstance(err, ServiceBusy):
-                log.error("api.internal_error", method=method, error=str(err), exc_info=True)
-            reply = {"schema": API_SCHEMA, "id": rid, "ok": False,
-                     "error": {"code": code, "type": etype, "message": str(err),
-                               "retryable": retryable}}
-        log.debug("api.request", method=method, code=code,
-                  ms=round((time.perf_counter() - t0) * 1000, 3))
-        return [*route, json.dumps(reply, allow_nan=False).encode()]
+            item.fail(err)
+        return item
+
+    def _execute(self, item: _Item) -> None:
+        if item.run is None:
+            return
+        try:
+            item.succeed(item.run())
+        except Exception as err:  # noqa: BLE001 - the API edge turns every error into a reply
+            item.fail(err)
+
+    def _execute_group(self, items: list[_Item]) -> None:
+        bus = self.services.bus
+        try:
+            with bus.transaction():
+                for item in items:
+                    try:
+                        with bus.transaction():
+                            item.succeed(item.run())   # type: ignore[misc]
+                    except Exception as err:  # noqa: BLE001 - its savepoint is rolled back
+                        item.fail(err)
+        except Exception as err:  # noqa: BLE001 - the commit failed: nothing is acknowledged
+            log.error("api.group_commit_failed", error=str(err), requests=len(items))
+            for item in items:
+                if item.code == 200:
+                    item.fail(err)
 
     def _authenticate(self, frame: zmq.Frame) -> tuple[Role, str]:
         if self.keys is None:
@@ -186,7 +254,7 @@ class ApiServer:
                              f"speaks schema {API_SCHEMA}")
         return req
 
-    def _dispatch(self, req: Request, role: Role, client: str) -> BaseModel:
+    def _check(self, req: Request, role: Role) -> tuple[Method, BaseModel]:
         method = METHODS.get(req.method)
         if method is None:
             raise UnknownMethod(f"unknown method {req.method!r}; methods: "
@@ -201,7 +269,7 @@ class ApiServer:
                              f" (accepted params: {accepted})") from None
         if self.services.stopping() and method.mutating:
             raise ServiceBusy("the service is shutting down")
-        return method.handler(Call(self.services, role, client), params)
+        return method, params
 
 
 __all__ = ["ApiError", "ApiServer", "ZmqPublisher"]

@@ -101,3 +101,42 @@ def test_visit_targets_reads_the_committed_targets(client: ClemdClient) -> None:
     done = client.wait_state(s["id"], {"completed", "paused", "failed"}, 60)
     assert done["state"] == "completed"
     assert client.session(s["id"])["steps"] == ["targets/snapshot", "em/target-n1"]
+
+
+def test_pipelined_submissions_commit_in_groups_without_mixing_up_refusals(
+        service: Running, client: ClemdClient) -> None:
+    import json
+
+    import zmq
+    sid = client.create_session("exercise", {"positions": 1})["id"]
+    client.submit_targets(sid, [_t("taken", 0.0)])
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.linger = 0
+    try:
+        sock.connect(service.cfg.api.bind)
+        expected_ok = set()
+        for i in range(300):
+            bad = i % 10 == 3
+            target = _t("taken", 5.0) if bad else _t(f"p{i}", float(i))
+            sock.send(json.dumps({"id": i, "method": "targets.submit", "params": {
+                "session_id": sid, "targets": [target]}}).encode())
+            if not bad:
+                expected_ok.add(i)
+        replies = {}
+        while len(replies) < 300:
+            assert sock.poll(10_000)
+            r = json.loads(sock.recv())
+            replies[r["id"]] = r
+    finally:
+        sock.close()
+        ctx.term()
+    assert {i for i, r in replies.items() if r["ok"]} == expected_ok
+    assert all(r["error"]["code"] == 409 for r in replies.values() if not r["ok"])
+    listed = client.call("targets.list", {"session_id": sid})
+    assert {t["id"] for t in listed["targets"]} == {"taken"} | {f"p{i}" for i in expected_ok}
+    assert listed["rev"] == 1 + len(expected_ok)
+    added = client.call("events.list", {"topic_prefix": f"target.{sid}", "limit": 1000})
+    assert len(added["events"]) == 1 + len(expected_ok)
+    revs = [e["payload"]["rev"] for e in added["events"]]
+    assert revs == list(range(1, len(revs) + 1))
