@@ -30,8 +30,18 @@ import structlog
 from numpy.typing import ArrayLike, NDArray
 
 from drivers.base import (
-    AcquisitionSettings, AxisLimits, ElectronMicroscope, EMStatus, HardwareFault, Image,
-    InvalidState, LowDoseArea, Magnification, NavItem, StageLimits, affine_from,
+    AcquisitionSettings,
+    AxisLimits,
+    ElectronMicroscope,
+    EMStatus,
+    HardwareFault,
+    Image,
+    InvalidState,
+    LowDoseArea,
+    Magnification,
+    NavItem,
+    StageLimits,
+    affine_from,
 )
 from drivers.clock import Clock, VirtualClock
 from simulators.electron_config import ElectronSimConfig

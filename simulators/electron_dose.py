@@ -71,5 +71,5 @@ def _inside_quads(corners: NDArray[np.float64], pts: NDArray[np.float64]) -> NDA
     p = pts[None, None, :, :]                              # (1, 1, N, 2)
     cross = ((b[..., 0] - a[..., 0]) * (p[..., 1] - a[..., 1])
              - (b[..., 1] - a[..., 1]) * (p[..., 0] - a[..., 0]))   # (E, 4, N)
-    inside: NDArray[np.bool_] = (cross >= 0).all(axis=1) | (cross <= 0).all(axis=1)
+    inside: NDArray[np.bool_] = np.asarray((cross >= 0).all(axis=1) | (cross <= 0).all(axis=1))
     return inside

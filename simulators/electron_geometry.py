@@ -63,11 +63,14 @@ class FrameGeometry:
 
     def pixel_to_image_plane(self, p: ArrayLike) -> NDArray[np.float64]:
         pp = np.asarray(p, dtype=float)
-        return (pp - self.centre_px) @ self.linear.T + np.asarray(self.beam_offset_um)
+        out: NDArray[np.float64] = (pp - self.centre_px) @ self.linear.T + np.asarray(
+            self.beam_offset_um)
+        return out
 
     def image_plane_to_pixel(self, e: ArrayLike) -> NDArray[np.float64]:
         ee = np.asarray(e, dtype=float) - np.asarray(self.beam_offset_um)
-        return ee @ np.linalg.inv(self.linear).T + self.centre_px
+        out: NDArray[np.float64] = ee @ np.linalg.inv(self.linear).T + self.centre_px
+        return out
 
     # ------------------------------------------------------------------ projection
 
@@ -81,7 +84,8 @@ class FrameGeometry:
         t = math.radians(self.tilt_deg)
         a = d @ u
         b = (d @ v) * math.cos(t) + dz * math.sin(t)
-        return a[:, None] * u + b[:, None] * v
+        out: NDArray[np.float64] = a[:, None] * u + b[:, None] * v
+        return out
 
     def unproject_film(self, e: ArrayLike) -> NDArray[np.float64]:
         """Stage coords of the film point seen at image-plane offset ``e`` (exact: the film

@@ -69,13 +69,16 @@ def measure_shift(reference: Image, image: Image) -> ShiftMeasurement:
     m = np.hstack([ref_to_img[:, :2] @ a_img[:, :2],
                    (ref_to_img[:, :2] @ a_img[:, 2] + ref_to_img[:, 2])[:, None]])
     h, w = image.shape
-    ref = reference.data.astype(np.float32)
-    warped = cv2.warpAffine(ref, m, (w, h), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
-                            borderMode=cv2.BORDER_CONSTANT, borderValue=0.0)
-    valid = cv2.warpAffine(np.ones_like(ref), m, (w, h),
-                           flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
-                           borderMode=cv2.BORDER_CONSTANT, borderValue=0.0)
-    mask = cv2.erode((valid > 0.999).astype(np.float32), np.ones((5, 5), np.uint8))
+    ref: NDArray[np.float32] = reference.data.astype(np.float32)
+    flags = cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP
+    warped = np.asarray(cv2.warpAffine(ref, m, (w, h), flags=flags,
+                                       borderMode=cv2.BORDER_CONSTANT, borderValue=0.0),
+                        dtype=np.float32)
+    valid = np.asarray(cv2.warpAffine(np.ones_like(ref), m, (w, h), flags=flags,
+                                      borderMode=cv2.BORDER_CONSTANT, borderValue=0.0),
+                       dtype=np.float32)
+    mask = np.asarray(cv2.erode((valid > 0.999).astype(np.float32), np.ones((5, 5), np.uint8)),
+                      dtype=np.float32)
     taper = mask * np.outer(np.hanning(h), np.hanning(w)).astype(np.float32)
     a = _bandpass(warped, mask) * taper
     b = _bandpass(image.data.astype(np.float32), mask) * taper

@@ -102,10 +102,10 @@ class PhaseContrast:
         if kernel is None:
             return None
         top, left = (hp - h) // 2, (wp - w) // 2
-        src = phi
+        src: NDArray[np.float32] = phi
         if hp != h or wp != w:
-            src = cv2.copyMakeBorder(phi, top, hp - h - top, left, wp - w - left,
-                                     cv2.BORDER_REFLECT_101)
+            src = np.asarray(cv2.copyMakeBorder(phi, top, hp - h - top, left, wp - w - left,
+                                                cv2.BORDER_REFLECT_101), dtype=np.float32)
         spectrum = scipy.fft.rfft2(src)
         spectrum *= kernel
         out = scipy.fft.irfft2(spectrum, s=(hp, wp))
@@ -122,15 +122,15 @@ class PhaseContrast:
 def intensity(transmission: NDArray[np.float32], contrast: NDArray[np.float32] | None,
               optics: OpticsModel) -> NDArray[np.float32]:
     """Relative intensity ``T (1 + C)`` (clipped) after the camera MTF; 1 = empty beam."""
-    img = transmission
+    img: NDArray[np.float32] = transmission
     if contrast is not None:
         m = optics.max_phase_contrast
         np.clip(contrast, -m, 2 * m, out=contrast)
         contrast += np.float32(1.0)
         img = transmission * contrast
     if optics.camera_mtf_sigma_px > 0:
-        img = cv2.GaussianBlur(img, (0, 0), optics.camera_mtf_sigma_px,
-                               borderType=cv2.BORDER_REFLECT)
+        img = np.asarray(cv2.GaussianBlur(img, (0, 0), optics.camera_mtf_sigma_px,
+                                          borderType=cv2.BORDER_REFLECT), dtype=np.float32)
     return img
 
 

@@ -51,8 +51,8 @@ def _nodes(n: int, size: int) -> NDArray[np.float64]:
 
 def _upsample(a: NDArray[np.float32], shape: tuple[int, int],
               interpolation: int = cv2.INTER_LINEAR) -> NDArray[np.float32]:
-    out: NDArray[np.float32] = cv2.resize(a, (shape[1], shape[0]), interpolation=interpolation)
-    return out
+    return np.asarray(cv2.resize(a, (shape[1], shape[0]), interpolation=interpolation),
+                      dtype=np.float32)
 
 
 @dataclass(frozen=True)
@@ -92,8 +92,9 @@ class SpecimenSampler:
         g = self.spec.truth.em_stage_to_grid(q)
         design = np.hstack([p, np.ones((len(p), 1))])
         coef, *_ = np.linalg.lstsq(design, g, rcond=None)
-        residual = (g - design @ coef).reshape(ny, nx, 2).astype(np.float32)
-        return coef.T.copy(), residual, float(np.abs(residual).max())
+        residual: NDArray[np.float32] = (g - design @ coef).reshape(ny, nx, 2).astype(np.float32)
+        affine: NDArray[np.float64] = np.ascontiguousarray(coef.T, dtype=np.float64)
+        return affine, residual, float(np.abs(residual).max())
 
     # ------------------------------------------------------------------ frame
 
@@ -121,7 +122,6 @@ class SpecimenSampler:
         transmission = np.zeros((h, w), np.float32)
         phase = np.zeros((h, w), np.float32)
         xs_all = np.arange(w, dtype=np.float32)
-        cy, cx = base.open_coarse.shape
         for r0 in range(0, h, TILE_ROWS):
             r1 = min(h, r0 + TILE_ROWS)
             ys = np.arange(r0, r1, dtype=np.float32)[:, None]
@@ -252,10 +252,10 @@ class SpecimenSampler:
             return True
         raster = self.spec.mark_raster
         half = (raster.shape[0] - 1) / 2
-        c0, c1 = (int(math.floor(box[0] / MARK_RASTER_UM + half)) - 1,
-                  int(math.ceil(box[2] / MARK_RASTER_UM + half)) + 2)
-        r0, r1 = (int(math.floor(box[1] / MARK_RASTER_UM + half)) - 1,
-                  int(math.ceil(box[3] / MARK_RASTER_UM + half)) + 2)
+        c0, c1 = (math.floor(box[0] / MARK_RASTER_UM + half) - 1,
+                  math.ceil(box[2] / MARK_RASTER_UM + half) + 2)
+        r0, r1 = (math.floor(box[1] / MARK_RASTER_UM + half) - 1,
+                  math.ceil(box[3] / MARK_RASTER_UM + half) + 2)
         window = raster[max(0, r0):max(0, r1), max(0, c0):max(0, c1)]
         return bool(window.any())
 
@@ -323,10 +323,10 @@ def _coarse_window(coarse: NDArray[np.float32], tile: tuple[int, int, int, int],
     ny, nx = coarse.shape
     h, w = shape
     r0, r1, c0, c1 = tile
-    i0 = max(0, int(math.floor((r0 + 0.5) * ny / h - 0.5)) - 1)
-    i1 = min(ny, int(math.ceil((r1 - 0.5) * ny / h - 0.5)) + 2)
-    j0 = max(0, int(math.floor((c0 + 0.5) * nx / w - 0.5)) - 1)
-    j1 = min(nx, int(math.ceil((c1 - 0.5) * nx / w - 0.5)) + 2)
+    i0 = max(0, math.floor((r0 + 0.5) * ny / h - 0.5) - 1)
+    i1 = min(ny, math.ceil((r1 - 0.5) * ny / h - 0.5) + 2)
+    j0 = max(0, math.floor((c0 + 0.5) * nx / w - 0.5) - 1)
+    j1 = min(nx, math.ceil((c1 - 0.5) * nx / w - 0.5) + 2)
     return coarse[i0:i1, j0:j1]
 
 
@@ -344,11 +344,11 @@ def _sphere_patch(cx: float, cy: float, r: float, membrane: float, shape: tuple[
     bead still carries its full mass.
     """
     h, w = shape
-    c0, c1 = max(0, int(math.floor(cx - r - 1))), min(w, int(math.ceil(cx + r + 2)))
-    r0, r1 = max(0, int(math.floor(cy - r - 1))), min(h, int(math.ceil(cy + r + 2)))
+    c0, c1 = max(0, math.floor(cx - r - 1)), min(w, math.ceil(cx + r + 2))
+    r0, r1 = max(0, math.floor(cy - r - 1)), min(h, math.ceil(cy + r + 2))
     if c0 >= c1 or r0 >= r1:
         return None
-    s = 1 if r >= 4 else min(8, int(math.ceil(8 / max(r, 0.5))))
+    s = 1 if r >= 4 else min(8, math.ceil(8 / max(r, 0.5)))
     sub = ((np.arange(s) + 0.5) / s - 0.5).astype(np.float32)
     xs = (np.arange(c0, c1, dtype=np.float32)[:, None] + sub[None, :]).ravel() - np.float32(cx)
     ys = (np.arange(r0, r1, dtype=np.float32)[:, None] + sub[None, :]).ravel() - np.float32(cy)

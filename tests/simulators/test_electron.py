@@ -206,11 +206,11 @@ def test_viruses_visible_at_39000x_but_not_in_4700x_maps(spec: Specimen) -> None
         # the membrane band, at least a pixel wide; background just outside, >= 3 px wide
         ring_lo, ring_hi = radius_um - max(0.006, px), radius_um + max(0.0015, px / 2)
         out_lo, out_hi = radius_um + max(0.006, 1.5 * px), radius_um + max(0.03, 4.5 * px)
-        half = int(math.ceil(out_hi / px)) + 1
+        half = math.ceil(out_hi / px) + 1
         yy, xx = np.mgrid[-half:half + 1, -half:half + 1]
 
         def score(c: NDArray[np.float64]) -> float:
-            ix, iy = int(round(c[0])), int(round(c[1]))
+            ix, iy = round(c[0]), round(c[1])
             win = data[iy - half:iy + half + 1, ix - half:ix + half + 1]
             r = np.hypot(xx + ix - c[0], yy + iy - c[1]) * px
             ring = win[(r > ring_lo) & (r <= ring_hi)]
@@ -220,7 +220,7 @@ def test_viruses_visible_at_39000x_but_not_in_4700x_maps(spec: Specimen) -> None
 
         centre = em.true_stage_to_pixel(img, q, h)[0]
         rng = np.random.default_rng(0)
-        far = []
+        far: list[float] = []
         while len(far) < 40:
             c = rng.uniform(half + 1, img.shape[0] - half - 2, size=2)
             if np.hypot(*(c - centre)) > 1.5 * out_hi / px:
