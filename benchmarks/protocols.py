@@ -40,19 +40,20 @@ import structlog
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests" / "protocols"))
-from drivers.imaging import affine_from, invert_affine  # noqa: E402
-from mosaic_truth import TiledTruth, cut_tiles, field_shape_for, render_field  # noqa: E402
-from protocols.overlap_registration import structure  # noqa: E402
-from protocols.stitching import Mosaic, StitchSettings, stitch  # noqa: E402
+from mosaic_truth import TiledTruth, cut_tiles, field_shape_for, render_field
+
+from drivers.imaging import affine_from, invert_affine
+from protocols.overlap_registration import structure
+from protocols.stitching import Mosaic, StitchSettings, stitch
 
 CASES: dict[str, dict[str, Any]] = {
-    "lm_atlas_5x5": dict(kind="lm", grid=(5, 5), tile_shape=(1024, 1024), overlap=0.1,
-                         pixel_um=0.65, stage_error_um=3.0,
-                         settings=StitchSettings(max_stage_error_um=9.0, output_pixel_um=None)),
-    "em_montage_12x12": dict(kind="em", grid=(12, 12), tile_shape=(384, 384), overlap=0.2,
-                             pixel_um=0.025, stage_error_um=0.3,
-                             settings=StitchSettings(max_stage_error_um=0.95,
-                                                     smoothing_sigma_px=1.5)),
+    "lm_atlas_5x5": {"kind": "lm", "grid": (5, 5), "tile_shape": (1024, 1024), "overlap": 0.1,
+                     "pixel_um": 0.65, "stage_error_um": 3.0,
+                     "settings": StitchSettings(max_stage_error_um=9.0)},
+    "em_montage_12x12": {"kind": "em", "grid": (12, 12), "tile_shape": (384, 384),
+                         "overlap": 0.2, "pixel_um": 0.025, "stage_error_um": 0.3,
+                         "settings": StitchSettings(max_stage_error_um=0.95,
+                                                    smoothing_sigma_px=1.5)},
 }
 
 

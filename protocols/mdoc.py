@@ -109,8 +109,8 @@ def format_mdoc(header: MdocHeader, records: Sequence[TiltRecord]) -> str:
              f"DataMode = {header.data_mode}", "",
              f"[T = {header.title}]", ""]
     if header.tilt_axis_deg is not None:
-        lines += [f"[T =     Tilt axis angle = {_num(header.tilt_axis_deg)}, "
-                  f"binning = {header.binning}]", ""]
+        lines += [(f"[T =     Tilt axis angle = {_num(header.tilt_axis_deg)}, "
+                   f"binning = {header.binning}]"), ""]
     for r in records:
         lines.append(f"[ZValue = {r.z_value}]")
         if r.min_max_mean is not None:

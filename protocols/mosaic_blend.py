@@ -18,7 +18,7 @@ import cv2
 import numpy as np
 from numpy.typing import NDArray
 
-__all__ = ["Canvas", "BlendMode", "blend_tiles", "plan_canvas"]
+__all__ = ["BlendMode", "Canvas", "blend_tiles", "plan_canvas"]
 
 BlendMode = Literal["feather", "nearest"]
 
@@ -47,7 +47,7 @@ def _axis(start: float, n_tile: int, canvas_origin: float, factor: float, n_out:
     """Output index range [u0, u1) touched by a tile, and tile coordinates of those pixels."""
     u0 = max(0, int(np.floor((start - canvas_origin) / factor)))
     u1 = min(n_out, int(np.ceil((start + n_tile - 1 - canvas_origin) / factor)) + 1)
-    x = canvas_origin + factor * np.arange(u0, u1) - start
+    x = np.asarray(canvas_origin + factor * np.arange(u0, u1) - start, dtype=np.float64)
     return u0, u1, x
 
 
@@ -72,9 +72,9 @@ def blend_tiles(tiles: Sequence[NDArray[Any]], offsets_px: NDArray[np.float64], 
         v0, v1, ys = _axis(float(py), h, oy, f, h_out)
         if u1 <= u0 or v1 <= v0:
             continue
-        img = np.asarray(data, dtype=np.float32)
+        img: NDArray[np.float32] = np.asarray(data, dtype=np.float32)
         if sigma > 0.3:
-            img = cv2.GaussianBlur(img, (0, 0), sigma)
+            img = np.asarray(cv2.GaussianBlur(img, (0, 0), sigma), dtype=np.float32)
         matrix = np.array([[f, 0.0, xs[0]], [0.0, f, ys[0]]])
         warped = cv2.warpAffine(img, matrix, (u1 - u0, v1 - v0),
                                 flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,

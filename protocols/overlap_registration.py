@@ -86,12 +86,12 @@ def structure(image: NDArray[np.floating] | NDArray[np.integer], sigma_px: float
     its tile is filtered exactly as the whole tile would be (a wide high-pass is not: on a
     narrow overlap strip it sees different neighbours in the two tiles).
     """
-    img = np.asarray(image, dtype=np.float32)
+    img: NDArray[np.float32] = np.asarray(image, dtype=np.float32)
     if sigma_px > 0:
-        img = cv2.GaussianBlur(img, (0, 0), sigma_px)
+        img = np.asarray(cv2.GaussianBlur(img, (0, 0), sigma_px), dtype=np.float32)
     gx = cv2.Sobel(img, cv2.CV_32F, 1, 0, ksize=3)
     gy = cv2.Sobel(img, cv2.CV_32F, 0, 1, ksize=3)
-    out: NDArray[np.float32] = cv2.magnitude(gx, gy)
+    out: NDArray[np.float32] = np.asarray(cv2.magnitude(gx, gy), dtype=np.float32)
     return out
 
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 import structlog
@@ -275,7 +275,7 @@ def _solve(n: int, offsets: FloatArray, edges: list[_Pair]
         a[len(edges) + c, members] = 1.0
         rhs[len(edges) + c] = offsets[members].sum(axis=0)
     positions, *_ = np.linalg.lstsq(a, rhs, rcond=None)
-    return positions, labels.astype(np.int64)
+    return np.asarray(positions, dtype=np.float64), np.asarray(labels, dtype=np.int64)
 
 
 def _robust_solve(n: int, offsets: FloatArray, pairs: list[_Pair], outlier_px: float

@@ -50,7 +50,7 @@ def _ramp(start: float, end: float, step: float) -> list[float]:
     if abs(end - start) < _EPS:
         return [start]
     sign = 1.0 if end > start else -1.0
-    n = int(math.floor(abs(end - start) / step + 1e-6))
+    n = math.floor(abs(end - start) / step + 1e-6)
     return [round(start + sign * k * step, 9) for k in range(n + 1)]
 
 

@@ -10,19 +10,22 @@ the other tiles, is checked separately and much tighter.
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Any
 
 import cv2
 import numpy as np
 import pytest
+from mosaic_truth import TiledTruth, cut_tiles, field_shape_for, render_field
 
 from drivers.errors import ConfigError
 from drivers.imaging import Image, affine_from, invert_affine
-from mosaic_truth import TiledTruth, cut_tiles, field_shape_for, render_field
 from protocols.overlap_registration import RegistrationSettings, register_overlap, structure
 from protocols.stitching import Mosaic, StitchingError, StitchSettings, stitch
 
-LM = dict(grid=(4, 4), tile_shape=(320, 320), overlap=0.1, pixel_um=0.65, stage_error_um=1.5)
-EM = dict(grid=(6, 6), tile_shape=(192, 192), overlap=0.2, pixel_um=0.04, stage_error_um=0.3)
+LM: dict[str, Any] = {"grid": (4, 4), "tile_shape": (320, 320), "overlap": 0.1,
+                      "pixel_um": 0.65, "stage_error_um": 1.5}
+EM: dict[str, Any] = {"grid": (6, 6), "tile_shape": (192, 192), "overlap": 0.2,
+                      "pixel_um": 0.04, "stage_error_um": 0.3}
 
 
 def _truth(kind: str, spec: dict, seed: int, texture: float = 1.0, rotation_deg: float = 0.0
