@@ -76,15 +76,14 @@ def write_mrc(path: str | os.PathLike[str], data: NDArray[Any], pixel_size_um: f
         raise MrcWriteError(f"pixel size must be > 0 um, got {pixel_size_um!r}")
     if len(labels) > 10 or any(len(lb) > 80 for lb in labels):
         raise MrcWriteError("MRC holds at most 10 labels of 80 characters")
-    with atomic_path(path) as tmp:
-        with mrcfile.new(tmp, overwrite=True) as mrc:
-            mrc.set_data(np.ascontiguousarray(arr))
-            if arr.ndim == 3:
-                mrc.set_image_stack()
-            mrc.voxel_size = pixel_size_um * UM_TO_A
-            for label in labels:
-                mrc.add_label(label)
-            mrc.update_header_stats()
+    with atomic_path(path) as tmp, mrcfile.new(tmp, overwrite=True) as mrc:
+        mrc.set_data(np.ascontiguousarray(arr))
+        if arr.ndim == 3:
+            mrc.set_image_stack()
+        mrc.voxel_size = pixel_size_um * UM_TO_A
+        for label in labels:
+            mrc.add_label(label)
+        mrc.update_header_stats()
     return Path(path)
 
 

@@ -23,7 +23,7 @@ LIMITS = AxisLimits(-60.0, 60.0, "tilt", unit="deg", setting="em.tilt_limits_deg
 
 def test_bidirectional_as_in_the_paper() -> None:
     angles = BidirectionalScheme().angles()
-    expected = [3.0 * k for k in range(0, 21)] + [-3.0 * k for k in range(1, 21)]
+    expected = [3.0 * k for k in range(21)] + [-3.0 * k for k in range(1, 21)]
     assert list(angles) == expected
     assert len(angles) == 41 and len(set(angles)) == 41
 

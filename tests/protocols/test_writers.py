@@ -182,10 +182,9 @@ def test_autodoc_parse_errors_name_the_line() -> None:
 def test_failed_write_leaves_old_file_and_no_temporary(tmp_path: Path) -> None:
     target = tmp_path / "atlas.mrc"
     write_text_atomic(target, "old")
-    with pytest.raises(RuntimeError, match="crash"):
-        with atomic_path(target) as tmp:
-            tmp.write_text("half a fi")
-            raise RuntimeError("crash mid-write")
+    with pytest.raises(RuntimeError, match="crash"), atomic_path(target) as tmp:
+        tmp.write_text("half a fi")
+        raise RuntimeError("crash mid-write")
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["atlas.mrc"]
     with pytest.raises(DataWriteError, match="does not exist"):
