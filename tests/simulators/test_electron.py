@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from numpy.typing import NDArray
 
-from drivers.base import Aborted, HardwareFault, Image, LimitViolation, LowDoseArea
+from drivers.base import Aborted, HardwareFault, Image, InvalidState, LimitViolation, LowDoseArea
 from drivers.clock import VirtualClock
 from drivers.errors import ConfigError
 from simulators.electron import SimulatedElectronMicroscope
@@ -502,3 +502,32 @@ def test_config_replace_revalidates() -> None:
     assert small.stage.repeatability_rms_um == cfg.stage.repeatability_rms_um
     with pytest.raises(ConfigError, match="em.stage.tilt_limit_deg"):
         cfg.replace(stage={"tilt_limit_deg": 95.0})
+
+
+@pytest.mark.parametrize("tilt_deg", [0.0, 35.0, -60.0])
+def test_film_and_objects_project_consistently_at_tilt(spec: Specimen, tilt_deg: float) -> None:
+    """The film is rendered through the inverse projection, objects through the forward one;
+    both must agree, or beads would drift off their holes as the stage tilts."""
+    em = em_for(spec, camera=(256, 256), stage={"tilt_axis_deg": 12.0})
+    em.move_stage(200.0, -300.0, 3.0)
+    flat = em.true_pixel_to_stage(em.acquire(VIEW))
+    em.tilt_to(tilt_deg)
+    img = em.acquire(VIEW)
+    geom = em.frame_record(img).geometry
+    pixels = np.array([[0.0, 0.0], [255.0, 0.0], [100.0, 200.0], [17.5, 250.25]])
+    tilted = em.true_pixel_to_stage(img)
+    stage = tilted @ np.vstack([pixels.T, np.ones(4)])
+    assert geom.stage_to_pixel(stage.T) == pytest.approx(pixels, abs=1e-6)
+    # a pixel covers 1 / cos(tilt) more film: the film is stretched across the axis
+    stretch = np.linalg.det(tilted[:, :2]) / np.linalg.det(flat[:, :2])
+    assert stretch == pytest.approx(1 / math.cos(math.radians(tilt_deg)), rel=2e-3)
+
+
+def test_closed_microscope_refuses_to_move_or_acquire(spec: Specimen) -> None:
+    em = em_for(spec, camera=(256, 256))
+    with em:
+        em.move_stage(5.0, 5.0)
+    with pytest.raises(InvalidState):
+        em.move_stage(10.0, 10.0)
+    with pytest.raises(InvalidState):
+        em.acquire(VIEW)
