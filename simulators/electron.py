@@ -316,11 +316,13 @@ class SimulatedElectronMicroscope(ElectronMicroscope):
         settings = self.low_dose.get(area)
         if settings is None or settings.mag_index != ref.mag_index or \
                 settings.binning != ref.binning:
-            rate = settings.dose_rate_e_per_a2_s if settings else 0.02
+            # not taken in a configured low-dose area: repeat the map's own conditions
+            exposure = ref.exposure_s if ref.exposure_s else 1.0
+            defocus = self._defocus_um if ref.defocus_um is None else ref.defocus_um
             settings = AcquisitionSettings(
-                mag_index=ref.mag_index, exposure_s=ref.exposure_s or 1.0,
-                binning=ref.binning, dose_rate_e_per_a2_s=rate,
-                defocus_offset_um=(ref.defocus_um or self._defocus_um) - self._defocus_um)
+                mag_index=ref.mag_index, exposure_s=exposure, binning=ref.binning,
+                dose_rate_e_per_a2_s=ref.dose_e_per_a2 / exposure,
+                defocus_offset_um=defocus - self._defocus_um)
         self._check_abort()
         with self._lock:
             self._switch_mag(settings.mag_index)

@@ -5,6 +5,7 @@ dose and time are accounted."""
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Any
 
 import cv2
@@ -411,7 +412,8 @@ def test_timing_advances_the_clock_as_modelled(spec: Specimen) -> None:
 # --------------------------------------------------------------------------- navigator
 
 
-def test_realign_to_item_removes_the_stage_error(spec: Specimen) -> None:
+@pytest.mark.parametrize("view_changed", [False, True], ids=["map-in-view", "view-rebinned"])
+def test_realign_to_item_removes_the_stage_error(spec: Specimen, view_changed: bool) -> None:
     em = em_for(spec)                                 # 1 um rms stage error, backlash
 
     def miss_um(img: Image, truth: NDArray[np.float64]) -> float:
@@ -432,6 +434,8 @@ def test_realign_to_item_removes_the_stage_error(spec: Specimen) -> None:
         truth = em.true_pixel_to_stage(the_map) @ np.append(
             the_map.stage_to_pixel_xy(target), 1.0)
         point = em.add_nav_point_on_map(item.item_id, *target)
+        if view_changed:         # the map's conditions are no longer View's: realign repeats them
+            em.low_dose[VIEW] = replace(em.low_dose[VIEW], binning=4)
         em.move_stage(q[0] + 60, q[1] - 40)
         em.move_stage(*target)
         errors_before.append(miss_um(em.acquire(VIEW), truth))
@@ -440,6 +444,8 @@ def test_realign_to_item_removes_the_stage_error(spec: Specimen) -> None:
         assert em.image_shift() == pytest.approx(shift)
         assert em.stage_position()[:2] == pytest.approx(tuple(target), abs=1e-3)
         errors_after.append(miss_um(em.acquire(VIEW), truth))
+        if view_changed:
+            em.low_dose[VIEW] = replace(em.low_dose[VIEW], binning=8)
     print(f"realign: before {np.round(errors_before, 3)} um, after {np.round(errors_after, 3)} um")
     assert max(errors_after) < 0.06                   # ~3 pixels of 18.6 nm
     assert max(errors_after) < 0.2 * float(np.mean(errors_before))
