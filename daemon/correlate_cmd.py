@@ -39,12 +39,17 @@ class _Model(BaseModel):
 
 
 class TargetOut(_Model):
-    """One transferred target; ``predicted_error_um`` is an RMS radial error estimate."""
+    """One transferred target; ``predicted_error_um`` is an RMS radial error estimate.
+
+    ``reliable`` is False where that error exceeds the transfer limit (targets far from
+    every matched bead): use such a target only after a realign or a manual check.
+    """
 
     id: str
     x: float
     y: float
     predicted_error_um: float
+    reliable: bool
 
 
 class PairOut(_Model):
@@ -71,7 +76,11 @@ class MatchOut(_Model):
 
 
 class CorrelateOutput(_Model):
-    """OUT.json. ``transform`` and ``targets`` are empty unless ``status`` is "ok"."""
+    """OUT.json. ``transform`` and ``targets`` are empty unless the beads matched.
+
+    With "no_confident_match" they may still be present (beads matched, but the targets lie
+    too far from them to trust: see ``reason`` and each target's ``reliable``).
+    """
 
     schema_version: Literal[1] = 1
     command: str
@@ -168,10 +177,12 @@ def _output(command: str, res: PointCorrelation, lm: np.ndarray, em: np.ndarray,
     loo_list: list[float] = []
     transform = None
     t = res.transform
-    if res.status == "ok" and t is not None and res.targets_um is not None \
-            and res.target_errors_um is not None:
-        targets = [TargetOut(id=i, x=float(p[0]), y=float(p[1]), predicted_error_um=float(e))
-                   for i, p, e in zip(ids, res.targets_um, res.target_errors_um)]
+    if t is not None and res.targets_um is not None and res.target_errors_um is not None \
+            and res.target_reliable is not None:
+        targets = [TargetOut(id=i, x=float(p[0]), y=float(p[1]), predicted_error_um=float(e),
+                             reliable=bool(r))
+                   for i, p, e, r in zip(ids, res.targets_um, res.target_errors_um,
+                                         res.target_reliable)]
         transform = t.to_dict()
         resid = np.linalg.norm(t.residuals_um, axis=1)
         loo = np.linalg.norm(t.loo_errors_um, axis=1)

@@ -11,25 +11,47 @@ from dataclasses import dataclass
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
+from scipy.spatial import ConvexHull, QhullError
 
 from protocols.correlation.matching import MatchConfig, MatchResult, MatchStatus, match_points
-from protocols.correlation.transforms import Transform2D, as_points, select_model
+from protocols.correlation.errors import CorrelationInputError
+from protocols.correlation.transforms import (
+    Transform2D,
+    as_points,
+    fit_transform,
+    select_model,
+)
 
 FloatArray = NDArray[np.float64]
-# A pair whose leave-one-out error exceeds both this floor (um) and OUTLIER_SIGMAS robust
-# standard deviations is dropped once before the final fit: a contamination spot that sat
-# inside the matching radius of a bead missing in EM.
+# A pair whose error under a fit of the others exceeds both this floor (um) and
+# OUTLIER_SIGMAS times those others' RMS residual is dropped before the final fit: a
+# contamination spot that sat inside the matching radius of a bead missing in EM.
 OUTLIER_FLOOR_UM = 0.3
 OUTLIER_SIGMAS = 5.0
+# A target whose predicted RMS error exceeds this (um) is flagged unreliable; when the
+# median target is, the square's answer is "no_confident_match": a matched square whose
+# targets lie far from every matched bead has no trustworthy transfer (250 nm is where
+# a 39,000x field of ~1 um stops containing the target reliably after realign).
+MAX_TARGET_ERROR_UM = 0.25
+# Beyond the matched beads' hull the error comes from how the unseen distortion continues,
+# which no fit can check: a target more than EXTRAPOLATION_UM outside the hull is flagged.
+# A square is refused when its median target is that far out and already predicted at
+# more than EXTRAPOLATED_GATE_UM, or when its median predicted error exceeds
+# SQUARE_MAX_ERROR_UM (RMS radial errors: the median error is ~0.83 of the RMS).
+EXTRAPOLATION_UM = 20.0
+EXTRAPOLATED_GATE_UM = 0.15
+SQUARE_MAX_ERROR_UM = 0.4
 
 
 @dataclass(frozen=True)
 class PointCorrelation:
     """Result of :func:`correlate_points`.
 
-    ``transform``, ``targets_um`` and ``target_errors_um`` are None unless ``status`` is
-    "ok". ``pairs`` are (lm_index, em_index) rows used by the final fit, in the order of the
-    transform's residuals and leave-one-out errors.
+    ``transform``, ``targets_um``, ``target_errors_um`` and ``target_reliable`` are None
+    unless the beads matched; ``status`` is "ok" only if, in addition, the median target's
+    predicted error is within the limit (``target_reliable`` flags each target). ``pairs``
+    are (lm_index, em_index) rows used by the final fit, in the order of the transform's
+    residuals and leave-one-out errors.
     """
 
     status: MatchStatus
@@ -39,34 +61,85 @@ class PointCorrelation:
     transform: Transform2D | None
     targets_um: FloatArray | None
     target_errors_um: FloatArray | None
+    target_reliable: NDArray[np.bool_] | None = None
 
 
 def _drop_outliers(lm: FloatArray, em: FloatArray, pairs: NDArray[np.intp], mirrored: bool,
                    min_pairs: int) -> NDArray[np.intp]:
-    """Remove, one at a time, pairs whose LOO error is far out of family (at most 3)."""
+    """Remove, one at a time, pairs the others disagree with (at most 3).
+
+    For each pair the mean model is refitted without it; the pair is out of family when
+    its prediction error exceeds both ``OUTLIER_FLOOR_UM`` and ``OUTLIER_SIGMAS`` times the
+    RMS radial residual of the others. A false pair drags a fit of a handful of pairs and
+    inflates everyone's leave-one-out error, so judging each pair against a fit made
+    without it, and against the scatter of that fit, is what exposes it.
+    """
     for _ in range(3):
         if len(pairs) <= min_pairs:
             return pairs
-        t = select_model(lm[pairs[:, 0]], em[pairs[:, 1]], mirrored=mirrored)
-        loo = np.linalg.norm(t.loo_errors_um, axis=1)
-        if not np.all(np.isfinite(loo)):
-            return pairs
-        scale = 1.4826 * float(np.median(loo))
-        worst = int(np.argmax(loo))
-        if loo[worst] <= max(OUTLIER_FLOOR_UM, OUTLIER_SIGMAS * scale):
+        model = select_model(lm[pairs[:, 0]], em[pairs[:, 1]], mirrored=mirrored,
+                             use_field=False).model
+        worst, worst_ratio = -1, 0.0
+        for j in range(len(pairs)):
+            keep = np.arange(len(pairs)) != j
+            try:
+                t = fit_transform(lm[pairs[keep, 0]], em[pairs[keep, 1]], model,
+                                  mirrored=mirrored)
+            except CorrelationInputError:
+                continue  # the others are degenerate without this pair: it is needed
+            err = float(np.linalg.norm(t.apply(lm[pairs[j, 0]])[0] - em[pairs[j, 1]]))
+            dof = max(2 * (len(pairs) - 1) - t.theta.size, 1)
+            spread = float(np.sqrt(2 * np.sum(t.residuals_um ** 2) / dof))
+            ratio = err / max(spread, 1e-3)
+            if err > OUTLIER_FLOOR_UM and ratio > OUTLIER_SIGMAS and ratio > worst_ratio:
+                worst, worst_ratio = j, ratio
+        if worst < 0:
             return pairs
         pairs = np.delete(pairs, worst, axis=0)
     return pairs
 
 
+def hull_excess_um(points: FloatArray, hull_of: FloatArray) -> FloatArray:
+    """How far (um) each point lies outside the convex hull of ``hull_of`` (0 inside).
+
+    With fewer than 3 points, or collinear ones, the distance to the nearest one.
+    """
+    if len(points) == 0:
+        return np.zeros(0)
+    nearest = np.min(np.linalg.norm(points[:, None] - hull_of[None], axis=2), axis=1)
+    if len(hull_of) < 3:
+        return nearest
+    try:
+        eq = ConvexHull(hull_of).equations
+    except QhullError:
+        return nearest
+    return np.maximum(0.0, np.max(points @ eq[:, :2].T + eq[:, 2], axis=1))
+
+
+def _transfer_refusal(errors: FloatArray, outside: FloatArray, max_error_um: float) -> str:
+    """Why the targets' transfer cannot be trusted as a whole ("" if it can)."""
+    if len(errors) == 0:
+        return ""
+    med_err, med_out = float(np.median(errors)), float(np.median(outside))
+    if med_err > max(SQUARE_MAX_ERROR_UM, max_error_um):
+        return (f"the targets lie too far from them: median predicted error {med_err:.2f} um "
+                f"> {max(SQUARE_MAX_ERROR_UM, max_error_um):g} um")
+    if med_out > EXTRAPOLATION_UM and med_err > EXTRAPOLATED_GATE_UM:
+        return (f"the median target lies {med_out:.0f} um outside the matched beads with a "
+                f"predicted error of {med_err:.2f} um (extrapolation)")
+    return ""
+
+
 def correlate_points(lm_um: ArrayLike, em_um: ArrayLike, targets_lm_um: ArrayLike | None = None,
                      *, lm_weights: ArrayLike | None = None, em_weights: ArrayLike | None = None,
                      prior: ArrayLike | None = None, config: MatchConfig | None = None,
+                     max_target_error_um: float = MAX_TARGET_ERROR_UM,
                      from_frame: str = "lm", to_frame: str = "em") -> PointCorrelation:
     """Match LM and EM bead positions (um), fit the LOO-chosen model, map the targets.
 
     Targets are (K, 2) LM positions in the same frame as ``lm_um``; the result gives their
-    EM positions and predicted RMS errors (um). Raises CorrelationInputError for unusable
+    EM positions and predicted RMS errors (um), each flagged reliable when its predicted
+    error is within ``max_target_error_um``. Raises CorrelationInputError for unusable
     input (see :func:`match_points`); an unmatchable pair of sets is a result, not an error.
     """
     lm = as_points(lm_um, "LM points", 2)
@@ -85,4 +158,11 @@ def correlate_points(lm_um: ArrayLike, em_um: ArrayLike, targets_lm_um: ArrayLik
                              from_frame=from_frame, to_frame=to_frame)
     mapped = transform.apply(targets) if len(targets) else np.zeros((0, 2))
     errors = transform.predicted_error(targets) if len(targets) else np.zeros(0)
-    return PointCorrelation("ok", match.reason, match, pairs, transform, mapped, errors)
+    outside = hull_excess_um(targets, lm[pairs[:, 0]])
+    reliable = (errors <= max_target_error_um) & (outside <= EXTRAPOLATION_UM)
+    refusal = _transfer_refusal(errors, outside, max_target_error_um)
+    if refusal:
+        return PointCorrelation("no_confident_match", f"beads matched ({match.reason}) but "
+                                f"{refusal}", match, pairs, transform, mapped, errors, reliable)
+    return PointCorrelation("ok", match.reason, match, pairs, transform, mapped, errors,
+                            reliable)

@@ -1,18 +1,21 @@
 """Transform models between two 2D frames, their leave-one-out error and predicted error.
 
-Every model here is a *linear smoother* of the destination coordinates: the parameters are
-``theta = M @ y`` for a fixed matrix ``M`` once the source points (and, for the similarity,
-the mirror state) are known. That one fact gives, in closed form and without refitting,
+Every transform here is a parametric mean (``similarity`` or ``affine``) plus, optionally,
+a smooth residual field modelled as a Gaussian process (universal kriging). Why: freezing
+and transfer bend a grid square by a few hundred nanometres, smoothly. A parametric model
+alone cannot follow that, and worse, its error estimate does not know that the unmodelled
+bend grows with the distance from the nearest bead. The kriging predictor
 
-- the leave-one-out (LOO) residual of every point, ``(I - H_ii)^-1 e_i`` with ``H = X M``
-  (exact for least squares and for the penalised thin-plate spline),
-- the covariance of the parameters, ``sigma^2 M M^T``, hence the covariance of a
-  transferred target anywhere, which is what makes the predicted error honest far from the
-  beads (extrapolation) and small between them.
+- follows the bend between beads and relaxes to the parametric model far from them,
+- has a predicted variance that is small next to a bead and grows with the distance from
+  the beads (and with extrapolation of the parametric part): the honest error at a target,
+- is a *linear smoother* of the destination coordinates, ``theta = M @ y``, so the exact
+  leave-one-out (LOO) residual and LOO predictive variance of every bead come in closed
+  form from the bordered kriging matrix, without refitting.
 
-Models: ``similarity`` (rotation, isotropic scale, shift; mirror as a flag), ``affine`` and
-``tps`` (affine plus a regularised thin-plate spline residual). :func:`select_model` picks
-one by LOO error, preferring the simpler model unless the richer one clearly helps.
+The residual field's length scale and signal-to-noise ratio, and the noise level, are
+chosen from the data by LOO predictive log-density (``signal_ratio`` = 0 is the plain
+parametric model), so the field is used only when leaving beads out shows it helps.
 Coordinates are micrometres; internally they are centred and scaled for conditioning.
 """
 
@@ -26,17 +29,24 @@ from numpy.typing import ArrayLike, NDArray
 
 from protocols.correlation.errors import CorrelationInputError
 
-ModelName = Literal["similarity", "affine", "tps"]
-MODEL_NAMES: tuple[ModelName, ...] = ("similarity", "affine", "tps")
+ModelName = Literal["similarity", "affine"]
+MODEL_NAMES: tuple[ModelName, ...] = ("similarity", "affine")
 # Fewest pairs for which a model is *considered* during selection (its LOO must be defined
-# and not pure extrapolation noise). Fitting itself needs 2 / 3 / 4.
-MIN_PAIRS: dict[str, int] = {"similarity": 3, "affine": 4, "tps": 7}
-# Prior on the per-axis residual noise (um) with PRIOR_DOF pseudo-observations: keeps sigma
+# and not pure extrapolation noise). Fitting itself needs 2 / 3.
+MIN_PAIRS: dict[str, int] = {"similarity": 3, "affine": 4}
+MIN_PAIRS_FIELD = 6
+# Prior on the per-axis noise (um) with PRIOR_DOF pseudo-observations per axis: keeps sigma
 # from collapsing to zero when a 3-bead similarity fit happens to be perfect.
 PRIOR_SIGMA_UM = 0.05
 PRIOR_DOF = 2.0
-TPS_LAMBDAS = (1e-3, 1e-2, 1e-1)
-# A richer model must lower the LOO RMS below this fraction of the simpler one's...
+# Residual-field hyperparameters tried: length scales (um) and signal/noise variance ratios.
+FIELD_LENGTHS_UM = (15.0, 30.0, 60.0)
+FIELD_RATIOS = (1.0, 10.0, 100.0, 1000.0)
+# A residual field must raise the LOO log-density by this much (nats) to be used: it costs
+# two hyperparameters chosen from a handful of beads.
+FIELD_GAIN_NATS = 0.0
+FIELD_ALLOW_NONE = False
+# A richer mean must lower the LOO RMS below this fraction of the simpler one's...
 SELECTION_GAIN = 0.85
 # ...except the affine from AFFINE_DEFAULT_FROM pairs, which only must not be much worse.
 AFFINE_DEFAULT_FROM = 6
@@ -64,17 +74,14 @@ def as_points(points: ArrayLike, name: str, min_count: int = 1) -> FloatArray:
     return arr
 
 
-def _tps_kernel(a: FloatArray, b: FloatArray) -> FloatArray:
-    """U(r) = r^2 log r between rows of a and b (U(0) = 0)."""
+def _kernel(a: FloatArray, b: FloatArray, length: float) -> FloatArray:
+    """Unit-variance squared-exponential covariance between rows of a and b."""
     r2 = np.sum((a[:, None, :] - b[None, :, :]) ** 2, axis=2)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        k = 0.5 * r2 * np.log(r2)
-    k[r2 <= 0.0] = 0.0
-    return k
+    return np.exp(-0.5 * r2 / length ** 2)
 
 
-def _design(model: str, u: FloatArray, mirrored: bool, centres: FloatArray) -> FloatArray:
-    """Features Phi with shape (n, 2, p) so that mapped point i = Phi[i] @ theta."""
+def _mean_design(model: str, u: FloatArray, mirrored: bool) -> FloatArray:
+    """Mean features with shape (n, 2, p) so that mapped point i = Phi[i] @ beta."""
     n = u.shape[0]
     x, y = u[:, 0], u[:, 1]
     one, zero = np.ones(n), np.zeros(n)
@@ -84,14 +91,25 @@ def _design(model: str, u: FloatArray, mirrored: bool, centres: FloatArray) -> F
         else:  # [[a, -b], [b, a]]
             rows = ([x, -y, one, zero], [y, x, zero, one])
         return np.stack([np.stack(r, axis=1) for r in rows], axis=1)
-    if model == "affine":
-        phi = np.stack([x, y, one], axis=1)
-    elif model == "tps":
-        phi = np.concatenate([_tps_kernel(u, centres), np.stack([one, x, y], axis=1)], axis=1)
-    else:
+    if model != "affine":
         raise CorrelationInputError(f"unknown transform model {model!r}; use one of {MODEL_NAMES}")
+    phi = np.stack([x, y, one], axis=1)
     z = np.zeros_like(phi)
     return np.stack([np.concatenate([phi, z], 1), np.concatenate([z, phi], 1)], axis=1)
+
+
+def _design(model: str, u: FloatArray, mirrored: bool, centres: FloatArray, length: float,
+            ratio: float) -> FloatArray:
+    """Features (n, 2, p + 2k): mean part, then ``ratio * k(u, centre_j)`` per axis."""
+    mean = _mean_design(model, u, mirrored)
+    k = len(centres)
+    if k == 0:
+        return mean
+    kern = ratio * _kernel(u, centres, length)  # (n, k)
+    field_part = np.zeros((len(u), 2, 2 * k))
+    field_part[:, 0, 0::2] = kern
+    field_part[:, 1, 1::2] = kern
+    return np.concatenate([mean, field_part], axis=2)
 
 
 @dataclass(frozen=True)
@@ -99,11 +117,13 @@ class Transform2D:
     """A fitted mapping from ``from_frame`` to ``to_frame`` with its error statistics.
 
     ``theta`` acts on source coordinates normalised as ``(p - origin) / scale``; ``matrix``
-    is the affine part in original micrometres (for ``tps`` the spline's affine part), so a
-    reader without this class still gets a usable first-order transform from the JSON.
-    ``param_cov`` is the covariance of ``theta``; ``bias_um`` is the model-misfit error that
-    leave-one-out errors show beyond noise. Residuals and LOO errors are (n, 2) vectors in
-    the destination frame, destination minus prediction.
+    is the parametric (affine) part in original micrometres, so a reader without this class
+    still gets a usable first-order transform from the JSON. With ``signal_ratio`` > 0 a
+    smooth residual field (Gaussian kernel of ``length`` normalised units centred on the
+    fitted source points ``centres``) is added. ``pred_cov`` maps features to the predicted
+    error covariance (in units of ``sigma_um^2``); ``sigma_um`` is the per-axis noise.
+    Residuals and LOO errors are (n, 2) vectors in the destination frame, destination minus
+    prediction; ``loo_sd_um`` is the LOO predictive RMS radial error of each bead.
     """
 
     model: ModelName
@@ -114,27 +134,21 @@ class Transform2D:
     scale: float
     theta: FloatArray
     centres: FloatArray
-    param_cov: FloatArray
+    length: float
+    signal_ratio: float
+    pred_cov: FloatArray
     sigma_um: float
-    bias_um: float
     residuals_um: FloatArray
     loo_errors_um: FloatArray
-    smoothing: float = 0.0
+    loo_sd_um: FloatArray
+    loo_lpd: float = float("-inf")
     matrix: FloatArray = field(init=False)
 
     def __post_init__(self) -> None:
         # Affine part in original units: dst = A (p - o)/s + t  ->  (A/s) p + (t - A o / s)
-        feats = _design(self.model, np.array([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]]),
-                        self.mirrored, self.centres)
-        if self.model == "tps":  # drop kernel terms: only the affine part goes in ``matrix``
-            k = self.centres.shape[0]
-            keep = np.ones(self.theta.size, dtype=bool)
-            keep[:k] = False
-            keep[k + 3:2 * k + 3] = False
-            theta = np.where(keep, self.theta, 0.0)
-        else:
-            theta = self.theta
-        img = feats @ theta
+        feats = _mean_design(self.model, np.array([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]]),
+                             self.mirrored)
+        img = feats @ self.theta[:feats.shape[2]]
         lin = np.stack([img[1] - img[0], img[2] - img[0]], axis=1) / self.scale
         t = img[0] - lin @ self.origin
         object.__setattr__(self, "matrix", np.concatenate([lin, t[:, None]], axis=1))
@@ -146,9 +160,20 @@ class Transform2D:
         """Number of point pairs the fit used."""
         return int(self.residuals_um.shape[0])
 
+    @property
+    def length_um(self) -> float:
+        """Length scale of the residual field in micrometres (0 without a field)."""
+        return self.length * self.scale if self.signal_ratio > 0 else 0.0
+
+    @property
+    def field_sd_um(self) -> float:
+        """Per-axis standard deviation of the residual field (um) far from any bead."""
+        return float(self.sigma_um * np.sqrt(self.signal_ratio))
+
     def _features(self, points: ArrayLike) -> FloatArray:
         p = as_points(points, "points")
-        return _design(self.model, (p - self.origin) / self.scale, self.mirrored, self.centres)
+        return _design(self.model, (p - self.origin) / self.scale, self.mirrored,
+                       self.centres, self.length, self.signal_ratio)
 
     def apply(self, points: ArrayLike) -> FloatArray:
         """Map (N, 2) source points (um) into the destination frame (um)."""
@@ -157,38 +182,48 @@ class Transform2D:
     def predicted_error(self, points: ArrayLike) -> FloatArray:
         """Predicted RMS radial error (um) of :meth:`apply` at each point.
 
-        ``sqrt(trace(Phi C Phi^T) + bias^2)``: the parameter uncertainty propagated to the
-        point (grows outside the beads' hull) plus the misfit seen by leave-one-out (and,
-        for the similarity, an allowance for anisotropic scale it cannot represent). It
-        does not include the localisation error of the target itself.
+        The kriging variance ``sigma^2 (2 ratio + trace(Phi C Phi^T))``: the uncertainty of
+        the parametric part (grows outside the beads' hull) plus that of the residual
+        field (near zero next to a bead, growing to the field's variance one length scale
+        away), and for the similarity an allowance for anisotropic scale it cannot
+        represent. It does not include the localisation error of the target itself.
         """
         f = self._features(points)
-        var = np.einsum("nip,pq,niq->n", f, self.param_cov, f)
+        var = np.einsum("nip,pq,niq->n", f, self.pred_cov, f) + 2.0 * self.signal_ratio
+        var = self.sigma_um ** 2 * np.maximum(var, 0.0)
         if self.model == "similarity":
             dist = np.linalg.norm(np.asarray(points, float).reshape(-1, 2) - self.origin, axis=1)
             var = var + (SIMILARITY_MODEL_SD * dist) ** 2
-        return np.sqrt(np.maximum(var, 0.0) + self.bias_um ** 2)
+        return np.sqrt(var)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready description; :meth:`from_dict` restores an identical transform."""
         res = np.linalg.norm(self.residuals_um, axis=1)
         loo = np.linalg.norm(self.loo_errors_um, axis=1)
+        finite = loo[np.isfinite(loo)]
         return {
             "model": self.model, "from_frame": self.from_frame, "to_frame": self.to_frame,
             "mirrored": self.mirrored, "matrix": self.matrix.tolist(),
+            "residual_field": {"length_um": self.length_um, "sd_um": self.field_sd_um},
             "parameters": {"origin": self.origin.tolist(), "scale": self.scale,
                            "theta": self.theta.tolist(), "centres": self.centres.tolist(),
-                           "smoothing": self.smoothing},
-            "param_cov": self.param_cov.tolist(), "sigma_um": self.sigma_um,
-            "bias_um": self.bias_um, "residuals_um": self.residuals_um.tolist(),
-            "loo_errors_um": self.loo_errors_um.tolist(),
+                           "length": self.length, "signal_ratio": self.signal_ratio},
+            "pred_cov": self.pred_cov.tolist(), "sigma_um": self.sigma_um,
+            "residuals_um": self.residuals_um.tolist(),
+            "loo_errors_um": np.where(np.isfinite(self.loo_errors_um), self.loo_errors_um,
+                                      None).tolist(),
+            "loo_sd_um": np.where(np.isfinite(self.loo_sd_um), self.loo_sd_um, None).tolist(),
+            "loo_log_density": self.loo_lpd if np.isfinite(self.loo_lpd) else None,
             "rms_residual_um": float(np.sqrt(np.mean(res ** 2))) if res.size else 0.0,
-            "rms_loo_error_um": float(np.sqrt(np.mean(loo ** 2))) if loo.size else 0.0,
+            "rms_loo_error_um": float(np.sqrt(np.mean(finite ** 2))) if finite.size else None,
         }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Transform2D:
         """Rebuild a transform written by :meth:`to_dict`."""
+        def arr(v: Any) -> FloatArray:
+            return np.array(v, dtype=object).astype(float)  # None (undefined LOO) -> nan
+
         try:
             par = data["parameters"]
             model = data["model"]
@@ -199,54 +234,27 @@ class Transform2D:
                 mirrored=bool(data["mirrored"]), origin=np.asarray(par["origin"], float),
                 scale=float(par["scale"]), theta=np.asarray(par["theta"], float),
                 centres=np.asarray(par["centres"], float).reshape(-1, 2),
-                param_cov=np.asarray(data["param_cov"], float),
-                sigma_um=float(data["sigma_um"]), bias_um=float(data["bias_um"]),
+                length=float(par["length"]), signal_ratio=float(par["signal_ratio"]),
+                pred_cov=np.asarray(data["pred_cov"], float), sigma_um=float(data["sigma_um"]),
                 residuals_um=np.asarray(data["residuals_um"], float).reshape(-1, 2),
-                loo_errors_um=np.asarray(data["loo_errors_um"], float).reshape(-1, 2),
-                smoothing=float(par.get("smoothing", 0.0)))
+                loo_errors_um=arr(data["loo_errors_um"]).reshape(-1, 2),
+                loo_sd_um=arr(data["loo_sd_um"]).reshape(-1),
+                loo_lpd=float("-inf") if data.get("loo_log_density") is None
+                else float(data["loo_log_density"]))
         except (KeyError, TypeError, ValueError) as err:
             if isinstance(err, CorrelationInputError):
                 raise
             raise CorrelationInputError(f"transform: malformed JSON ({err})") from err
 
 
-def _smoother(model: str, u: FloatArray, mirrored: bool, smoothing: float
-              ) -> tuple[FloatArray, FloatArray]:
-    """Return (X, M): stacked design (2n, p) and the map theta = M @ y (p, 2n)."""
-    n = u.shape[0]
-    centres = u if model == "tps" else np.zeros((0, 2))
-    feats = _design(model, u, mirrored, centres)
-    x = feats.reshape(2 * n, -1)
-    if model == "tps":
-        k = _tps_kernel(u, u)
-        p = np.concatenate([np.ones((n, 1)), u], axis=1)
-        lmat = np.block([[k + smoothing * np.eye(n), p], [p.T, np.zeros((3, 3))]])
-        rhs = np.concatenate([np.eye(n), np.zeros((3, n))], axis=0)
-        m1 = np.linalg.solve(lmat, rhs)  # (n + 3, n), per coordinate
-        m = np.zeros((2 * (n + 3), 2 * n))
-        m[: n + 3, 0::2] = m1
-        m[n + 3:, 1::2] = m1
-        return x, m
-    m = np.linalg.pinv(x)
-    return x, m
-
-
-def fit_transform(src: ArrayLike, dst: ArrayLike, model: ModelName, *,
-                  mirrored: bool | None = None, smoothing: float = 1e-2,
-                  from_frame: str = "lm", to_frame: str = "em") -> Transform2D:
-    """Least-squares fit of ``model`` mapping ``src`` onto ``dst`` (pairs in row order).
-
-    ``mirrored`` only matters for the similarity: None tries both and keeps the smaller
-    residual. ``smoothing`` is the TPS regularisation in normalised units (larger = closer
-    to affine). Raises CorrelationInputError for too few or degenerate points.
-    """
+def _normalise(src: ArrayLike, dst: ArrayLike, model: str, need: int
+               ) -> tuple[FloatArray, FloatArray, FloatArray, float, FloatArray]:
     s = as_points(src, "source points", 2)
     d = as_points(dst, "destination points", 2)
     if s.shape != d.shape:
         raise CorrelationInputError(f"source and destination differ in length: {len(s)} vs {len(d)}")
     if model not in MODEL_NAMES:
         raise CorrelationInputError(f"unknown transform model {model!r}; use one of {MODEL_NAMES}")
-    need = {"similarity": 2, "affine": 3, "tps": 4}[model]
     if len(s) < need:
         raise CorrelationInputError(f"{model}: {len(s)} pair(s), need at least {need}")
     origin = s.mean(axis=0)
@@ -254,47 +262,83 @@ def fit_transform(src: ArrayLike, dst: ArrayLike, model: ModelName, *,
     if scale < 1e-9:
         raise CorrelationInputError("source points all coincide")
     u = (s - origin) / scale
-    if model in ("affine", "tps") and np.linalg.matrix_rank(
+    if model == "affine" and np.linalg.matrix_rank(
             np.concatenate([u, np.ones((len(u), 1))], 1), tol=1e-6) < 3:
         raise CorrelationInputError(f"{model}: source points are collinear")
+    return s, d, origin, scale, u
+
+
+def fit_transform(src: ArrayLike, dst: ArrayLike, model: ModelName, *,
+                  mirrored: bool | None = None, field_length_um: float = 30.0,
+                  field_ratio: float = 0.0, from_frame: str = "lm",
+                  to_frame: str = "em") -> Transform2D:
+    """Fit ``model`` (plus a residual field if ``field_ratio`` > 0) mapping src onto dst.
+
+    Pairs are in row order. ``mirrored`` only matters for the similarity: None tries both
+    and keeps the smaller residual. ``field_ratio`` is the field's variance over the noise
+    variance (0: plain least squares); ``field_length_um`` its length scale. Raises
+    CorrelationInputError for too few or degenerate points.
+    """
+    need = {"similarity": 2, "affine": 3}.get(model, 2)
+    s, d, origin, scale, u = _normalise(src, dst, model, need)
     if model == "similarity" and mirrored is None:
-        fits = [fit_transform(s, d, model, mirrored=mir, from_frame=from_frame,
+        fits = [fit_transform(s, d, model, mirrored=mir, field_length_um=field_length_um,
+                              field_ratio=field_ratio, from_frame=from_frame,
                               to_frame=to_frame) for mir in (False, True)]
         return min(fits, key=lambda t: float(np.sum(t.residuals_um ** 2)))
     mir = bool(mirrored) if model == "similarity" else False
-    x, m = _smoother(model, u, mir, smoothing)
-    y = d.reshape(-1)
-    theta = m @ y
-    resid = (y - x @ theta).reshape(-1, 2)
-    h = x @ m
     n = len(s)
-    dof_used = float(np.trace(h))
-    rss = float(np.sum(resid ** 2))
-    sigma2 = (rss + PRIOR_DOF * PRIOR_SIGMA_UM ** 2) / (max(2 * n - dof_used, 0.0) + PRIOR_DOF)
-    loo = np.zeros_like(resid)
-    excess = np.zeros(n)
-    eye2 = np.eye(2)
-    r_mat = np.eye(2 * n) - h
+    ratio = float(field_ratio)
+    length = field_length_um / scale
+    x = _mean_design(model, u, mir).reshape(2 * n, -1)
+    p = x.shape[1]
+    # Bordered kriging system [[ratio K (x) I2 + I, X], [X^T, 0]] in noise units.
+    big = np.zeros((2 * n + p, 2 * n + p))
+    big[:2 * n, :2 * n] = np.eye(2 * n)
+    if ratio > 0:
+        big[:2 * n, :2 * n] += ratio * np.kron(_kernel(u, u, length), np.eye(2))
+    big[:2 * n, 2 * n:] = x
+    big[2 * n:, :2 * n] = x.T
+    try:
+        inv = np.linalg.inv(big)
+    except np.linalg.LinAlgError as err:
+        raise CorrelationInputError(f"{model}: degenerate point configuration") from err
+    y = d.reshape(-1)
+    alpha = inv[:2 * n, :2 * n] @ y     # residuals in noise units: y - fit = alpha
+    beta = inv[2 * n:, :2 * n] @ y
+    # theta ordered as the features: [beta, ratio-weighted field coefficients].
+    theta = np.concatenate([beta, alpha]) if ratio > 0 else beta
+    resid = alpha.reshape(-1, 2)
+    q = inv[:2 * n, :2 * n]
+    loo = np.full((n, 2), np.nan)
+    loo_cov = np.full((n, 2, 2), np.nan)
+    quad, logdet, used = 0.0, 0.0, 0
     for i in range(n):
         sl = slice(2 * i, 2 * i + 2)
-        a = eye2 - h[sl, sl]
-        if abs(np.linalg.det(a)) < 1e-9:  # point fully determines its own fit
-            loo[i] = np.nan
+        qi = q[sl, sl]
+        if np.linalg.cond(qi) > 1e9:  # the point fully determines its own fit
             continue
-        a_inv = np.linalg.inv(a)
-        loo[i] = a_inv @ resid[i]
-        # expected |loo|^2 with no misfit: Cov(e_i) = sigma^2 [(I-H)(I-H)^T]_ii
-        c = r_mat[sl] @ r_mat[sl].T
-        excess[i] = float(loo[i] @ loo[i]) - sigma2 * float(np.trace(a_inv @ c @ a_inv.T))
-    finite = np.all(np.isfinite(loo), axis=1)
-    bias2 = float(max(0.0, np.mean(excess[finite]))) if np.any(finite) else 0.0
+        cov_i = np.linalg.inv(qi)      # LOO predictive covariance, noise units
+        loo[i] = cov_i @ alpha[sl]
+        loo_cov[i] = cov_i
+        quad += float(alpha[sl] @ loo[i])
+        logdet += float(np.log(np.linalg.det(cov_i)))
+        used += 1
+    sigma2 = (quad + 2 * PRIOR_DOF * PRIOR_SIGMA_UM ** 2) / (2 * used + 2 * PRIOR_DOF)
+    # Prediction covariance in noise units: -(A^-1) reordered as theta (beta first).
+    order = np.concatenate([np.arange(2 * n, 2 * n + p), np.arange(2 * n)]) if ratio > 0 \
+        else np.arange(2 * n, 2 * n + p)
+    pred_cov = -inv[np.ix_(order, order)]
+    loo_sd = np.sqrt(sigma2 * np.trace(loo_cov, axis1=1, axis2=2))
+    lpd = (-0.5 * (quad / sigma2 + logdet + 2 * used * np.log(2 * np.pi * sigma2))
+           if used else float("-inf"))
     return Transform2D(
         model=model, from_frame=from_frame, to_frame=to_frame, mirrored=mir,
         origin=origin, scale=scale, theta=theta,
-        centres=u.copy() if model == "tps" else np.zeros((0, 2)),
-        param_cov=sigma2 * (m @ m.T), sigma_um=float(np.sqrt(sigma2)),
-        bias_um=float(np.sqrt(bias2)), residuals_um=resid, loo_errors_um=loo,
-        smoothing=smoothing if model == "tps" else 0.0)
+        centres=u.copy() if ratio > 0 else np.zeros((0, 2)),
+        length=length if ratio > 0 else 0.0, signal_ratio=ratio if ratio > 0 else 0.0,
+        pred_cov=pred_cov, sigma_um=float(np.sqrt(sigma2)), residuals_um=resid,
+        loo_errors_um=loo, loo_sd_um=loo_sd, loo_lpd=float(lpd))
 
 
 def loo_rms(t: Transform2D) -> float:
@@ -305,16 +349,44 @@ def loo_rms(t: Transform2D) -> float:
     return float(np.sqrt(np.mean(np.sum(loo ** 2, axis=1))))
 
 
+def loo_log_density(t: Transform2D) -> float:
+    """Sum over beads of the LOO predictive log-density (nats); higher is better.
+
+    Scores both the LOO errors and how well the predicted spread matches them, which is
+    what choosing the residual field needs (an over-confident field loses here).
+    """
+    if not np.all(np.isfinite(t.loo_errors_um)):
+        return float("-inf")
+    return t.loo_lpd
+
+
+def _add_field(t: Transform2D, src: FloatArray, dst: FloatArray) -> Transform2D:
+    """The best residual field on ``t``'s mean, if the LOO log-density says it helps."""
+    if len(src) < MIN_PAIRS_FIELD:
+        return t
+    best, best_score = t, (loo_log_density(t) + FIELD_GAIN_NATS) if FIELD_ALLOW_NONE else -np.inf
+    for length in FIELD_LENGTHS_UM:
+        for ratio in FIELD_RATIOS:
+            cand = fit_transform(src, dst, t.model, mirrored=t.mirrored, field_length_um=length,
+                                 field_ratio=ratio, from_frame=t.from_frame, to_frame=t.to_frame)
+            score = loo_log_density(cand)
+            if score > best_score:
+                best, best_score = cand, score
+    return best
+
+
 def select_model(src: ArrayLike, dst: ArrayLike, *, mirrored: bool | None = None,
-                 models: tuple[ModelName, ...] = MODEL_NAMES,
+                 models: tuple[ModelName, ...] = MODEL_NAMES, use_field: bool = True,
                  from_frame: str = "lm", to_frame: str = "em") -> Transform2D:
     """Fit the candidate models and keep the one leave-one-out error supports.
 
-    A richer model replaces the simpler choice only if its LOO RMS is below
-    ``SELECTION_GAIN`` times the current one, so a spline is used only when leaving beads
-    out shows it helps; from ``AFFINE_DEFAULT_FROM`` pairs the affine is the default
-    unless the similarity's LOO is clearly better. Models with fewer pairs than ``MIN_PAIRS`` are
-    skipped; with fewer than 3 pairs the similarity is returned without a LOO check.
+    The mean: the affine replaces the similarity only if its LOO RMS is below
+    ``SELECTION_GAIN`` times the similarity's; from ``AFFINE_DEFAULT_FROM`` pairs the affine
+    is the default unless the similarity's LOO is clearly better (anisotropic scale is the
+    rule between two microscopes). Then a residual field is added if it raises the LOO
+    log-density by ``FIELD_GAIN_NATS`` (from ``MIN_PAIRS_FIELD`` pairs). Models with fewer
+    pairs than ``MIN_PAIRS`` are skipped; with fewer than 3 pairs the similarity is
+    returned without a LOO check.
     """
     s = as_points(src, "source points", 2)
     d = as_points(dst, "destination points", 2)
@@ -322,29 +394,18 @@ def select_model(src: ArrayLike, dst: ArrayLike, *, mirrored: bool | None = None
     for model in MODEL_NAMES:
         if model not in models or len(s) < MIN_PAIRS[model]:
             continue
-        lambdas = TPS_LAMBDAS if model == "tps" else (0.0,)
-        cands: list[Transform2D] = []
-        for lam in lambdas:
-            try:
-                cands.append(fit_transform(s, d, model, mirrored=mirrored, smoothing=lam,
-                                           from_frame=from_frame, to_frame=to_frame))
-            except CorrelationInputError:
-                continue  # e.g. collinear points: this model is not identifiable here
-        if cands:
-            fits[model] = min(cands, key=loo_rms)
+        try:
+            fits[model] = fit_transform(s, d, model, mirrored=mirrored,
+                                        from_frame=from_frame, to_frame=to_frame)
+        except CorrelationInputError:
+            continue  # e.g. collinear points: this model is not identifiable here
     best: Transform2D | None = fits.get("similarity")
     aff = fits.get("affine")
     if aff is not None:
-        # Anisotropic scale is the rule between two microscopes, so with enough pairs the
-        # affine is the default and the similarity has to earn its place; with few pairs
-        # the affine has to.
         gain = AFFINE_DEFAULT_GAIN if len(s) >= AFFINE_DEFAULT_FROM else SELECTION_GAIN
         if best is None or loo_rms(aff) < gain * loo_rms(best):
             best = aff
-    tps = fits.get("tps")
-    if tps is not None and (best is None or loo_rms(tps) < SELECTION_GAIN * loo_rms(best)):
-        best = tps
     if best is None:
         return fit_transform(s, d, "similarity", mirrored=mirrored,
                              from_frame=from_frame, to_frame=to_frame)
-    return best
+    return _add_field(best, s, d) if use_field else best
