@@ -272,20 +272,24 @@ class LightMicroscope(_Abortable, ABC):
         """Run a multi-dimensional acquisition, yielding each image as it arrives.
 
         Every event is validated before the first one runs. ``min_start_time`` (seconds from
-        the start, as in useq-schema) is honoured on the clock; a late event runs at once and
-        records its lateness in ``Image.extra["late_s"]``. useq exposures are milliseconds.
+        the start, as in useq-schema) is honoured on the clock; a time point that starts late
+        runs at once, and all its frames record how late it started in
+        ``Image.extra["late_s"]`` (logged, never silently skipped). useq exposures are
+        milliseconds; ``z_pos`` is absolute, so relative z plans need a position with z.
         """
         evs = list(events)
         self.validate_events(evs)
         self._abort.clear()
         t0 = self.clock.now()
+        late_s = 0.0
+        current_start: float | None = None
         for ev in evs:
             self._check_abort()
-            late_s = 0.0
-            if ev.min_start_time is not None:
-                due = t0 + float(ev.min_start_time)
+            if ev.min_start_time is not None and ev.min_start_time != current_start:
+                current_start = float(ev.min_start_time)
+                due = t0 + current_start
                 late_s = max(0.0, self.clock.now() - due)
-                self.clock.sleep_until(due)
+                self._wait_until(due)
             if ev.x_pos is not None or ev.y_pos is not None:
                 x0, y0 = self.position_xy()
                 self.move_xy(x0 if ev.x_pos is None else ev.x_pos,
@@ -298,7 +302,13 @@ class LightMicroscope(_Abortable, ABC):
             self._check_abort()
             data = self._do_snap(self.channel, exposure)
             img = self._wrap(data, exposure, late_s=late_s)
-            yield replace(img, index=dict(ev.index))
+            yield replace(img, index={str(k): int(v) for k, v in ev.index.items()})
+
+    def _wait_until(self, due: float, poll_s: float = 0.2) -> None:
+        """Wait on the clock until ``due`` in short slices, so an abort is not held up."""
+        while self.clock.now() < due:
+            self._check_abort()
+            self.clock.sleep(min(poll_s, due - self.clock.now()))
 
     def autofocus(self, range_um: float = 10.0, step_um: float = 1.0) -> float:
         """Move focus to the sharpest plane within +-range_um/2 and return that z.
