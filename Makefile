@@ -17,8 +17,16 @@ $(STAMP): pyproject.toml
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+# Benchmarks run as modules from the root, so benchmarks/drivers.py cannot shadow `drivers`.
+BENCHMARKS := simulators correlation drivers protocols service
+
 bench: $(STAMP)
-	$(PY) benchmarks/simulators.py
+	@mkdir -p benchmarks/out
+	@for b in $(BENCHMARKS); do \
+		echo "== $$b"; \
+		$(PY) -m benchmarks.$$b > benchmarks/out/$$b.json || exit 1; \
+		cat benchmarks/out/$$b.json; \
+	done
 
 demo: $(STAMP)
 	$(PY) -m daemon.demo

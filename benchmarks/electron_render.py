@@ -30,7 +30,8 @@ from simulators.specimen import Specimen, SquareState
 REPEATS = 7
 
 
-def main(argv: list[str] | None = None) -> int:
+def measure() -> dict[str, object]:
+    """Time the three scenarios; returns the JSON-ready dict ``main`` prints."""
     cv2.setNumThreads(1)
     spec = Specimen.generate(seed=1)
     presets = {k: {**v.model_dump(), "binning": 2} for k, v in default_low_dose().items()}
@@ -62,9 +63,13 @@ def main(argv: list[str] | None = None) -> int:
                          "median_cpu_ms": round(statistics.median(cpu) * 1e3, 1)}
         medians.append(statistics.median(times) * 1e3)
     worst = round(max(medians), 1)
-    print(json.dumps({"benchmark": "electron_render", "target_ms": 300, "repeats": REPEATS,
-                      "load_avg_1min": round(os.getloadavg()[0], 2),
-                      "worst_median_ms": worst, "scenarios": results}))
+    return {"benchmark": "electron_render", "target_ms": 300, "repeats": REPEATS,
+            "load_avg_1min": round(os.getloadavg()[0], 2),
+            "worst_median_ms": worst, "scenarios": results}
+
+
+def main(argv: list[str] | None = None) -> int:
+    print(json.dumps(measure()))
     return 0
 
 

@@ -244,8 +244,9 @@ class Specimen:
         c = self.config
         t = np.deg2rad(self.hole_lattice_deg)
         ox, oy = self.hole_origin_um
-        u = ((gx - ox) * np.cos(t) + (gy - oy) * np.sin(t)) / c.hole_pitch_um
-        v = (-(gx - ox) * np.sin(t) + (gy - oy) * np.cos(t)) / c.hole_pitch_um
+        ct, st = np.float32(np.cos(t)), np.float32(np.sin(t))   # keep the maps float32
+        u = ((gx - ox) * ct + (gy - oy) * st) / np.float32(c.hole_pitch_um)
+        v = (-(gx - ox) * st + (gy - oy) * ct) / np.float32(c.hole_pitch_um)
         d = np.hypot(u - np.rint(u), v - np.rint(v)) * np.float32(c.hole_pitch_um)
         frac = np.clip((c.hole_diameter_um / 2 - d) / max(px_um, 1e-3) + 0.5, 0, 1)
         return frac.astype(np.float32)
