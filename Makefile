@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo bench venv clean
+.PHONY: test demo bench venv system-deps clean
 
 venv: $(STAMP)
 
@@ -14,7 +14,11 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
-test: $(STAMP)
+# Debian's chromium, for the test that opens the session report in a real browser.
+system-deps:
+	bash deploy/install-system-deps.sh
+
+test: $(STAMP) system-deps
 	$(PY) -m pytest -q
 
 # Benchmarks run as modules from the root, so benchmarks/drivers.py cannot shadow `drivers`.
