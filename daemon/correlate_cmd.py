@@ -7,8 +7,8 @@ to :func:`main` with the arguments after ``correlate``; ``python -m daemon.corre
 works as well.
 
 Each subcommand is one entry of ``SUBCOMMANDS``: a function adding its arguments and a
-function running it and returning the output model. ``beads`` and ``atlas`` parse their
-contract arguments but are not implemented yet (issue 3, phase 2).
+function running it and returning the output model (daemon/correlate_schema.py); image
+reading and the image subcommands live in daemon/correlate_images.py.
 """
 
 from __future__ import annotations
@@ -23,76 +23,16 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, NoReturn
+from typing import NoReturn
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict
 
+from daemon.correlate_images import run_beads
+from daemon.correlate_schema import CorrelateOutput, output_model
 from protocols.correlation.errors import CorrelationInputError
-from protocols.correlation.points import PointCorrelation, correlate_points
+from protocols.correlation.points import correlate_points
 
 EXIT_OK, EXIT_UNUSABLE, EXIT_NO_MATCH = 0, 2, 3
-
-
-class _Model(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-
-class TargetOut(_Model):
-    """One transferred target; ``predicted_error_um`` is an RMS radial error estimate.
-
-    ``reliable`` is False where that error exceeds the transfer limit (targets far from
-    every matched bead): use such a target only after a realign or a manual check.
-    """
-
-    id: str
-    x: float
-    y: float
-    predicted_error_um: float
-    reliable: bool
-
-
-class PairOut(_Model):
-    """One matched bead: indices into the input lists (0-based data rows) and errors."""
-
-    lm_index: int
-    em_index: int
-    lm_x: float
-    lm_y: float
-    em_x: float
-    em_y: float
-    residual_um: float
-    loo_error_um: float | None
-
-
-class MatchOut(_Model):
-    """How the gate decided: inliers of the best and of the next different answer."""
-
-    n_inliers: int
-    runner_up_inliers: int | None
-    gate_radius_um: float
-    nfa: float | None
-    hypotheses: int
-
-
-class CorrelateOutput(_Model):
-    """OUT.json. ``transform`` and ``targets`` are empty unless the beads matched.
-
-    With "no_confident_match" they may still be present (beads matched, but the targets lie
-    too far from them to trust: see ``reason`` and each target's ``reliable``).
-    """
-
-    schema_version: Literal[1] = 1
-    command: str
-    status: Literal["ok", "no_confident_match"]
-    reason: str
-    units: str
-    targets: list[TargetOut]
-    transform: dict[str, Any] | None
-    pairs: list[PairOut]
-    leave_one_out_errors_um: list[float]
-    match: MatchOut
-    elapsed_s: float
 
 
 class _UsageError(Exception):
@@ -164,39 +104,6 @@ def _read_prior(path: Path | None) -> np.ndarray | None:
     return matrix
 
 
-def _output(command: str, res: PointCorrelation, lm: np.ndarray, em: np.ndarray,
-            ids: list[str], units: str, started: float) -> CorrelateOutput:
-    m = res.match
-    match = MatchOut(
-        n_inliers=m.best.count_within(m.radius_um) if m.best else 0,
-        runner_up_inliers=m.runner_up.count_within(m.radius_um) if m.runner_up else None,
-        gate_radius_um=m.radius_um, nfa=m.nfa if math.isfinite(m.nfa) else None,
-        hypotheses=m.n_hypotheses)
-    targets: list[TargetOut] = []
-    pairs: list[PairOut] = []
-    loo_list: list[float] = []
-    transform = None
-    t = res.transform
-    if t is not None and res.targets_um is not None and res.target_errors_um is not None \
-            and res.target_reliable is not None:
-        targets = [TargetOut(id=i, x=float(p[0]), y=float(p[1]), predicted_error_um=float(e),
-                             reliable=bool(r))
-                   for i, p, e, r in zip(ids, res.targets_um, res.target_errors_um,
-                                         res.target_reliable)]
-        transform = t.to_dict()
-        resid = np.linalg.norm(t.residuals_um, axis=1)
-        loo = np.linalg.norm(t.loo_errors_um, axis=1)
-        loo_list = [float(v) for v in loo if np.isfinite(v)]
-        pairs = [PairOut(lm_index=int(a), em_index=int(b), lm_x=float(lm[a, 0]),
-                         lm_y=float(lm[a, 1]), em_x=float(em[b, 0]), em_y=float(em[b, 1]),
-                         residual_um=float(r), loo_error_um=float(v) if np.isfinite(v) else None)
-                 for (a, b), r, v in zip(res.pairs, resid, loo)]
-    return CorrelateOutput(command=command, status=res.status, reason=res.reason, units=units,
-                           targets=targets, transform=transform, pairs=pairs,
-                           leave_one_out_errors_um=loo_list, match=match,
-                           elapsed_s=time.perf_counter() - started)
-
-
 def _run_points(args: argparse.Namespace, started: float) -> CorrelateOutput:
     _, lm = read_xy_csv(args.lm, "LM")
     _, em = read_xy_csv(args.em, "EM")
@@ -207,7 +114,7 @@ def _run_points(args: argparse.Namespace, started: float) -> CorrelateOutput:
                     else ([], np.zeros((0, 2))))
     res = correlate_points(lm, em, targets, prior=_read_prior(args.prior),
                            from_frame="lm_um", to_frame="em_um")
-    return _output("points", res, lm, em, ids, "um", started)
+    return output_model("points", res, lm, em, ids, "um", started)
 
 
 def _add_image_args(p: argparse.ArgumentParser, points_flag: str) -> None:
@@ -217,6 +124,11 @@ def _add_image_args(p: argparse.ArgumentParser, points_flag: str) -> None:
     p.add_argument("--em-pixel-um", type=float, required=True)
     p.add_argument(points_flag, type=Path, required=True)
     p.add_argument("--out", type=Path, required=True)
+
+
+def _run_beads(args: argparse.Namespace, started: float) -> CorrelateOutput:
+    ids, targets = read_xy_csv(args.targets, "targets", with_id=True)
+    return run_beads(args, started, ids, targets)
 
 
 def _not_implemented(name: str) -> Callable[[argparse.Namespace, float], CorrelateOutput]:
@@ -238,7 +150,7 @@ class Subcommand:
 SUBCOMMANDS: dict[str, Subcommand] = {
     "points": Subcommand("bead positions (um) without pairs", _add_points_args, _run_points),
     "beads": Subcommand("fLM bead image and EM map of one square",
-                        lambda p: _add_image_args(p, "--targets"), _not_implemented("beads")),
+                        lambda p: _add_image_args(p, "--targets"), _run_beads),
     "atlas": Subcommand("fLM overview and EM atlas of the grid",
                         lambda p: _add_image_args(p, "--points"), _not_implemented("atlas")),
 }

@@ -110,7 +110,7 @@ def test_bad_lm_file_exits_2_with_one_line(files: dict[str, Path], content: str 
                "--em-pixel-um", "0.01", "--targets", "t.csv", "--out", "o.json"],
     lambda a: ["atlas"],
     lambda a: [],
-], ids=["missing-file", "no-out", "unknown-flag", "beads-not-implemented", "atlas-no-args",
+], ids=["missing-file", "no-out", "unknown-flag", "beads-missing-files", "atlas-no-args",
         "no-subcommand"])
 def test_bad_command_lines_exit_2_with_one_line(files: dict[str, Path], argv_change,  # type: ignore[no-untyped-def]
                                                 capsys: pytest.CaptureFixture[str]) -> None:
@@ -140,3 +140,84 @@ def test_subprocess_entry_point(files: dict[str, Path]) -> None:
                           cwd=ROOT, capture_output=True, text=True, timeout=60, check=False)
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+
+
+# --------------------------------------------------------------------------- beads
+
+
+@pytest.fixture
+def bead_files(tmp_path: Path) -> dict[str, Path]:
+    """LM TIFF (0.1 um/px) and EM MRC (0.04 um/px, rotated 70 deg, mirrored, 3 beads lost)
+    of one bead layout, and LM pixel targets with their true EM pixels."""
+    import mrcfile
+    import tifffile
+
+    from tests.protocols.bead_render import render_em, render_lm, spread_points
+
+    grid = spread_points(21, 14, 3.0, 33.0, 3.0)
+    t = np.deg2rad(70.0)
+    lin = np.array([[np.cos(t), -np.sin(t)], [np.sin(t), np.cos(t)]]) @ np.diag([-1.0, 1.0])
+    em_um = (grid - 18.0) @ lin.T + 18.0
+    tifffile.imwrite(tmp_path / "lm.tif", render_lm(grid / 0.1, seed=1).image)
+    with mrcfile.new(tmp_path / "em.mrc") as mrc:
+        mrc.set_data(render_em(em_um[3:] / 0.04, shape=(900, 900), radius_px=2.5,
+                               seed=2).image)
+    targets = np.array([[150.0, 120.0], [210.0, 200.0]])  # LM px
+    truth = ((targets * 0.1 - 18.0) @ lin.T + 18.0) / 0.04
+    np.save(tmp_path / "truth.npy", truth)
+    _write(tmp_path / "t.csv", "id,x,y", [f"t{i},{x},{y}" for i, (x, y) in enumerate(targets)])
+    return {"lm": tmp_path / "lm.tif", "em": tmp_path / "em.mrc", "targets": tmp_path / "t.csv",
+            "out": tmp_path / "out.json", "truth": tmp_path / "truth.npy"}
+
+
+def _beads_argv(f: dict[str, Path], lm_px: str = "0.1", em_px: str = "0.04") -> list[str]:
+    return ["beads", "--lm", str(f["lm"]), "--lm-pixel-um", lm_px, "--em", str(f["em"]),
+            "--em-pixel-um", em_px, "--targets", str(f["targets"]), "--out", str(f["out"])]
+
+
+def test_beads_ok_targets_in_em_pixels(bead_files: dict[str, Path]) -> None:
+    assert main(_beads_argv(bead_files)) == 0
+    out = json.loads(bead_files["out"].read_text())
+    assert out["status"] == "ok" and out["command"] == "beads" and out["units"] == "px"
+    got = np.array([[t["x"], t["y"]] for t in out["targets"]])
+    err_nm = np.linalg.norm(got - np.load(bead_files["truth"]), axis=1) * 40.0
+    assert np.all(err_nm < 100.0), err_nm
+    assert out["transform"]["mirrored"] is True
+    assert out["detections"]["lm_count"] >= 14 and out["detections"]["em_count"] >= 11
+    assert len(out["pairs"]) >= 9
+
+
+@pytest.mark.parametrize(("change", "needle"), [
+    ("lm-3d", "2D"),
+    ("lm-garbage", "cannot read"),
+    ("em-missing", "no such file"),
+    ("lm-blank", "0 bead(s)"),
+    ("pixel-nan", "pixel size"),
+    ("pixel-negative", "pixel size"),
+    ("pixel-missing", "--em-pixel-um"),
+], ids=lambda v: v if " " not in v else None)
+def test_beads_bad_input_exits_2_with_one_line(bead_files: dict[str, Path], change: str,
+                                               needle: str,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    import tifffile
+
+    argv = _beads_argv(bead_files)
+    if change == "lm-3d":
+        tifffile.imwrite(bead_files["lm"], np.zeros((3, 64, 64), np.uint16),
+                         photometric="minisblack")
+    elif change == "lm-garbage":
+        bead_files["lm"].write_bytes(b"II*\x00garbage, not a TIFF")
+    elif change == "em-missing":
+        bead_files["em"].unlink()
+    elif change == "lm-blank":
+        tifffile.imwrite(bead_files["lm"], np.full((128, 128), 100, np.uint16))
+    elif change == "pixel-nan":
+        argv = _beads_argv(bead_files, lm_px="nan")
+    elif change == "pixel-negative":
+        argv = _beads_argv(bead_files, em_px="-0.04")
+    elif change == "pixel-missing":
+        argv = [a for a in argv if a not in ("--em-pixel-um", "0.04")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and needle in err and "Traceback" not in err, err
+    assert not bead_files["out"].exists()

@@ -1,0 +1,205 @@
+"""Fiducial beads in an EM map of one grid square: dark ~200 nm disks, each with a score.
+
+Why this way (docs/clem-workflow.md, "Bead detection"):
+
+- The map is turned into optical density, ``-log(I)`` where the image has a physical zero
+  (counts), so a bead adds the same density on thin ice, on the film or on a cell's thin
+  periphery; the dark bars and uncovered areas are masked (no transmitted beam there).
+- The scale-normalised Laplacian of Gaussian at the bead's size from the pixel size is
+  the matched filter of a small disk and a band-pass in one: smooth ice gradients and the
+  2 um holes hardly respond at that scale.
+- Edges (holes of the R2/2 lattice, bars, finder marks, cells) still respond strongly, but
+  as ridges: a Hessian eigenvalue-ratio test keeps round blobs only, without having to
+  know where the lattice is.
+- Contamination (ice crystals, debris) is told apart by size and density: every bead has
+  the same diameter and material, so they cluster in (radius, density) while
+  contamination scatters. The score down-weights what is off that cluster rather than
+  dropping it: the matcher tolerates false detections better than misses.
+
+Positions are sub-pixel Gaussian fits in the full-resolution density image; (x, y) =
+(column, row).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import numpy as np
+import structlog
+from numpy.typing import ArrayLike, NDArray
+from scipy import ndimage
+
+from protocols.correlation.beads_lm import BeadDetections, check_image, check_pixel_size
+from protocols.correlation.spots import (
+    SpotFit,
+    blob_response,
+    edge_ratio,
+    fit_spot,
+    local_noise,
+    local_peaks,
+)
+
+FloatArray = NDArray[np.float64]
+_log = structlog.get_logger(__name__)
+# Projected sphere of radius R: per-axis second moment R^2 / 5.
+SPHERE_SIGMA_PER_RADIUS = 1.0 / np.sqrt(5.0)
+
+
+@dataclass(frozen=True)
+class EmBeadConfig:
+    """What a bead looks like in the EM map and how strict the scoring is."""
+
+    bead_diameter_um: float = 0.2
+    threshold_sigmas: float = 6.0
+    max_candidates: int = 600
+    min_edge_ratio: float = 0.25
+    min_score: float = 0.02
+    max_elongation: float = 1.6
+    detect_radius_px: float = 1.8
+    dark_fraction: float = 0.15
+
+
+@dataclass(frozen=True)
+class _Density:
+    """How to turn pixels into optical density for one map (see :func:`density_of`)."""
+
+    film: float
+    logarithmic: bool
+
+    def __call__(self, image: FloatArray) -> FloatArray:
+        if not self.logarithmic:
+            return self.film - image
+        return -np.log(np.maximum(image, 1e-3 * self.film) / self.film)
+
+
+def density_of(image: FloatArray) -> _Density:
+    """The density conversion of a map: ``-log(I / film)`` with ``film`` its bright level
+    when pixels have a physical zero (counts), else the inverted image (signed maps)."""
+    sample = image[::4, ::4]
+    lo, film = (float(v) for v in np.percentile(sample, [0.5, 90]))
+    if lo < 0 or film <= 0:
+        return _Density(film, False)
+    return _Density(film, True)
+
+
+def _valid_mask(image: FloatArray, radius_px: float, dark_fraction: float) -> NDArray[np.bool_]:
+    """Where beads can be seen: away (by a few bead radii) from dark metal and beyond.
+
+    Computed on blocks of about one bead radius (the mask needs no finer detail).
+    """
+    b = max(1, int(radius_px))
+    coarse = _bin(image, b)
+    film = float(np.percentile(coarse, 90))
+    dark = coarse < dark_fraction * film
+    grow = 4
+    ok = ~ndimage.binary_dilation(dark, iterations=grow)
+    full = np.repeat(np.repeat(ok, b, axis=0), b, axis=1)
+    out = np.zeros(image.shape, dtype=bool)
+    out[:full.shape[0], :full.shape[1]] = full[:image.shape[0], :image.shape[1]]
+    return out
+
+
+def _bin(image: FloatArray, f: int) -> FloatArray:
+    if f <= 1:
+        return image
+    h, w = (image.shape[0] // f) * f, (image.shape[1] // f) * f
+    return image[:h, :w].reshape(h // f, f, w // f, f).mean(axis=(1, 3))
+
+
+def detect_em_beads(image: ArrayLike, pixel_um: float,
+                    config: EmBeadConfig | None = None) -> BeadDetections:
+    """Find dark bead disks in a 2D EM map; positions in pixels (col, row).
+
+    Raises CorrelationInputError for a non-2D, non-finite or tiny image or a bad pixel size.
+    """
+    cfg = config or EmBeadConfig()
+    px = check_pixel_size(pixel_um, "EM image")
+    img = check_image(image, "EM image")
+    radius_px = cfg.bead_diameter_um / 2 / px
+    # Detect on a binned copy when beads are large in pixels (speed); fit at full size.
+    f = max(1, int(radius_px / cfg.detect_radius_px))
+    small = _bin(img, f)
+    r_small = radius_px / f
+    to_od = density_of(img)
+    od_small = to_od(small)
+    valid = _valid_mask(small, r_small, cfg.dark_fraction)
+    sigma_det = max(r_small / np.sqrt(2.0), 0.7)
+    resp = blob_response(od_small, sigma_det)
+    noise = local_noise(np.where(valid, resp, 0.0))
+    peaks = local_peaks(resp, cfg.threshold_sigmas * noise, max(2, int(round(r_small))),
+                        valid=valid, max_peaks=cfg.max_candidates)
+    ratio = edge_ratio(od_small, sigma_det, peaks) if len(peaks) else np.zeros(0)
+    peaks, ratio = peaks[ratio >= cfg.min_edge_ratio], ratio[ratio >= cfg.min_edge_ratio]
+    sigma_fit = max(radius_px * SPHERE_SIGMA_PER_RADIUS, 0.7)
+    half = max(3, int(np.ceil(2.5 * max(radius_px, 1.5))))
+    fits: list[SpotFit] = []
+    ratios: list[float] = []
+    for (r, c), er in zip(peaks, ratio):
+        row, col = int(r * f + (f - 1) // 2), int(c * f + (f - 1) // 2)
+        if row - half < 0 or col - half < 0 or row + half >= img.shape[0] \
+                or col + half >= img.shape[1]:
+            continue
+        crop = to_od(img[row - half:row + half + 1, col - half:col + half + 1])
+        fit = fit_spot(crop, half, half, sigma_fit, half)
+        if fit is None:
+            continue
+        fits.append(replace(fit, x=fit.x + col - half, y=fit.y + row - half))
+        ratios.append(float(er))
+    empty = BeadDetections(np.zeros((0, 2)), np.zeros(0), np.zeros(0), np.zeros(0))
+    if not fits:
+        _log.info("beads_em.none", candidates=len(peaks))
+        return empty
+    score = _score(fits, np.array(ratios), radius_px, cfg)
+    xy = np.array([[x.x, x.y] for x in fits])
+    radius = np.array([x.sigma for x in fits]) / SPHERE_SIGMA_PER_RADIUS
+    amp = np.array([x.amplitude for x in fits])
+    keep = score >= cfg.min_score
+    xy, score, radius, amp = xy[keep], score[keep], radius[keep], amp[keep]
+    xy, score, radius, amp = _merge(xy, score, radius, amp, radius_px)
+    order = np.argsort(-score, kind="stable")
+    _log.info("beads_em.detected", candidates=len(peaks), fitted=len(fits), kept=len(order),
+              radius_px=round(radius_px, 2), binning=f)
+    return BeadDetections(xy[order], score[order], radius[order], amp[order])
+
+
+def _score(fits: list[SpotFit], edge: FloatArray, radius_px: float, cfg: EmBeadConfig
+           ) -> FloatArray:
+    """Score in (0, 1]: radius, density against the bead cluster, roundness, blobness."""
+    radius = np.array([f.sigma for f in fits]) / SPHERE_SIGMA_PER_RADIUS
+    amp = np.array([f.amplitude for f in fits])
+    elong = np.array([f.elongation for f in fits])
+    rms = np.array([f.rms for f in fits])
+    # The fitted radius includes blur (camera MTF, defocus): allow a little growth.
+    size_ratio = radius / max(radius_px, 0.5)
+    size = np.exp(-0.5 * (np.log(np.clip(size_ratio, 1e-3, None) / 1.1) / 0.25) ** 2)
+    # Beads share one density: the most populated density among clear, bead-sized, round
+    # detections (contamination scatters in density, noise peaks are faint).
+    like = (size > 0.5) & (elong < cfg.max_elongation) & (amp > 6.0 * rms)
+    typical = _mode_log(amp[like]) if np.any(like) else float(np.max(amp))
+    rel = amp / max(typical, 1e-12)
+    density = np.exp(-0.5 * (np.log(np.clip(rel, 1e-3, None)) / 0.35) ** 2)
+    shape = np.clip((cfg.max_elongation - elong) / (cfg.max_elongation - 1.0), 0.05, 1.0)
+    blob = np.clip(edge / 0.6, 0.05, 1.0)
+    snr = np.clip(amp / np.maximum(3.0 * rms, 1e-12), 0.05, 1.0)
+    return np.asarray(size * density * shape * blob * snr, dtype=np.float64)
+
+
+def _mode_log(values: FloatArray, width: float = 0.25) -> float:
+    """The value with most others within a factor exp(width); ties go to the larger."""
+    logs = np.log(values)
+    counts = np.sum(np.abs(logs[:, None] - logs[None, :]) <= width, axis=1)
+    best = np.flatnonzero(counts == counts.max())
+    centre = logs[best[np.argmax(values[best])]]
+    return float(np.exp(np.median(logs[np.abs(logs - centre) <= width])))
+
+
+def _merge(xy: FloatArray, score: FloatArray, radius: FloatArray, amp: FloatArray,
+           radius_px: float) -> tuple[FloatArray, FloatArray, FloatArray, FloatArray]:
+    """Two peaks of one disk converge to one position: keep the better-scored one."""
+    order = np.argsort(-score, kind="stable")
+    kept: list[int] = []
+    for i in order:
+        if all(np.hypot(*(xy[i] - xy[j])) > max(1.0, radius_px) for j in kept):
+            kept.append(int(i))
+    k = np.array(kept, dtype=np.intp)
+    return xy[k], score[k], radius[k], amp[k]

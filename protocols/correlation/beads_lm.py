@@ -1,0 +1,193 @@
+"""Fiducial beads in the fLM bead channel: sub-pixel positions, each with a score.
+
+Why this way (docs/clem-workflow.md, "Bead detection"): a 200 nm bead is a blurred point,
+so the Laplacian of Gaussian at the PSF-plus-bead size (from the pixel size, and from the
+numerical aperture and wavelength when known) is its matched filter; positions come from a
+Gaussian fit, never rounded pixels. Every candidate gets a score instead of a hard yes/no,
+because the matcher tolerates false detections far better than misses: the score only
+down-weights saturated spots, clumps (too wide, too bright or elongated), out-of-focus
+blobs, and dim virus-like spots (much fainter than the typical bead).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import structlog
+from numpy.typing import ArrayLike, NDArray
+
+from protocols.correlation.errors import CorrelationInputError
+from protocols.correlation.spots import (
+    SpotFit,
+    blob_response,
+    fit_spot,
+    local_noise,
+    local_peaks,
+    robust_sd,
+)
+
+FloatArray = NDArray[np.float64]
+_log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class LmBeadConfig:
+    """What a bead looks like in the fLM, and how strict the scoring is.
+
+    ``numerical_aperture`` None assumes a high-NA oil objective (1.4), which gives the
+    smallest plausible spot; defocus only widens it and the size score allows for that.
+    """
+
+    bead_diameter_um: float = 0.2
+    wavelength_um: float = 0.45
+    numerical_aperture: float | None = None
+    threshold_sigmas: float = 6.0
+    max_candidates: int = 400
+    min_score: float = 0.02
+    max_elongation: float = 1.6
+    dim_fraction: float = 0.25
+
+
+@dataclass(frozen=True)
+class BeadDetections:
+    """Detected beads: ``xy_px`` (N, 2) as (column, row), ``score`` in (0, 1], strongest
+    first; ``size_px`` the fitted Gaussian sigma (LM) or disk radius (EM) in pixels;
+    ``contrast`` the fitted amplitude (LM: counts above background; EM: optical density)."""
+
+    xy_px: FloatArray
+    score: FloatArray
+    size_px: FloatArray
+    contrast: FloatArray
+
+    def __len__(self) -> int:
+        return int(self.xy_px.shape[0])
+
+    def xy_um(self, pixel_um: float) -> FloatArray:
+        """Positions in micrometres of the image's own frame: (col, row) * pixel size."""
+        return self.xy_px * pixel_um
+
+
+def expected_sigma_um(cfg: LmBeadConfig) -> float:
+    """Gaussian sigma of an in-focus bead image: PSF (0.21 lambda / NA) and bead (d / 4)."""
+    na = cfg.numerical_aperture or 1.4
+    psf = 0.21 * cfg.wavelength_um / na
+    return float(np.hypot(psf, cfg.bead_diameter_um / 4.0))
+
+
+def check_image(image: ArrayLike, name: str) -> NDArray[np.float64]:
+    """A finite 2D float image (singleton axes dropped); CorrelationInputError otherwise."""
+    arr = np.asarray(image)
+    if arr.ndim > 2:
+        arr = np.squeeze(arr)
+    if arr.ndim != 2:
+        raise CorrelationInputError(f"{name}: expected a 2D image, got shape "
+                                    f"{np.asarray(image).shape}")
+    if min(arr.shape) < 16:
+        raise CorrelationInputError(f"{name}: image {arr.shape} is too small (need >= 16 px)")
+    if arr.dtype.kind not in "uif" and arr.dtype != np.bool_:
+        raise CorrelationInputError(f"{name}: unsupported pixel type {arr.dtype}")
+    out = arr.astype(np.float64)
+    if not np.all(np.isfinite(out)):
+        raise CorrelationInputError(f"{name}: image contains NaN or infinite pixels")
+    return out
+
+
+def check_pixel_size(pixel_um: float, name: str) -> float:
+    """A finite positive pixel size in micrometres."""
+    if pixel_um is None or not np.isfinite(pixel_um) or pixel_um <= 0:
+        raise CorrelationInputError(f"{name}: pixel size must be a positive number of um, "
+                                    f"got {pixel_um!r}")
+    return float(pixel_um)
+
+
+def _saturation_level(image: FloatArray) -> float:
+    """The image's top value: a camera clips there (a 12-bit camera in uint16 at 4095)."""
+    return float(image.max())
+
+
+def _pixel_noise(img: FloatArray, row: int, col: int, half: int) -> float:
+    """Pixel noise around a spot from neighbour differences (robust to the spot itself)."""
+    win = img[max(0, row - half):row + half + 1, max(0, col - half):col + half + 1]
+    return max(robust_sd(np.diff(win, axis=1)) / np.sqrt(2), 1e-9)
+
+
+def _score(fits: list[SpotFit], sigma_px: float, noise: FloatArray, saturated: NDArray[np.bool_],
+           cfg: LmBeadConfig) -> FloatArray:
+    """Score in (0, 1]: product of size, shape, brightness and saturation factors."""
+    amp = np.array([f.amplitude for f in fits])
+    sig = np.array([f.sigma for f in fits])
+    elong = np.array([f.elongation for f in fits])
+    # Typical bead brightness: median of the confident (bright, round) ones.
+    strong = (amp > 20 * noise) & (elong < cfg.max_elongation)
+    typical = float(np.median(amp[strong])) if np.any(strong) else float(np.median(amp))
+    ratio = sig / sigma_px
+    # Defocus widens a bead (up to ~2x within the depth of a film's tilt); narrower than
+    # the PSF is a hot pixel.
+    size = np.exp(-0.5 * (np.log(np.clip(ratio, 1e-3, None) / 1.15) / 0.4) ** 2)
+    size = np.where(ratio < 0.6, size * 0.1, size)
+    shape = np.clip((cfg.max_elongation - elong) / (cfg.max_elongation - 1.0), 0.05, 1.0)
+    rel = amp / max(typical, 1e-12)
+    dim = np.clip(rel / cfg.dim_fraction, 0.02, 1.0)           # virus-like faint spots
+    clump = np.clip(1.0 / np.maximum(rel / 2.2, 1.0) ** 2, 0.1, 1.0)  # two or more beads
+    snr = np.clip((amp / np.maximum(noise, 1e-12)) / 10.0, 0.05, 1.0)
+    sat = np.where(saturated, 0.1, 1.0)
+    return np.asarray(size * shape * dim * clump * snr * sat, dtype=np.float64)
+
+
+def detect_lm_beads(image: ArrayLike, pixel_um: float,
+                    config: LmBeadConfig | None = None) -> BeadDetections:
+    """Find fluorescent beads in a 2D fLM image; positions in pixels (col, row).
+
+    Raises CorrelationInputError for a non-2D, non-finite or tiny image or a bad pixel size.
+    """
+    cfg = config or LmBeadConfig()
+    px = check_pixel_size(pixel_um, "LM image")
+    img = check_image(image, "LM image")
+    sigma_px = max(expected_sigma_um(cfg) / px, 0.6)
+    resp = blob_response(img, max(sigma_px, 0.8))
+    noise_map = local_noise(resp)
+    peaks = local_peaks(resp, cfg.threshold_sigmas * noise_map,
+                        max(2, int(round(2 * sigma_px))), max_peaks=cfg.max_candidates)
+    sat_level = _saturation_level(img)
+    fits: list[SpotFit] = []
+    noise: list[float] = []
+    saturated: list[bool] = []
+    half = max(3, int(np.ceil(3.0 * sigma_px)))
+    for r, c in peaks:
+        fit = fit_spot(img, int(r), int(c), sigma_px, half)
+        if fit is None:
+            continue
+        fits.append(fit)
+        noise.append(_pixel_noise(img, int(r), int(c), 4 * half))
+        # Clipped: two or more pixels of the spot's centre at the image's top value.
+        win = img[r - 1:r + 2, c - 1:c + 2]
+        saturated.append(int(np.sum(win >= sat_level)) >= 2)
+    if not fits:
+        _log.info("beads_lm.none", candidates=len(peaks))
+        return BeadDetections(np.zeros((0, 2)), np.zeros(0), np.zeros(0), np.zeros(0))
+    score = _score(fits, sigma_px, np.array(noise), np.array(saturated), cfg)
+    xy = np.array([[f.x, f.y] for f in fits])
+    keep = score >= cfg.min_score
+    xy, score = xy[keep], score[keep]
+    size = np.array([f.sigma for f in fits])[keep]
+    amp = np.array([f.amplitude for f in fits])[keep]
+    xy, score, size, amp = _merge_duplicates(xy, score, size, amp, sigma_px)
+    order = np.argsort(-score, kind="stable")
+    _log.info("beads_lm.detected", candidates=len(peaks), fitted=len(fits), kept=len(order),
+              sigma_px=round(sigma_px, 2))
+    return BeadDetections(xy[order], score[order], size[order], amp[order])
+
+
+def _merge_duplicates(xy: FloatArray, score: FloatArray, size: FloatArray, amp: FloatArray,
+                      sigma_px: float) -> tuple[FloatArray, FloatArray, FloatArray, FloatArray]:
+    """Two peaks of one spot converge to one position: keep the better-scored one."""
+    if len(xy) < 2:
+        return xy, score, size, amp
+    order = np.argsort(-score, kind="stable")
+    kept: list[int] = []
+    for i in order:
+        if all(np.hypot(*(xy[i] - xy[j])) > max(1.0, sigma_px) for j in kept):
+            kept.append(int(i))
+    k = np.array(kept, dtype=np.intp)
+    return xy[k], score[k], size[k], amp[k]

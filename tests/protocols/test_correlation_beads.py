@@ -1,0 +1,112 @@
+"""Bead detection in fLM and EM images, and bead correlation from images end to end."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from protocols.correlation.bead_images import correlate_bead_images
+from protocols.correlation.beads_em import EmBeadConfig, detect_em_beads
+from protocols.correlation.beads_lm import LmBeadConfig, detect_lm_beads
+from protocols.correlation.errors import CorrelationInputError
+from tests.protocols.bead_render import render_em, render_lm, spread_points
+
+
+def _nearest(found: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    d = np.linalg.norm(truth[:, None] - found[None], axis=2)
+    return d.min(axis=1), d.argmin(axis=1)
+
+
+def test_lm_beads_subpixel_and_scored_against_impostors() -> None:
+    beads = spread_points(1, 12, 20, 360, 25) + 0.37
+    extras = [(100.3, 50.6, 250.0, 1.1),     # dim virus-like spot
+              (300.2, 200.4, 3000.0, 3.5)]  # out-of-focus blob / debris, far too wide
+    clump = [(200.0, 330.0), (202.8, 330.9)]  # two beads 0.3 um apart at 0.1 um pixels
+    r = render_lm(np.concatenate([beads, clump]), extras=extras, seed=3)
+    det = detect_lm_beads(r.image, 0.1, LmBeadConfig(numerical_aperture=1.4))
+    dist, idx = _nearest(det.xy_px, beads)
+    assert np.all(dist < 0.15), dist                    # sub-pixel, not rounded
+    good = det.score[idx]
+    assert good.min() > 0.5, good
+    for x, y, *_ in extras + [(201.4, 330.4)]:
+        d = np.hypot(det.xy_px[:, 0] - x, det.xy_px[:, 1] - y)
+        if d.min() < 3:                                   # found: must score far lower
+            assert det.score[d.argmin()] < 0.5 * good.min(), (x, y, det.score[d.argmin()])
+
+
+def test_lm_saturated_bead_is_down_weighted() -> None:
+    beads = spread_points(2, 8, 20, 360, 30)
+    r = render_lm(beads, extras=[(190.0, 190.0, 60000.0, 1.1)], seed=4, saturate_at=4095)
+    det = detect_lm_beads(r.image, 0.1)
+    d = np.hypot(det.xy_px[:, 0] - 190.0, det.xy_px[:, 1] - 190.0)
+    dist, idx = _nearest(det.xy_px, beads)
+    assert np.all(dist < 0.15)
+    if d.min() < 1.0:  # dropped or kept with a low score, never ranked with real beads
+        assert det.score[d.argmin()] < 0.2 * det.score[idx].min()
+
+
+def test_em_beads_found_hole_edges_and_bars_ignored_contamination_down_weighted() -> None:
+    beads = spread_points(5, 14, 60, 740, 40)
+    extras = [(300.5, 120.5, 9.0, 0.8),     # big ice crystal
+              (500.5, 640.5, 3.0, 0.12)]    # faint debris of bead size
+    r = render_em(beads, hole_pitch_px=66.0, hole_radius_px=16.5, bar_rows=40,
+                  extras=extras, seed=6)
+    # min_score 0: the blob test alone must keep the hole fringes and the bar edge out.
+    det = detect_em_beads(r.image, 0.0333, EmBeadConfig(min_score=0.0))  # bead radius 3 px
+    dist, idx = _nearest(det.xy_px, beads)
+    clean = (dist < 0.3) & (det.score[idx] > 0.3)
+    # A bead on a strong hole fringe may lose score; most must stay clean.
+    assert clean.sum() >= 10, (dist, det.score[idx])
+    beads_or_extras = np.concatenate([beads, r.extras_px])
+    d_all = np.linalg.norm(det.xy_px[:, None] - beads_or_extras[None], axis=2).min(axis=1)
+    assert np.all(d_all < 3.0), det.xy_px[d_all >= 3.0]  # nothing on hole edges or bars
+    for x, y in r.extras_px:
+        d = np.hypot(det.xy_px[:, 0] - x, det.xy_px[:, 1] - y)
+        if d.min() < 3:
+            assert det.score[d.argmin()] < 0.3 * np.median(det.score[idx][clean])
+
+
+@pytest.mark.parametrize(("angle", "mirrored"), [(35.0, False), (-120.0, True)],
+                         ids=["rotated", "rotated-mirrored"])
+def test_bead_images_correlate_end_to_end(angle: float, mirrored: bool) -> None:
+    """LM at 0.1 um/px, EM at 0.04 um/px of the same beads, rotated (and mirrored), some
+    beads lost in EM and contamination added: targets land within 100 nm."""
+    rng = np.random.default_rng(8)
+    grid = spread_points(9, 16, 3.0, 33.0, 3.0)          # um, on the specimen
+    t = np.deg2rad(angle)
+    lin = np.array([[np.cos(t), -np.sin(t)], [np.sin(t), np.cos(t)]]) * 1.02
+    if mirrored:
+        lin = lin @ np.diag([-1.0, 1.0])
+    em_um = (grid - 18.0) @ lin.T + 18.0
+    keep = rng.random(len(grid)) > 0.25
+    lm = render_lm(grid / 0.1, shape=(384, 384), seed=10)
+    em = render_em(em_um[keep] / 0.04, shape=(900, 900), radius_px=2.5, seed=11,
+                   extras=[(x, y, 2.5, 0.5) for x, y in rng.uniform(50, 850, (3, 2))])
+    targets_um = np.array([[15.0, 12.0], [20.0, 22.0]])
+    res = correlate_bead_images(lm.image, 0.1, em.image, 0.04, targets_um / 0.1)
+    assert res.points.status == "ok", res.points.reason
+    assert res.targets_em_px is not None
+    truth_px = ((targets_um - 18.0) @ lin.T + 18.0) / 0.04
+    err_nm = np.linalg.norm(res.targets_em_px - truth_px, axis=1) * 40.0
+    assert np.all(err_nm < 100.0), err_nm
+    assert res.points.transform is not None and res.points.transform.mirrored == mirrored
+
+
+@pytest.mark.parametrize(("image", "pixel", "match"), [
+    (np.zeros((4, 64, 64)), 0.1, "2D"),
+    (np.zeros((8, 8)), 0.1, "too small"),
+    (np.full((64, 64), np.nan), 0.1, "NaN"),
+    (np.zeros((64, 64)), 0.0, "pixel size"),
+    (np.zeros((64, 64)), float("nan"), "pixel size"),
+], ids=["3d", "tiny", "nan-pixels", "zero-pixel-size", "nan-pixel-size"])
+def test_bad_images_raise(image: np.ndarray, pixel: float, match: str) -> None:
+    for detect in (detect_lm_beads, detect_em_beads):
+        with pytest.raises(CorrelationInputError, match=match):
+            detect(image, pixel)
+
+
+def test_blank_images_give_too_few_beads() -> None:
+    blank = render_lm(np.zeros((0, 2)), seed=1).image
+    em = render_em(spread_points(3, 6, 50, 700, 50), seed=2).image
+    with pytest.raises(CorrelationInputError, match="LM image: 0 bead"):
+        correlate_bead_images(blank, 0.1, em, 0.04)
