@@ -29,9 +29,11 @@ from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
 import numpy as np  # noqa: E402
+import structlog  # noqa: E402
 from numpy.typing import NDArray  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.append(str(Path(__file__).resolve().parent))  # after the repo: benchmarks/ may shadow
 from protocols.correlation.errors import CorrelationInputError  # noqa: E402
 from protocols.correlation.points import correlate_points  # noqa: E402
 from protocols.correlation.transforms import fit_transform  # noqa: E402
@@ -175,9 +177,11 @@ def _spec(rng: np.random.Generator, tier: dict[str, tuple[float, float]], i: int
 
 
 def _summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    if not rows:
+        return {"squares": 0}
     ok = [r for r in rows if r["status"] == "ok"]
     errs = np.array([e for r in ok for e in r["target_errors_nm"]])
-    ratios = np.array([r["oracle_ratio"] for r in ok if r["correct"]])
+    ratios = np.array([r["oracle_ratio"] for r in ok if r["correct"] and "oracle_ratio" in r])
     cal = np.array([e / p for r in ok if r["correct"]
                     for e, p in zip(r["target_errors_nm"], r["predicted_nm"])])
     n = max(len(rows), 1)
@@ -250,15 +254,39 @@ def point_benchmark(squares_per_tier: int = 30, seed: int = 20240611) -> dict[st
     }
 
 
+def image_benchmark(squares_per_tier: int = 25, seed: int = 20240611) -> dict[str, Any]:
+    """Bead correlation from simulated fLM and EM images (benchmarks/correlation_images.py)."""
+    from correlation_images import image_rows  # heavy simulator imports only when asked
+
+    rows_by_tier = image_rows(squares_per_tier, seed)
+    every = [r for rows in rows_by_tier.values() for r in rows]
+    return {
+        "overall": _summary(every),
+        "shared_ge_6": _summary([r for r in every if r["shared"] >= 6]),
+        "shared_lt_6": _summary([r for r in every if r["shared"] < 6]),
+        "tiers": {k: _summary(v) for k, v in rows_by_tier.items()},
+        "detections_median": {
+            "lm": float(np.median([r.get("lm_detections", 0) for r in every])),
+            "em": float(np.median([r.get("em_detections", 0) for r in every])),
+            "shared_beads": float(np.median([r["shared"] for r in every]))},
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     """Print the benchmark JSON; return 0."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--squares-per-tier", type=int, default=30)
+    ap.add_argument("--image-squares-per-tier", type=int, default=25,
+                    help="squares per tier of the image benchmark (0 skips it)")
     ap.add_argument("--seed", type=int, default=20240611)
     args = ap.parse_args(argv)
+    # stdout carries the one JSON object; the simulators' and detectors' logs go to stderr.
+    structlog.configure(logger_factory=structlog.PrintLoggerFactory(file=sys.stderr))
     t0 = time.perf_counter()
-    out = {"benchmark": "correlation", "seed": args.seed,
-           "points": point_benchmark(args.squares_per_tier, args.seed)}
+    out: dict[str, Any] = {"benchmark": "correlation", "seed": args.seed,
+                           "points": point_benchmark(args.squares_per_tier, args.seed)}
+    if args.image_squares_per_tier > 0:
+        out["images"] = image_benchmark(args.image_squares_per_tier, args.seed)
     out["elapsed_s"] = time.perf_counter() - t0
     print(json.dumps(out, indent=1))
     return 0
