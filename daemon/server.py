@@ -22,6 +22,7 @@ from pydantic import BaseModel, ValidationError
 from daemon.api_context import Call, Services
 from daemon.api_schema import API_SCHEMA, Request
 from daemon.config import ApiConfig, Role
+from drivers.errors import ConfigError
 from daemon.errors import (
     ApiError, BadRequest, Forbidden, ServiceBusy, TooLarge, Unauthorised, UnknownMethod,
     error_code,
@@ -39,6 +40,15 @@ MAX_BATCH = 256
 Socket = zmq.Socket[bytes]
 
 
+def _bind(sock: Socket, address: str, setting: str) -> None:
+    """Bind, or close the socket and raise ConfigError naming the setting."""
+    try:
+        sock.bind(address)
+    except zmq.ZMQError as err:
+        sock.close(linger=0)
+        raise ConfigError(setting, f"cannot listen on {address}: {err}") from err
+
+
 class ZmqPublisher:
     """The PUB socket; ``send`` is called under the EventBus lock."""
 
@@ -48,7 +58,7 @@ class ZmqPublisher:
         self.sock.sndhwm = 100_000
         if keys is not None:
             make_curve_server(self.sock, keys, EVENTS_DOMAIN)
-        self.sock.bind(address)
+        _bind(self.sock, address, "api.events")
 
     def send(self, topic: str, body: bytes) -> None:
         self.sock.send_multipart([topic.encode(), body], flags=zmq.NOBLOCK)
@@ -125,7 +135,7 @@ class ApiServer:
         self.sock.maxmsgsize = cfg.max_request_bytes * HARD_LIMIT_FACTOR
         if keys is not None:
             make_curve_server(self.sock, keys, API_DOMAIN)
-        self.sock.bind(cfg.bind)
+        _bind(self.sock, cfg.bind, "api.bind")
         self.requests = 0
 
     def close(self) -> None:
