@@ -37,6 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from drivers.base import LightMicroscope, LimitViolation
 from drivers.imaging import Image, affine_from, invert_affine
+from protocols.lm_flat_field import estimate_flat_field
 from protocols.lm_io import (
     affine_from_json,
     affine_json,
@@ -79,6 +80,7 @@ class LMAtlasParams(BaseModel):
     max_stage_error_um: float = Field(3.0, gt=0, le=100)
     atlas_pixel_um: float | None = Field(None, gt=0)
     max_atlas_pixels: int = Field(25_000_000, ge=10_000)
+    flat_field: bool = True
     prefix: str = Field("lm-atlas", pattern=r"^[a-z0-9][a-z0-9_/-]*$")
 
     @model_validator(mode="after")
@@ -351,6 +353,15 @@ def stitch_atlas(ctx: StepContext, p: LMAtlasParams, tile_keys: list[str]) -> St
     channels = list(p.channels)
     by_channel = {ch: [next(im for im in planes if im.channel == ch) for planes in per_tile]
                   for ch in channels}
+    transmitted = ctx.result(tile_keys[0])["transmitted"] if tile_keys else {}
+    flat: dict[str, list[float]] = {}
+    for ch in channels:
+        field = estimate_flat_field([im.data for im in by_channel[ch]]) if (
+            p.flat_field and transmitted.get(ch, False)) else None
+        if field is not None:
+            by_channel[ch] = [im.with_data(np.asarray(im.data, np.float32) / field)
+                              for im in by_channel[ch]]
+            flat[ch] = [float(field.min()), float(field.max())]
     reg = by_channel[channels[0]]
     nominal = _offsets_px([im.pixel_to_stage for im in reg], reg[0].pixel_to_stage)
     out_px = atlas_pixel_um(p, reg, nominal)
@@ -368,6 +379,7 @@ def stitch_atlas(ctx: StepContext, p: LMAtlasParams, tile_keys: list[str]) -> St
     arts = [save_images(ctx, rel, planes, "lm_atlas", name="LM atlas",
                         pixel_size_um=mosaic.pixel_size_um)]
     report = atlas_report(mosaic, tile_keys, channels)
+    report["flat_field_range"] = flat
     arts.append(write_json(ctx, f"{p.prefix}/atlas.json", report, "lm_atlas_report"))
     flagged = [r for r in report["tiles"] if r["flagged"]]
     ctx.log.info("lm_atlas.stitched", tiles=len(tile_keys), flagged=len(flagged),
@@ -375,7 +387,7 @@ def stitch_atlas(ctx: StepContext, p: LMAtlasParams, tile_keys: list[str]) -> St
     return {"path": rel, "report": f"{p.prefix}/atlas.json", "artifacts": arts,
             "pixel_to_stage": report["pixel_to_stage"], "pixel_size_um": mosaic.pixel_size_um,
             "shape": list(mosaic.data.shape), "channels": channels, "stats": report["stats"],
-            "flagged_tiles": [r["key"] for r in flagged]}
+            "flagged_tiles": [r["key"] for r in flagged], "tile_keys": list(tile_keys)}
 
 
 def atlas_report(mosaic: Mosaic, tile_keys: list[str], channels: list[str]) -> dict[str, Any]:

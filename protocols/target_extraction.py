@@ -123,7 +123,7 @@ def detect_spots(image: FloatArray, sigma_px: float, threshold_sigmas: float,
     img = np.asarray(image, dtype=np.float64)
     resp = -(sigma_px ** 2) * ndimage.gaussian_laplace(img, sigma_px, mode="nearest")
     noise = _robust_sd(resp) or 1e-12
-    size = 2 * max(1, int(round(min_separation_px))) + 1
+    size = 2 * max(1, round(min_separation_px)) + 1
     peaks = (resp == ndimage.maximum_filter(resp, size=size, mode="nearest"))
     peaks &= resp > threshold_sigmas * noise
     m = max(2, edge_margin_px)
@@ -245,7 +245,8 @@ def extract_targets(ctx: StepContext, p: TargetExtractionParams, pos: int,
     if p.static_only and earlier:
         pts = [_spots_um(load_images(ctx, path), p)[1] for path in earlier]
         disp, found = link_static(last_um, pts, p.link_radius_um)
-    targets, rejected = [], []
+    targets: list[Target] = []
+    rejected: list[dict[str, Any]] = []
     for k in range(len(last)):
         x_px, y_px = (float(v) for v in last.xy_px[k])
         reason = ""
@@ -254,7 +255,7 @@ def extract_targets(ctx: StepContext, p: TargetExtractionParams, pos: int,
                 reason = f"tracked in {found[k]}/{len(earlier)} earlier time points"
             elif disp[k] > p.static_threshold_um:
                 reason = f"moved {disp[k]:.2f} um > {p.static_threshold_um:g} um"
-        z = zmap[int(round(y_px)), int(round(x_px))]
+        z = zmap[round(y_px), round(x_px)]
         t = Target(id=f"p{pos}-t{k + 1:03d}", position=pos, x_um=float(last_um[k, 0]),
                    y_um=float(last_um[k, 1]), z_um=None if np.isnan(z) else float(z),
                    x_px=x_px, y_px=y_px, score=float(last.score[k]),

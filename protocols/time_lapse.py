@@ -142,8 +142,8 @@ def default_sequence(p: TimeLapseParams, positions: Sequence[StagePositionUm]
              for pos in positions]
     if p.sequence is not None:
         return p.sequence.model_copy(update={"stage_positions": tuple(
-            useq.Position(**s) for s in stage)})
-    loops = int(round(p.duration_s / p.interval_s)) + 1
+            useq.Position.model_validate(s) for s in stage)})
+    loops = round(p.duration_s / p.interval_s) + 1
     fields: dict[str, Any] = {
         "axis_order": "tpcz", "stage_positions": stage,
         "channels": [{"config": c} for c in p.channels],
@@ -188,10 +188,12 @@ def _final_events(last: EventGroup, channels: Sequence[str]) -> list[useq.MDAEve
     ev0 = last.events[0]
     out = []
     for c, ch in enumerate(channels):
-        for z, zp in enumerate(zs or [None]):  # type: ignore[list-item]  # no z plan: one plane
-            out.append(useq.MDAEvent(index={"p": last.p, "t": 0, "c": c, "z": z},
-                                     channel={"config": ch}, exposure=exposure.get(ch),
-                                     x_pos=ev0.x_pos, y_pos=ev0.y_pos, z_pos=zp))
+        planes: list[float | None] = list(zs) if zs else [None]   # no z plan: one plane
+        for z, zp in enumerate(planes):
+            out.append(useq.MDAEvent.model_validate({
+                "index": {"p": last.p, "t": 0, "c": c, "z": z}, "channel": {"config": ch},
+                "exposure": exposure.get(ch), "x_pos": ev0.x_pos, "y_pos": ev0.y_pos,
+                "z_pos": zp}))
     return out
 
 
