@@ -1,0 +1,196 @@
+"""Montages as keyed steps: one step per tile, then one stitch step (EM atlas, square maps).
+
+Why one step per tile: a 14 x 14 atlas or a 12 x 12 square map takes minutes; a crash in
+the middle must cost one tile, not the montage. Each tile step moves, exposes, writes the
+tile as MRC and commits its path and nominal affine; the stitch step rebuilds the tiles from
+their files (protocols/em_acquire.py), stitches them (protocols/stitching.py) and writes the
+mosaic MRC with a JSON sidecar holding its pixel-to-stage affine and the overlap report.
+
+On a real SerialEM the plan can instead run one ``montage`` step (``acquisition="montage"``):
+SerialEM's own montage, one journal entry for all tiles.
+
+Every tile position (and its backlash take-up point) is checked against the stage limits
+in ``validate`` before anything moves; a refusal names the tile, its position and the limit.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, Literal
+
+import numpy as np
+
+from drivers.base import AcquisitionSettings, ElectronMicroscope, LowDoseArea
+from drivers.errors import LimitViolation
+from protocols.atomic_write import write_text_atomic
+from protocols.em_acquire import acquire_with, approach, load_frame, override_area, save_frame
+from protocols.mrc_io import write_mrc
+from protocols.plan import Step, StepContext, StepResult
+from protocols.stitching import Mosaic, StitchSettings, stitch
+
+__all__ = ["MontageLayout", "check_positions", "grid_positions", "montage_steps"]
+
+Acquisition = Literal["tiles", "montage"]
+
+
+@dataclass(frozen=True)
+class MontageLayout:
+    """Everything one montage needs: where its tiles go and how to name what it writes.
+
+    ``prefix`` starts every step key (``em-atlas``, ``square-3/map``); ``stem`` names the
+    files (``em-atlas`` -> ``em-atlas/tile-000.mrc``, ``em-atlas.mrc``, ``em-atlas.json``).
+    """
+
+    prefix: str
+    stem: str
+    title: str
+    area: LowDoseArea
+    settings: AcquisitionSettings
+    override: bool
+    centre_um: tuple[float, float]
+    tiles_xy: tuple[int, int]
+    overlap: float
+    positions: tuple[tuple[float, float], ...]
+    stitch: StitchSettings
+    approach_um: float
+    acquisition: Acquisition = "tiles"
+
+    @property
+    def tile_keys(self) -> list[str]:
+        if self.acquisition == "montage":
+            return [f"{self.prefix}/montage"]
+        return [f"{self.prefix}/tile-{k:03d}" for k in range(len(self.positions))]
+
+    @property
+    def stitch_key(self) -> str:
+        return f"{self.prefix}/stitch"
+
+    def estimate_tile_s(self) -> float:
+        """Exposure plus a typical move and readout (for progress bars only)."""
+        return self.settings.exposure_s + 2.0
+
+
+def grid_positions(em: ElectronMicroscope, centre_um: tuple[float, float],
+                   tiles_xy: tuple[int, int], overlap: float,
+                   settings: AcquisitionSettings) -> list[tuple[float, float]]:
+    """Tile centres of a rectangular montage in the camera's axes, row by row."""
+    return em.montage_positions(centre_um, tiles_xy, overlap, settings)
+
+
+def check_positions(em: ElectronMicroscope, positions: Sequence[tuple[float, float]],
+                    what: str, approach_um: float) -> None:
+    """Refuse the whole montage if any tile (or its take-up point) is outside the limits."""
+    for k, (x, y) in enumerate(positions):
+        for px, py in ((x, y), (x - approach_um, y - approach_um)):
+            try:
+                em.limits.check_xy(px, py)
+            except LimitViolation as err:
+                raise LimitViolation(f"{what} refused before moving: tile {k} at "
+                                     f"({x:.1f}, {y:.1f}) um: {err}") from err
+
+
+def montage_steps(layout: MontageLayout, ctx: StepContext,
+                  extra: Callable[[StepContext], dict[str, Any]] | None = None
+                  ) -> Iterator[Step]:
+    """Yield the tile steps and the stitch step of ``layout``.
+
+    ``extra`` adds fields to the sidecar JSON and stitch result (e.g. the square's id).
+    """
+    if layout.acquisition == "montage":
+        yield Step(layout.tile_keys[0], _montage_action(layout),
+                   title=f"{layout.title}: SerialEM montage of {len(layout.positions)} tiles",
+                   estimate_s=layout.estimate_tile_s() * len(layout.positions), instrument="em")
+    else:
+        for k, key in enumerate(layout.tile_keys):
+            yield Step(key, _tile_action(layout, k),
+                       title=f"{layout.title}: tile {k + 1}/{len(layout.positions)}",
+                       estimate_s=layout.estimate_tile_s(), instrument="em")
+    yield Step(layout.stitch_key, _stitch_action(layout, extra), title=f"{layout.title}: stitch",
+               estimate_s=5.0)
+
+
+def _tile_action(layout: MontageLayout, k: int) -> Callable[[StepContext], StepResult]:
+    def action(ctx: StepContext) -> StepResult:
+        em = ctx.require_em()
+        x, y = layout.positions[k]
+        here = np.asarray(em.stage_position()[:2])
+        # take up backlash at the first tile, and whenever we do not come from the previous
+        # tile (a resumed montage: the axes' last direction is unknown)
+        fresh = k == 0 or np.abs(here - np.asarray(layout.positions[k - 1])).max() > 1e-3
+        approach(em, x, y, from_um=layout.approach_um, force=fresh)
+        img = acquire_with(em, layout.area, layout.settings if layout.override else None)
+        meta = save_frame(ctx.data_dir, f"{layout.stem}/tile-{k:03d}.mrc", img)
+        return {**meta, "index": k, "nominal_um": [x, y]}
+    return action
+
+
+def _montage_action(layout: MontageLayout) -> Callable[[StepContext], StepResult]:
+    def action(ctx: StepContext) -> StepResult:
+        em = ctx.require_em()
+        if layout.override:
+            with override_area(em, layout.area, layout.settings):
+                tiles = em.montage(layout.centre_um, layout.tiles_xy, layout.overlap, layout.area)
+        else:
+            tiles = em.montage(layout.centre_um, layout.tiles_xy, layout.overlap, layout.area)
+        metas = []
+        for k, img in enumerate(tiles):
+            meta = save_frame(ctx.data_dir, f"{layout.stem}/tile-{k:03d}.mrc", img)
+            metas.append({**meta, "index": k, "nominal_um": list(layout.positions[k])})
+        return {"tiles": metas}
+    return action
+
+
+def tile_metas(layout: MontageLayout, ctx: StepContext) -> list[dict[str, Any]]:
+    """Committed metadata of every tile, in tile order."""
+    if layout.acquisition == "montage":
+        metas: list[dict[str, Any]] = ctx.result(layout.tile_keys[0])["tiles"]
+        return metas
+    return [ctx.result(key) for key in layout.tile_keys]
+
+
+def _overlap_report(mosaic: Mosaic) -> list[dict[str, Any]]:
+    return [{"i": o.i, "j": o.j, "status": o.status, "ncc": round(o.ncc, 4),
+             "correction_um": round(o.correction_um, 4), "residual_um": round(o.residual_um, 4),
+             "ambiguous": o.ambiguous} for o in mosaic.overlaps]
+
+
+def _stitch_action(layout: MontageLayout, extra: Callable[[StepContext], dict[str, Any]] | None
+                   ) -> Callable[[StepContext], StepResult]:
+    def action(ctx: StepContext) -> StepResult:
+        metas = tile_metas(layout, ctx)
+        tiles = [replace(load_frame(ctx.data_dir, m), index={"tile": int(m["index"])})
+                 for m in metas]
+        mosaic = stitch(tiles, layout.stitch)
+        mrc_rel, json_rel = f"{layout.stem}.mrc", f"{layout.stem}.json"
+        write_mrc(ctx.data_dir / mrc_rel, mosaic.data.astype(np.float32), mosaic.pixel_size_um,
+                  labels=(f"clemd {layout.title}"[:80],))
+        first = metas[0]
+        h, w = mosaic.data.shape
+        centre = mosaic.pixel_to_stage[:, :2] @ np.array([(w - 1) / 2, (h - 1) / 2]) \
+            + mosaic.pixel_to_stage[:, 2]
+        result: StepResult = {
+            "mrc": mrc_rel, "json": json_rel, "shape": [h, w],
+            "pixel_size_um": float(mosaic.pixel_size_um),
+            "pixel_to_stage": mosaic.pixel_to_stage.tolist(),
+            "centre_um": [float(centre[0]), float(centre[1])],
+            "stage_z_um": float(first["stage_um"][2]),
+            "mag_index": first["mag_index"], "magnification": first["magnification"],
+            "binning": first["binning"], "exposure_s": first["exposure_s"],
+            "defocus_um": first["defocus_um"], "low_dose_area": first["low_dose_area"],
+            "tiles_xy": list(layout.tiles_xy), "n_tiles": len(tiles),
+            "stats": {k: float(v) for k, v in mosaic.stats.items()},
+            "flagged_tiles": [{"index": t.index, "reason": t.reason,
+                               "correction_um": list(t.correction_um)}
+                              for t in mosaic.tiles if t.flagged],
+        }
+        if extra is not None:
+            result.update(extra(ctx))
+        sidecar = {**result, "kind": "em_map", "overlaps": _overlap_report(mosaic),
+                   "tile_corrections_um": [list(t.correction_um) for t in mosaic.tiles]}
+        write_text_atomic(ctx.data_dir / json_rel, json.dumps(sidecar, indent=1))
+        ctx.log.info("em.montage.stitched", plan=layout.prefix, shape=[h, w],
+                     flagged=len(result["flagged_tiles"]), **mosaic.stats)
+        return result
+    return action
