@@ -7,10 +7,13 @@ arguments as SerialEM reads them (drivers/serialem/commands.py ``interpret``) an
 reported values; a failure raises ``ScriptError`` with the message SerialEM would log.
 
 The microscope is used only through the ``ElectronMicroscope`` contract, so its limits are
-SerialEM's limits here and its ``LimitViolation`` message is the script error. Deviations from
-SerialEM, kept small on purpose: image-shift "IS units" are specimen micrometres (the twin has
-no IS calibration); ``ReportDefocus`` reports the base defocus, not the low-dose area's
-offset; acquisitions roll buffers A -> B -> C as SerialEM's default setup does.
+SerialEM's limits here and its ``LimitViolation`` message is the script error. Reply shapes
+and messages follow SerialEM's MacroCommands.cpp (CMacCmd::<Command>; see
+docs/serialem-commands-verified.md). Deviations from SerialEM, kept small on purpose:
+image-shift "IS units" are specimen micrometres (the twin has no IS calibration), so
+``ReportImageShift``'s pixel and stage values are the twin's own simple conversion;
+``ReportDefocus`` reports the base defocus, not the low-dose area's offset; acquisitions roll
+buffers A -> B -> C as SerialEM's default setup does.
 """
 
 from __future__ import annotations
@@ -19,7 +22,6 @@ from dataclasses import replace
 
 from drivers.base import AcquisitionSettings, Image, LowDoseArea
 from drivers.serialem.commands import ArgValue
-from drivers.serialem.framing import mode_of
 from simulators.serialem_state import (
     Buffer,
     Handler,
@@ -34,11 +36,19 @@ from simulators.serialem_state import (
 
 _LD_NUMBER = {LowDoseArea.VIEW: 0, LowDoseArea.FOCUS: 1, LowDoseArea.TRIAL: 2,
               LowDoseArea.RECORD: 3, LowDoseArea.SEARCH: 4}
-# Camera parameter sets by letter or number (Preview shares the Record area in low dose).
+# Camera parameter sets by letter (any case) or number, as CheckAndConvertCameraSet reads
+# them: V F T R P S M = 0..6. Preview shares the Record area in low dose; the twin has no
+# Mont-map set (6).
 _PARAM_SETS = {"V": LowDoseArea.VIEW, "F": LowDoseArea.FOCUS, "T": LowDoseArea.TRIAL,
                "R": LowDoseArea.RECORD, "P": LowDoseArea.RECORD, "S": LowDoseArea.SEARCH,
                "0": LowDoseArea.VIEW, "1": LowDoseArea.FOCUS, "2": LowDoseArea.TRIAL,
                "3": LowDoseArea.RECORD, "4": LowDoseArea.RECORD, "5": LowDoseArea.SEARCH}
+# Parameter-set number SerialEM records with an image (ImageProperties' sixth value).
+_CONSET = {LowDoseArea.VIEW: 0, LowDoseArea.FOCUS: 1, LowDoseArea.TRIAL: 2,
+           LowDoseArea.RECORD: 3, LowDoseArea.SEARCH: 5}
+# GoToLowDoseArea takes only these upper-case letters (CheckAndConvertLDAreaLetter).
+_LD_LETTERS = "VFTRS"
+CHIP_PIXEL_UM = 5.0             # CameraProperties' pixel on chip: a fixed value in the twin
 _SHOTS = {"View": LowDoseArea.VIEW, "Focus": LowDoseArea.FOCUS, "Trial": LowDoseArea.TRIAL,
           "Record": LowDoseArea.RECORD, "Preview": LowDoseArea.RECORD,
           "Search": LowDoseArea.SEARCH}
@@ -66,14 +76,16 @@ def _delay(state: SerialEMState, args: tuple[ArgValue, ...]) -> None:
 
 @command("SetVariable")
 def _set_variable(state: SerialEMState, args: tuple[ArgValue, ...]) -> None:
+    """From an external client the value is stored as text (a string variable)."""
     state.variables[str(args[0]).lower()] = str(args[1])
 
 
 @command("GetVariable")
 def _get_variable(state: SerialEMState, args: tuple[ArgValue, ...]) -> Values:
+    """A numeric variable comes back as a number, any other as its text (CMacCmd::GetVariable)."""
     name = str(args[0])
     if name.lower() not in state.variables:
-        raise ScriptError(f"The variable {name} is not defined")
+        raise ScriptError(f"The variable {name} is not defined in line:")
     return (state.variables[name.lower()],)
 
 
@@ -142,12 +154,14 @@ def _set_mag(state: SerialEMState, args: tuple[ArgValue, ...]) -> None:
 
 @command("ReportMagIndex")
 def _mag_index(state: SerialEMState, args: tuple[ArgValue, ...]) -> Values:
-    return (float(state.em.mag_index()),)
+    """Index, then 1 if it is a low (LM) magnification: the twin has no LM range."""
+    return (float(state.em.mag_index()), 0.0)
 
 
 @command("ReportMag")
 def _mag(state: SerialEMState, args: tuple[ArgValue, ...]) -> Values:
-    return (state.em.magnification(state.em.mag_index()).magnification,)
+    """Magnification, low-mag flag, mode (0 TEM, 1 EFTEM, 2 STEM)."""
+    return (state.em.magnification(state.em.mag_index()).magnification, 0.0, 0.0)
 
 
 @command("SetDefocus")
@@ -165,31 +179,56 @@ def _defocus(state: SerialEMState, args: tuple[ArgValue, ...]) -> Values:
     return (state.em.defocus(),)
 
 
+def _shift_refused(state: SerialEMState, x: float, y: float) -> bool:
+    """SerialEM's ImageShiftIsOK: a shift past the limit is not done and reports 1."""
+    return max(abs(x), abs(y)) > state.image_shift_limit_um
+
+
 @command("ImageShiftByMicrons")
-def _shift_by(state: SerialEMState, args: tuple[ArgValue, ...]) -> None:
+def _shift_by(state: SerialEMState, args: tuple[ArgValue, ...]) -> Values:
+    """A relative shift in specimen um; reports 1 (and does nothing) past the limit, else 0
+    (CMacCmd::ImageShiftByMicrons -> TestIncrementalImageShift)."""
     x, y = state.em.image_shift()
-    state.em.set_image_shift(x + float(args[0]), y + float(args[1]))
+    x, y = x + float(args[0]), y + float(args[1])
+    if _shift_refused(state, x, y):
+        return (1.0,)
+    state.em.set_image_shift(x, y)
+    return (0.0,)
 
 
 @command("SetImageShift")
-def _set_shift(state: SerialEMState, args: tuple[ArgValue, ...]) -> None:
-    state.em.set_image_shift(float(args[0]), float(args[1]))
+def _set_shift(state: SerialEMState, args: tuple[ArgValue, ...]) -> Values:
+    """An absolute shift in IS units; reports 1 (and does nothing) past the limit, else 0."""
+    x, y = float(args[0]), float(args[1])
+    if _shift_refused(state, x, y):
+        return (1.0,)
+    state.em.set_image_shift(x, y)
+    return (0.0,)
 
 
 @command("ReportImageShift")
 def _shift(state: SerialEMState, args: tuple[ArgValue, ...]) -> Values:
+    """IS units x y, the image shift in unbinned camera pixels (negated, as SerialEM reports
+    it), and the stage move that would replace it: six values, none in specimen um."""
     x, y = state.em.image_shift()
-    return (x, y, x, y)      # IS units, then specimen um: the same in the twin
+    px = state.em.magnification(state.em.mag_index()).pixel_size_um
+    return (x, y, -x / px, -y / px, x, y)
+
+
+@command("ReportSpecimenShift")
+def _specimen_shift(state: SerialEMState, args: tuple[ArgValue, ...]) -> Values:
+    """The image shift in specimen um (the IS-to-specimen calibration applied)."""
+    return state.em.image_shift()
 
 
 # --------------------------------------------------------------------------- low dose, camera
 
 
 def _param_set(value: ArgValue) -> LowDoseArea:
-    key = str(value).strip().upper()[:1] if isinstance(value, str) else str(int(value))
-    if key not in _PARAM_SETS:
-        raise ScriptError(f"{value!r} is not a parameter set letter (V, F, T, R, P, S)")
-    return _PARAM_SETS[key]
+    text = str(value).strip().upper() if isinstance(value, str) else str(int(value))
+    if len(text) != 1 or text not in _PARAM_SETS:
+        raise ScriptError("Inappropriate parameter set letter/number in:")
+    return _PARAM_SETS[text]
 
 
 def _area_settings(state: SerialEMState, area: LowDoseArea) -> AcquisitionSettings:
@@ -217,8 +256,11 @@ def _report_low_dose(state: SerialEMState, args: tuple[ArgValue, ...]) -> Values
 @command("GoToLowDoseArea")
 def _go_to_area(state: SerialEMState, args: tuple[ArgValue, ...]) -> None:
     if not state.low_dose_on:
-        raise ScriptError("Low dose mode must be on to go to a low dose area")
-    area = _param_set(args[0])
+        raise ScriptError("You must be in low dose mode to use this command:")
+    letter = str(args[0])[:1]
+    if not letter or letter not in _LD_LETTERS:
+        raise ScriptError("Command must be followed by one of V, F, T, R, or S in line:")
+    area = LowDoseArea(letter)
     state.em.set_mag_index(_area_settings(state, area).mag_index)
     state.area = area
 
@@ -235,13 +277,14 @@ def _set_binning(state: SerialEMState, args: tuple[ArgValue, ...]) -> None:
     binning = int(args[1])
     h, w = state.em.camera_shape()
     if binning < 1 or binning > min(h, w):
-        raise ScriptError(f"Binning {binning} is not available for this camera")
+        raise ScriptError("Not a valid binning for camera in:")
     state.em.low_dose[area] = replace(_area_settings(state, area), binning=binning)
 
 
 @command("ReportExposure")
 def _exposure(state: SerialEMState, args: tuple[ArgValue, ...]) -> Values:
-    return (_area_settings(state, _param_set(args[0])).exposure_s,)
+    """Exposure and drift-settling time (the twin never settles)."""
+    return (_area_settings(state, _param_set(args[0])).exposure_s, 0.0)
 
 
 @command("ReportBinning")
@@ -251,8 +294,11 @@ def _binning(state: SerialEMState, args: tuple[ArgValue, ...]) -> Values:
 
 @command("CameraProperties")
 def _camera(state: SerialEMState, args: tuple[ArgValue, ...]) -> Values:
+    """Width, height (unbinned), rotation/flip, pixel on chip (um), pixel at the current mag
+    (nm, unbinned), active camera number: CMacCmd::CameraProperties' six values."""
     h, w = state.em.camera_shape()
-    return (float(w), float(h))
+    px_nm = state.em.magnification(state.em.mag_index()).pixel_size_um * 1e3
+    return (float(w), float(h), 0.0, CHIP_PIXEL_UM, px_nm, 1.0)
 
 
 def _shoot(state: SerialEMState, area: LowDoseArea) -> None:
@@ -272,7 +318,9 @@ def _shoot(state: SerialEMState, area: LowDoseArea) -> None:
 
 
 def _buffer_of(image: Image) -> Buffer:
-    return Buffer(image.data, image.binning, image.exposure_s or 0.0, image.pixel_size_um)
+    area = LowDoseArea(image.low_dose_area) if image.low_dose_area else LowDoseArea.RECORD
+    return Buffer(image.data, image.binning, image.exposure_s or 0.0, image.pixel_size_um,
+                  float(_CONSET[area]))
 
 
 def _make_shot(area: LowDoseArea) -> Handler:
@@ -288,7 +336,9 @@ del _shot_name, _shot_area
 
 @command("ImageProperties")
 def _image_properties(state: SerialEMState, args: tuple[ArgValue, ...]) -> Values:
+    """Width, height, binning, exposure (s), pixel size (nm, 0 if unknown), and the parameter
+    set used (0-6, -1 for an image not acquired): CMacCmd::ImageProperties."""
     buf = state.buffer(str(args[0]) if args else "A")
     h, w = buf.data.shape[:2]
     return (float(w), float(h), float(buf.binning), buf.exposure_s, buf.pixel_size_um * 1e3,
-            float(mode_of(buf.data)))
+            buf.conset)

@@ -13,8 +13,12 @@ PythonServer.cpp):
   in control); any other function arriving outside control starts it, or answers -9 when
   SerialEM is busy and -10 when the operator pressed STOP; STOP during control ends the next
   command with the user-STOP flag;
-- unknown or non-external command indices, wrong argument counts and failed commands answer
-  error flag 1 with a SerialEM-style message; ``Exit`` ends control;
+- a failed command answers error flag 1 with SerialEM's message in slot 0; an out-of-bounds
+  command index answers error flag 1 with the previous reply's values, as SerialEM does
+  (CMacCmd::TaskDone logs its message and never sets the reply); ``Exit`` ends control;
+- SerialEM neither counts arguments nor refuses script-only commands (the serialem module
+  does both before sending): the twin refuses a short call with its own message and
+  answers a command it has no handler for as not implemented;
 - images: buffers A-T, new acquisitions roll into A, gets in chunks with a ``[8][2]``
   handshake between chunks, puts streamed without handshakes;
 - malformed frames answer their negative code; a frame whose length cannot be trusted
@@ -132,6 +136,7 @@ class SerialEMTwin:
         self._busy = False
         self._stop_pending = False
         self._regular_count = 0
+        self._last_values: tuple[float | str, ...] = ()   # what the last reply reported
         self.connections = 0
 
     # -- lifetime ---------------------------------------------------------------------------
@@ -324,7 +329,9 @@ class SerialEMTwin:
         if self._regular_count == self.faults.drop_link_after_n:
             log.warning("serialem_twin.fault_drop", request=self._regular_count)
             return False
-        send_all(conn, encode_reply(self._execute(request)))
+        reply = self._execute(request)
+        self._last_values = reply.values
+        send_all(conn, encode_reply(reply))
         return True
 
     def _execute(self, request: RegularRequest) -> RegularReply:
@@ -332,12 +339,12 @@ class SerialEMTwin:
         try:
             spec, args = self._table.interpret(request)
         except UnknownCommand:
-            return _script_error(f"External script interpreter passed an out-of-bounds "
-                                 f"function code of {index} (maximum is "
-                                 f"{len(self._table) - 1})")
-        if not spec.external:
-            return _script_error(f"External script interpreter passed function code {index} "
-                                 f"({spec.name}), which is not available to external scripts")
+            # SerialEM's "maximum" is its command count; the index equal to it passes
+            # SerialEM's check and reaches a null entry, which the twin refuses too.
+            log.info("serialem_twin.script_error",
+                     message=f"External script interpreter passed an out-of-bounds function "
+                             f"code of {index} (maximum is {len(self._table)})")
+            return RegularReply(ErrorFlag.SCRIPT_ERROR, self._last_values)
         if spec.name == EXIT_COMMAND:
             self._in_control = False
             no_exception = bool(args) and not isinstance(args[0], str) and args[0] != 0

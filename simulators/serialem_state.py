@@ -27,17 +27,24 @@ Values = tuple[float | str, ...]
 
 
 class ScriptError(ClemdError):
-    """A command failed as a SerialEM script command fails: error flag 1 and this message."""
+    """A command failed as a SerialEM script command fails: error flag 1 and this message,
+    followed by the command line (SerialEM's ABORT_LINE)."""
+
+
+class ScriptErrorNoLine(ScriptError):
+    """A failure SerialEM reports without the command line (its ABORT_NOLINE)."""
 
 
 @dataclass(frozen=True)
 class Buffer:
-    """One image buffer: pixels and what SerialEM knows about them."""
+    """One image buffer: pixels and what SerialEM knows about them. ``conset`` is the camera
+    parameter set that acquired it (0-6), -1 for an image put in from outside."""
 
     data: NDArray[Any]
     binning: int = 1
     exposure_s: float = 0.0
     pixel_size_um: float = 0.0
+    conset: float = -1.0
 
 
 @dataclass
@@ -61,10 +68,16 @@ class SerialEMState:
         self.buffers: list[Buffer | None] = [None] * NUM_BUFFERS
         self.nav: list[NavRow] = []
         self.current_item = 0
-        self.variables: dict[str, str] = {}
+        # Script variables by lower-case name; a float is a numeric variable (GetVariable
+        # answers a number), a str a string one.
+        self.variables: dict[str, str | float] = {}
         self.low_dose_on = False
         self.area: LowDoseArea | None = None
-        self.last_realign_um = (0.0, 0.0)
+        # SerialEM's image-shift limit (properties); past it, shifts report 1 and are not done
+        self.image_shift_limit_um = 20.0
+        # GetRealignToItemError before any realignment: CNavHelper starts its stage error
+        # at -999 and its local error at 0.
+        self.realign_error_um = (-999.0, -999.0, 0.0, 0.0)
         self.t0 = em.clock.now()
 
     # -- buffers ------------------------------------------------------------------------------
@@ -75,26 +88,39 @@ class SerialEMState:
         self.buffers[0] = buffer
 
     def buffer(self, letter: str) -> Buffer:
-        index = ord(letter.upper()[:1] or "A") - ord("A")
-        if not 0 <= index < NUM_BUFFERS:
-            raise ScriptError(f"Buffer letter {letter!r} is out of range")
+        """The buffer a letter names, with CMacroProcessor::ConvertBufferLetter's messages."""
+        text = letter.upper() or "A"
+        index = ord(text[0]) - ord("A")
+        if len(text) > 1 or not 0 <= index < NUM_BUFFERS:
+            raise ScriptError(f"Improper buffer letter {text} in statement:")
         found = self.buffers[index]
         if found is None:
-            raise ScriptError(f"There is no image in buffer {chr(ord('A') + index)}")
+            raise ScriptError(f"There is no image in buffer {text} in statement:")
         return found
 
     # -- navigator ----------------------------------------------------------------------------
 
-    def item_index(self, value: ArgValue, *, default_current: bool = False) -> int:
-        """A 1-based table index; negative counts from the end, 0 means the current item."""
+    def item_index(self, value: ArgValue, *, zero_is_current: bool = False) -> int:
+        """A 1-based table index; negative counts from the end (-1 the last item); 0 is the
+        current item when ``zero_is_current`` (CMacroProcessor::CurrentOrIndexedNavItem),
+        else out of range (CMacCmd::ReportNavItem for ReportOtherItem)."""
         index = int(value) if not isinstance(value, str) else 0
-        if index == 0 and default_current:
+        if index == 0 and zero_is_current:
+            if self.current_item == 0:
+                raise ScriptError("There is no current Navigator item for line:")
             index = self.current_item
         if index < 0:
             index = len(self.nav) + 1 + index
         if not 1 <= index <= len(self.nav):
-            raise ScriptError(f"Navigator item index {value} is out of range (the table has "
-                              f"{len(self.nav)} items)")
+            raise ScriptError("Index is out of range in statement:")
+        return index
+
+    def positive_index(self, value: ArgValue, message: str) -> int:
+        """A 1-based table index with no negative or zero forms, as ChangeItemLabel/Note and
+        RealignToOtherItem take it; ``message`` is SerialEM's complaint when out of range."""
+        index = int(value) if not isinstance(value, str) else 0
+        if not 1 <= index <= len(self.nav):
+            raise ScriptError(message.format(index=index))
         return index
 
 
@@ -118,18 +144,28 @@ def run(state: SerialEMState, handlers: Handlers, spec: CommandSpec,
     """Run one external command; every failure comes out as ScriptError."""
     line = f"{spec.name}({', '.join(str(a) for a in args)})"
     if len(args) < spec.min_args:
-        raise ScriptError(f"{spec.name} must be followed by at least {spec.min_args} "
-                          f"entries in line:\n\n{line}")
+        # SerialEM itself never counts arguments (the serialem module refuses a short call
+        # before sending); it would run the command with the missing entries empty.
+        raise ScriptError(f"{spec.name} needs at least {spec.min_args} arguments (the "
+                          f"simulated SerialEM refuses what the serialem module would) in "
+                          f"line:\n\n{line}")
     handler = handlers.get(spec.name)
     if handler is None:
         raise ScriptError(f"{spec.name} is not implemented by the simulated SerialEM "
                           f"in line:\n\n{line}")
     try:
         return handler(state, args) or ()
-    except ScriptError as err:
-        raise ScriptError(f"{err} in line:\n\n{line}") from err
-    except ClemdError as err:     # LimitViolation, ConfigError, HardwareFault, InvalidState
-        raise ScriptError(f"{err} in line:\n\n{line}") from err
+    except ScriptErrorNoLine:
+        raise
+    except ClemdError as err:     # ScriptError, LimitViolation, HardwareFault, InvalidState
+        raise ScriptError(_with_line(str(err), line)) from err
+
+
+def _with_line(message: str, line: str) -> str:
+    """SerialEM's ABORT_LINE: the message, a blank line, the command line. Handler messages
+    that end in ':' carry SerialEM's own lead-in ("... in statement:")."""
+    lead = message if message.endswith(":") else f"{message} in line:"
+    return f"{lead}\n\n{line}"
 
 
 def optional(args: tuple[ArgValue, ...], i: int, default: float) -> float:
@@ -149,4 +185,5 @@ def image_buffer(state: SerialEMState, index: int, data: NDArray[Any],
     state.buffers[index] = Buffer(np.ascontiguousarray(data),
                                   meta.binning if meta else 1,
                                   meta.exposure_s if meta else 0.0,
-                                  meta.pixel_size_um if meta else 0.0)
+                                  meta.pixel_size_um if meta else 0.0,
+                                  meta.conset if meta else -1.0)

@@ -65,7 +65,11 @@ class SerialEMConfig(SerialEMSettings):
 
     ``camera_shape`` (height, width, unbinned) is asked of SerialEM (CameraProperties) when
     omitted. ``vacuum_gauge`` names the gauge ReportVacuumGauge reads (site specific; the
-    column gauge on most Thermo Fisher scopes is IGPco); status 0 of that gauge is "ok".
+    column gauge on most Thermo Fisher scopes is IGPco; a JEOL wants "Pir" or "Pen" and a
+    digit). SerialEM passes that gauge's status straight from the scope plugin, and what the
+    numbers mean is not in SerialEM's source, so which statuses count as good
+    (``vacuum_ok_statuses``) and an optional pressure ceiling (``vacuum_max_pressure``, in
+    the unit the plugin reports) are site settings to check on the instrument.
     """
 
     magnifications: tuple[MagRow, ...] = Field(min_length=1)
@@ -75,6 +79,8 @@ class SerialEMConfig(SerialEMSettings):
     tilt_limits_deg: Range = (-60.0, 60.0)
     camera_shape: tuple[Annotated[int, Field(ge=1)], Annotated[int, Field(ge=1)]] | None = None
     vacuum_gauge: str = Field("IGPco", min_length=1)
+    vacuum_ok_statuses: tuple[int, ...] = Field((0,), min_length=1)
+    vacuum_max_pressure: float | None = Field(None, gt=0)
 
     @model_validator(mode="after")
     def _check(self) -> SerialEMConfig:
@@ -107,6 +113,12 @@ class SerialEMConfig(SerialEMSettings):
             # Cross-field rules start their message with the (dotted) field they blame.
             loc = ".".join(str(x) for x in first["loc"]) or msg.split(" ", 1)[0]
             raise ConfigError(f"{prefix}.{loc}", msg) from err
+
+    def vacuum_is_ok(self, status: int, pressure: float) -> bool:
+        """ReportVacuumGauge's status and pressure judged by this site's settings."""
+        if status not in self.vacuum_ok_statuses:
+            return False
+        return self.vacuum_max_pressure is None or pressure <= self.vacuum_max_pressure
 
     # -- what drivers/base.py wants -----------------------------------------------------------
 

@@ -12,17 +12,35 @@ Choices, and why:
   from the magnification table times the binning SerialEM reports) describes what SerialEM
   really did rather than what it was last set to by hand.
 - Image shift is set in specimen micrometres as the contract wants: SerialEM's absolute
-  ``SetImageShift`` takes uncalibrated IS units, so the driver reads the calibrated shift and
-  moves by the difference with ``ImageShiftByMicrons``.
+  ``SetImageShift`` takes uncalibrated IS units, so the driver reads the shift in specimen
+  um with ``ReportSpecimenShift`` and moves by the difference with ``ImageShiftByMicrons``.
+  (``ReportImageShift`` is no help here: it reports IS units, then unbinned camera pixels,
+  then a stage move, never specimen um.) ``ImageShiftByMicrons`` reports 1 and does nothing
+  when the shift would pass SerialEM's limit; the driver raises LimitViolation then.
 - Montages use the contract's tile loop (stage move + acquire per tile), not SerialEM's
   ``Montage``: that writes to a montage file and leaves only an overview in the buffers,
   while protocols want the tiles with their own affines (protocols/stitching.py).
 - Navigator items are SerialEM's table, numbered from 1 as SerialEM numbers them; labels
   and notes are read back from the ``navLabel`` / ``navNote`` variables ``ReportOtherItem``
-  sets.
+  sets. A realignment returns the stage error SerialEM found (``GetRealignToItemError``'s
+  first pair), with the imaging state restored afterwards (``RealignToOtherItem i 1``).
+- Image rows: SerialEM sends a buffer's pixels in memory order, and writes MRC files with
+  the rows reversed (KStoreMRC::WriteSection -> convertForWriting(image, needFlipped=true)).
+  So ``Image.data`` row 0 is the top row as SerialEM displays the image and the LAST row of
+  the same image saved to an MRC file. ``pixel_to_stage`` maps (column, row) of these rows;
+  the magnification table's ``rotation_deg`` must be calibrated on images fetched through
+  this driver, not on saved MRC files, and SerialEM's own stage-to-camera matrices use a
+  right-handed camera frame (y up, i.e. decreasing row), so one copied from SerialEM needs
+  its y axis flipped.
 - ``abort``: SerialEM takes no external abort while a command runs (the link is busy with
   it, and the operator's STOP button is the only way in). The contract's abort flag stops
   the next step; the command in flight finishes.
+
+Every reply format and argument convention used here was checked against SerialEM's source
+(MacroCommands.cpp, MacroProcessor.cpp, NavHelper.cpp, PythonServer.cpp, the serialem
+module's SerialEMModule.cpp); docs/serialem-commands-verified.md lists what each command
+reports, where in the source it was read, and what could not be verified (the meaning of a
+vacuum gauge's status, which comes from the scope plugin: see ``vacuum_ok_statuses``).
 """
 
 from __future__ import annotations
@@ -44,7 +62,7 @@ from drivers.base import (
     affine_from,
 )
 from drivers.clock import Clock
-from drivers.errors import HardwareFault, ProtocolError
+from drivers.errors import HardwareFault, LimitViolation, ProtocolError
 from drivers.serialem.client import Result, SerialEMLink, open_serialem
 from drivers.serialem.config import SerialEMConfig
 
@@ -55,6 +73,8 @@ _SHOT = {LowDoseArea.VIEW: "View", LowDoseArea.FOCUS: "Focus", LowDoseArea.TRIAL
          LowDoseArea.RECORD: "Record", LowDoseArea.SEARCH: "Search"}
 _ITEM_KINDS = {0: "point", 1: "polygon", 2: "map"}
 IMAGE_BUFFER = "A"
+# GetRealignToItemError's stage error before any realignment (CNavHelper's initial value).
+_NO_REALIGN_ERROR = -999.0
 
 
 class SerialEMElectronMicroscope(ElectronMicroscope):
@@ -120,13 +140,23 @@ class SerialEMElectronMicroscope(ElectronMicroscope):
     def _do_set_image_shift(self, x_um: float, y_um: float) -> None:
         cx, cy = self._do_get_image_shift()
         dx, dy = x_um - cx, y_um - cy
-        if abs(dx) > 1e-6 or abs(dy) > 1e-6:
-            self._link.call("ImageShiftByMicrons", dx, dy)
+        if abs(dx) <= 1e-6 and abs(dy) <= 1e-6:
+            return
+        refused = _numbers(self._link.call("ImageShiftByMicrons", dx, dy), 1,
+                           "ImageShiftByMicrons")[0]
+        if refused:
+            raise LimitViolation(f"image shift ({x_um:g}, {y_um:g}) um: SerialEM refused the "
+                                 f"change of ({dx:g}, {dy:g}) um as past its image-shift "
+                                 f"limit and did not shift")
 
     def _do_get_image_shift(self) -> tuple[float, float]:
-        values = _numbers(self._link.call("ReportImageShift"), 4, "ReportImageShift "
-                          "(no image-shift calibration at this magnification?)")
-        return values[2], values[3]
+        result = self._link.call("ReportSpecimenShift")
+        if result is None:      # SerialEM only logs when it cannot convert
+            raise HardwareFault(f"SerialEM has no image-shift-to-specimen calibration at mag "
+                                f"index {self._do_get_mag_index()}; ReportSpecimenShift "
+                                f"reported nothing")
+        x, y = _numbers(result, 2, "ReportSpecimenShift")[:2]
+        return x, y
 
     # -- camera -----------------------------------------------------------------------------
 
@@ -141,9 +171,10 @@ class SerialEMElectronMicroscope(ElectronMicroscope):
         self._go_to_area(area, settings)
         start = self.clock.now()
         self._link.call(_SHOT[area])
+        # width, height, binning, exposure s, pixel nm (0 if unknown), parameter set used
         props = _numbers(self._link.call("ImageProperties", IMAGE_BUFFER), 6, "ImageProperties")
         data = self._link.get_image(IMAGE_BUFFER)
-        return self._image(data, area, settings, start, binning=int(props[2]),
+        return self._image(data, area, settings, start, binning=_binning(props[2]),
                            exposure_s=props[3], serialem_pixel_nm=props[4])
 
     def _go_to_area(self, area: LowDoseArea, settings: AcquisitionSettings) -> None:
@@ -191,6 +222,7 @@ class SerialEMElectronMicroscope(ElectronMicroscope):
         return [self._nav_item(i) for i in range(1, count + 1)]
 
     def _nav_item(self, index: int) -> NavItem:
+        # index, stage X, Y, Z, type; label and note come as the navLabel/navNote variables
         values = _numbers(self._link.call("ReportOtherItem", index), 5, "ReportOtherItem")
         label = self._link.call("GetVariable", "navLabel")
         note = self._link.call("GetVariable", "navNote")
@@ -211,20 +243,29 @@ class SerialEMElectronMicroscope(ElectronMicroscope):
         return self._nav_item(index)
 
     def _do_realign_to_item(self, item_id: int) -> tuple[float, float]:
+        # second argument 1: restore the imaging state SerialEM changes to image the map
         self._link.call("RealignToOtherItem", item_id, 1)
-        values = _numbers(self._link.call("GetRealignToItemError"), 2, "GetRealignToItemError")
-        return values[-2], values[-1]
+        # stage error X, Y (final disparity from the item), then the local error X, Y found
+        # in the alignment at the target
+        values = _numbers(self._link.call("GetRealignToItemError"), 4, "GetRealignToItemError")
+        if values[0] == _NO_REALIGN_ERROR and values[1] == _NO_REALIGN_ERROR:
+            raise HardwareFault(f"SerialEM reports no realignment error after realigning to "
+                                f"item {item_id}")
+        return values[0], values[1]
 
     # -- status -----------------------------------------------------------------------------
 
     def _do_status(self) -> EMStatus:
+        # gauge: status (passed through from the scope plugin), pressure
         gauge = _numbers(self._link.call("ReportVacuumGauge", self.config.vacuum_gauge), 2,
                          "ReportVacuumGauge")
         valve = _numbers(self._link.call("ReportColumnOrGunValve"), 1, "ReportColumnOrGunValve")
         kv = _numbers(self._link.call("ReportHighVoltage"), 1, "ReportHighVoltage")
+        # FEI: 0/1; JEOL: 0-3, stage tank 1 + transfer tank 2
         filling = _numbers(self._link.call("AreDewarsFilling"), 1, "AreDewarsFilling")
-        return EMStatus(vacuum_ok=gauge[0] == 0, column_valve_open=valve[0] > 0,
-                        high_voltage_kv=kv[0], dewar_filling=filling[0] > 0)
+        return EMStatus(vacuum_ok=self.config.vacuum_is_ok(int(gauge[0]), gauge[1]),
+                        column_valve_open=valve[0] > 0, high_voltage_kv=kv[0],
+                        dewar_filling=filling[0] > 0)
 
     def _do_close(self) -> None:
         self._link.close()
@@ -236,6 +277,14 @@ def _numbers(result: Result, at_least: int, what: str) -> tuple[float, ...]:
     if len(values) < at_least or any(isinstance(v, str) for v in values[:at_least]):
         raise ProtocolError(f"{what} reported {values!r}; expected at least {at_least} numbers")
     return tuple(float(v) for v in values)
+
+
+def _binning(reported: float) -> int:
+    """ImageProperties' binning, which is fractional (0.5) for super-resolution frames."""
+    if reported < 1 or reported != int(reported):
+        raise HardwareFault(f"SerialEM reports binning {reported:g}; super-resolution "
+                            f"(sub-pixel) binning is not supported by this driver")
+    return int(reported)
 
 
 def _text(result: Result) -> str:

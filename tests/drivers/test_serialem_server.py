@@ -142,15 +142,47 @@ def test_stage_moves_read_back(client: SerialEMClient) -> None:
     assert client.call("ReportTiltAngle") == pytest.approx(25.0)
 
 
-def test_optics_read_back(client: SerialEMClient) -> None:
+def test_optics_read_back(twin: SerialEMTwin, client: SerialEMClient) -> None:
     client.call("SetMagIndex", 20)
-    assert client.call("ReportMagIndex") == 20.0
+    assert client.call("ReportMagIndex") == (20.0, 0.0)       # index, low-mag flag
     client.call("SetDefocus", -3.5)
     client.call("ChangeFocus", 1.0)
     assert client.call("ReportDefocus") == pytest.approx(-2.5)
-    client.call("ImageShiftByMicrons", 1.5, -0.5)
-    client.call("ImageShiftByMicrons", 0.5, 0.0)
-    assert client.call("ReportImageShift") == pytest.approx((2.0, -0.5, 2.0, -0.5))
+    assert client.call("ImageShiftByMicrons", 1.5, -0.5) == 0.0       # 0: done
+    assert client.call("ImageShiftByMicrons", 0.5, 0.0) == 0.0
+    assert client.call("ReportSpecimenShift") == pytest.approx((2.0, -0.5))
+
+
+def test_report_image_shift_is_is_units_pixels_and_stage(twin: SerialEMTwin,
+                                                          client: SerialEMClient) -> None:
+    # CMacCmd::ReportImageShift: IS x y, unbinned camera pixels (negated), stage if reset;
+    # the third and fourth values are not specimen um
+    client.call("SetMagIndex", 20)
+    client.call("ImageShiftByMicrons", 2.0, -0.5)
+    px = twin.em.magnification(20).pixel_size_um
+    assert client.call("ReportImageShift") == pytest.approx(
+        (2.0, -0.5, -2.0 / px, 0.5 / px, 2.0, -0.5))
+
+
+def test_image_shift_past_serialem_limit_reports_1_and_does_nothing(
+        twin: SerialEMTwin, client: SerialEMClient) -> None:
+    twin.state.image_shift_limit_um = 5.0
+    client.call("ImageShiftByMicrons", 4.0, 0.0)
+    assert client.call("ImageShiftByMicrons", 2.0, 0.0) == 1.0        # 6 um: refused
+    assert client.call("SetImageShift", 0.0, 7.0) == 1.0
+    assert client.call("ReportSpecimenShift") == pytest.approx((4.0, 0.0))
+    assert client.call("SetImageShift", 1.0, 1.0) == 0.0
+    assert client.call("ReportSpecimenShift") == pytest.approx((1.0, 1.0))
+
+
+def test_camera_properties_reports_six_values(twin: SerialEMTwin,
+                                              client: SerialEMClient) -> None:
+    client.call("SetMagIndex", 20)
+    h, w = CAMERA
+    px_nm = twin.em.magnification(20).pixel_size_um * 1e3
+    values = several(client.call("CameraProperties"))
+    assert len(values) == 6
+    assert values[:2] == (w, h) and values[4] == pytest.approx(px_nm) and values[5] == 1.0
 
 
 def test_status_commands(twin: SerialEMTwin, client: SerialEMClient) -> None:
@@ -181,8 +213,23 @@ def test_acquisitions_land_in_a_and_roll(twin: SerialEMTwin, client: SerialEMCli
     assert np.array_equal(client.get_image("B"), record)
     props = several(client.call("ImageProperties", "A"))
     assert props[:4] == (w // b, h // b, b, view_settings.exposure_s)
-    assert props[5] == 6.0                                   # mode 6: uint16
+    assert props[5] == 0.0                                   # parameter set 0: View
+    assert several(client.call("ImageProperties", "B"))[5] == 3.0      # 3: Record
     assert client.call("ReportLowDose") == (1.0, 0.0)      # in low dose, at View
+
+
+def test_go_to_low_dose_area_takes_an_upper_case_letter_in_low_dose(
+        client: SerialEMClient) -> None:
+    with pytest.raises(SerialEMScriptError, match="must be in low dose mode"):
+        client.call("GoToLowDoseArea", "R")
+    assert client.call("SetLowDoseMode", 1) == 0.0          # reports the previous state
+    for bad in ("r", "3", "P"):
+        with pytest.raises(SerialEMScriptError, match="one of V, F, T, R, or S"):
+            client.call("GoToLowDoseArea", bad)
+    client.call("GoToLowDoseArea", "S")
+    assert client.call("ReportLowDose") == (1.0, 4.0)      # 4: Search
+    with pytest.raises(SerialEMScriptError, match="Inappropriate parameter set"):
+        client.call("SetExposure", "X", 1.0)
 
 
 def test_empty_buffer_is_refused(client: SerialEMClient) -> None:
@@ -215,19 +262,55 @@ def test_navigator_edits(client: SerialEMClient) -> None:
     client.call("ChangeItemLabel", 2, "target-7")
     client.call("ChangeItemNote", 2, "bead cluster, 3 um")
     client.call("SetItemAcquire", 2, 1)
-    assert client.call("ReportOtherItem", -1) == (2.0, -30.0, 5.0, 0.0, 0.0, 1.0)
+    # index, X, Y, Z, type: five values, no registration
+    assert client.call("ReportOtherItem", -1) == (2.0, -30.0, 5.0, 0.0, 0.0)
     assert client.call("GetVariable", "navLabel") == "target-7"
     assert client.call("GetVariable", "navNote") == "bead cluster, 3 um"
+    assert client.call("GetVariable", "navIndex") == 2.0      # a numeric variable
+    assert client.call("GetVariable", "navRegis") == 1.0
     assert client.call("ReportItemAcquire", 2) == 1.0
     assert client.call("ReportItemAcquire", 1) == 0.0
-    assert client.call("NavIndexWithLabel", "target-7") == 2.0
+    assert client.call("NavIndexWithLabel", "TARGET-7") == 2.0     # case ignored
+    assert client.call("GetRealignToItemError") == (-999.0, -999.0, 0.0, 0.0)  # none yet
     client.call("MoveToNavItem", 1)
     assert client.call("ReportStageXYZ") == pytest.approx((10.0, 20.0, -1.0))
     client.call("RealignToOtherItem", 2, 1)
     assert several(client.call("ReportStageXYZ"))[:2] == pytest.approx((-30.0, 5.0))
     assert client.call("GetRealignToItemError") == (0.0, 0.0, 0.0, 0.0)   # a point, no map
-    with pytest.raises(SerialEMScriptError, match="index 3 is out of range"):
+    with pytest.raises(SerialEMScriptError, match="Index is out of range in statement"):
         client.call("ReportOtherItem", 3)
+
+
+def test_navigator_index_conventions(client: SerialEMClient) -> None:
+    """Which commands count from the end, which take 0 as the current item, which neither."""
+    client.call("AddStagePosAsNavPoint", 1.0, 2.0, 0.0)
+    client.call("AddStagePosAsNavPoint", 3.0, 4.0, 0.0)
+    with pytest.raises(SerialEMScriptError, match="Index is out of range"):
+        client.call("ReportOtherItem", 0)                    # 0 is not "current" here
+    with pytest.raises(SerialEMScriptError, match="no current Navigator item"):
+        client.call("SetItemAcquire", 0)                     # 0 is the current item
+    client.call("SetItemAcquire", -1)                        # -1: the last item
+    assert client.call("ReportItemAcquire", 2) == 1.0
+    with pytest.raises(SerialEMScriptError, match="index, -1, is out of range"):
+        client.call("ChangeItemLabel", -1, "x")              # from 1 only
+    with pytest.raises(SerialEMScriptError, match="index, 0, is out of range"):
+        client.call("ChangeItemNote", 0, "x")
+    with pytest.raises(SerialEMScriptError, match="must be positive"):
+        client.call("MoveToNavItem", -1)
+    with pytest.raises(SerialEMScriptError, match="failure 1 in Realign to Item"):
+        client.call("RealignToOtherItem", -1, 1)
+    with pytest.raises(SerialEMScriptError, match="failure -1 in Realign to Item"):
+        client.call("RealignToNavItem", 1)                   # no current item yet
+    client.call("MoveToNavItem", 2)
+    client.call("SetItemAcquire", 0, 0)                      # now 0 is item 2
+    assert client.call("ReportItemAcquire") == 0.0
+    assert client.call("ReportNavItem") == (2.0, 3.0, 4.0, 0.0, 0.0)
+
+
+def test_undefined_variable_message(client: SerialEMClient) -> None:
+    with pytest.raises(SerialEMScriptError,
+                       match=r"The variable nope is not defined in line:\n\nGetVariable\(nope\)"):
+        client.call("GetVariable", "nope")
 
 
 # --------------------------------------------------------------------------- errors
@@ -246,16 +329,24 @@ def test_unknown_and_script_only_indices(raw: Callable[[], Raw]) -> None:
     r = raw()
     r.send(w.encode_request(w.OkToRunRequest()))
     assert r.reply(w.Function.OK_TO_RUN) == w.OkToRunReply(True)
-    out = r.regular(len(TABLE) + 100)
-    assert isinstance(out, w.RegularReply) and out.error_flag == w.ErrorFlag.SCRIPT_ERROR
-    assert out.values == ((f"External script interpreter passed an out-of-bounds function "
-                           f"code of {len(TABLE) + 100} (maximum is {len(TABLE) - 1})"),)
+    assert r.regular(index_of("ReportHighVoltage")) == w.RegularReply(0, (300.0,))
+    # SerialEM only logs the out-of-bounds message; the reply carries error flag 1 and
+    # whatever the previous command reported (CMacCmd::TaskDone)
+    for index in (len(TABLE) + 100, len(TABLE), -1):
+        out = r.regular(index)
+        assert out == w.RegularReply(w.ErrorFlag.SCRIPT_ERROR, (300.0,))
+    # SerialEM does not refuse script-only commands; the twin has no handler for them
     out = r.regular(index_of("Label"))
     assert isinstance(out, w.RegularReply) and out.error_flag == w.ErrorFlag.SCRIPT_ERROR
-    assert "Label" in str(out.values[0]) and "not available to external" in str(out.values[0])
+    assert "Label is not implemented" in str(out.values[0])
+    # nor does it count arguments (the serialem module does, before sending): the twin
+    # refuses a short call with its own message
     out = r.regular(index_of("MoveStageTo"), w.WireArg("10.", 10.0))    # one of two args
     assert isinstance(out, w.RegularReply) and out.error_flag == w.ErrorFlag.SCRIPT_ERROR
-    assert "must be followed by at least 2 entries" in str(out.values[0])
+    assert "needs at least 2 arguments" in str(out.values[0])
+    out = r.regular(len(TABLE) + 1)                          # stale: the last error message
+    assert out == w.RegularReply(w.ErrorFlag.SCRIPT_ERROR, out.values)
+    assert "needs at least 2 arguments" in str(out.values[0])
     out = r.regular(index_of("ReportHighVoltage"))                     # still serving
     assert out == w.RegularReply(0, (300.0,))
 
