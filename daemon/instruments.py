@@ -52,20 +52,24 @@ class Instruments:
     def names(self) -> list[str]:
         return [n for n in ("lm", "em") if self.get(n) is not None]
 
-    def close(self) -> None:
-        """Close every instrument; the first error is raised after all were tried."""
-        first: BaseException | None = None
+    def close(self) -> list[str]:
+        """Close every instrument, each even if another failed; return the failures.
+
+        Called at shutdown, when nothing more can be done about an instrument that cannot
+        be reached: each failure is logged at error level and returned to the caller.
+        """
+        failures = []
         for name in ("lm", "em"):
             inst = self.get(name)
             if inst is None:
                 continue
             try:
                 inst.close()
-            except ClemdError as err:   # keep closing the others; report the first
-                log.error("instrument.close_failed", instrument=name, error=str(err))
-                first = first or err
-        if first is not None:
-            raise first
+            except ClemdError as err:
+                log.error("instrument.close_failed", instrument=name, error=str(err),
+                          error_type=type(err).__name__)
+                failures.append(f"{name}: {err}")
+        return failures
 
 
 def _import(module: str, what: str) -> Any:

@@ -58,6 +58,7 @@ class Service:
         self.server: ApiServer | None = None
         self.publisher: ZmqPublisher | None = None
         self.bus: EventBus | None = None
+        self.close_failures: list[str] = []
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -119,7 +120,7 @@ class Service:
             self._ctx.term()
             self._ctx = None
         if self.instruments is not None and self._instruments is None:
-            self.instruments.close()
+            self.close_failures = self.instruments.close()
         self.instruments = None
         if self.journal is not None:
             self.journal.close()
