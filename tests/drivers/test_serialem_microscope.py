@@ -9,11 +9,19 @@ from collections.abc import Callable, Iterator
 from dataclasses import replace
 from typing import Any
 
+import numpy as np
 import pytest
 
 from drivers.base import LowDoseArea
 from drivers.clock import VirtualClock
-from drivers.errors import Aborted, ConfigError, ConnectionLost, InvalidState
+from drivers.errors import (
+    Aborted,
+    ConfigError,
+    ConnectionLost,
+    HardwareFault,
+    InvalidState,
+    LimitViolation,
+)
 from drivers.serialem.client import SerialEMScriptError
 from drivers.serialem.config import SerialEMConfig
 from drivers.serialem.microscope import SerialEMElectronMicroscope
@@ -180,3 +188,116 @@ def test_close_ends_external_control(make: Make) -> None:
     assert not twin.in_control
     with pytest.raises(InvalidState, match="closed"):
         em.status()
+
+
+# --------------------------------------------------------------------------- reply formats
+# What SerialEM's source says each command reports (docs/serialem-commands-verified.md),
+# played by a scripted link where the twin cannot tell a right reading from a wrong one.
+
+
+class ScriptedLink:
+    """A SerialEMLink that answers from a table (a value, or a function of the arguments)
+    and records every call; anything not in the table answers None, as a command that
+    reports nothing does."""
+
+    def __init__(self, replies: dict[str, Any], image: Any = None) -> None:
+        self.replies = replies
+        self.calls: list[tuple[Any, ...]] = []
+        self.image = image
+
+    def call(self, name: str, *args: object) -> Any:
+        self.calls.append((name, *args))
+        reply = self.replies.get(name)
+        return reply(*args) if callable(reply) else reply
+
+    def get_image(self, buffer: str = "A", *, fft: bool = False) -> Any:
+        return self.image
+
+    def put_image(self, *args: object, **kw: object) -> None:
+        raise AssertionError("not used")
+
+    def close(self) -> None:
+        pass
+
+
+def _scripted(replies: dict[str, Any], image: Any = None,
+              **config: Any) -> tuple[ScriptedLink, SerialEMElectronMicroscope]:
+    link = ScriptedLink(replies, image)
+    return link, SerialEMElectronMicroscope(SerialEMConfig.build(**_valid(**config)), link,
+                                            clock=VirtualClock())
+
+
+def test_image_shift_is_read_in_specimen_um_not_from_report_image_shift() -> None:
+    # ReportImageShift: IS units, unbinned camera pixels, stage; never specimen um
+    link, em = _scripted({"ReportSpecimenShift": (1.0, 2.0),
+                          "ReportImageShift": (0.1, 0.2, 400.0, 800.0, 1.0, 2.0),
+                          "ImageShiftByMicrons": 0.0})
+    assert em.image_shift() == (1.0, 2.0)
+    em.set_image_shift(3.0, 2.0)
+    assert ("ImageShiftByMicrons", 2.0, 0.0) in link.calls
+    assert not any(c[0] in ("ReportImageShift", "SetImageShift") for c in link.calls)
+
+
+def test_no_specimen_calibration_is_a_hardware_fault() -> None:
+    # SerialEM only logs when it cannot convert: ReportSpecimenShift reports nothing
+    _, em = _scripted({"ReportSpecimenShift": None, "ReportMagIndex": (10.0, 0.0)})
+    with pytest.raises(HardwareFault, match="no image-shift-to-specimen calibration"):
+        em.image_shift()
+
+
+def test_image_shift_serialem_refuses_is_a_limit_violation(make: Make) -> None:
+    twin, em = make()
+    twin.state.image_shift_limit_um = 5.0          # SerialEM's own limit, tighter
+    em.set_image_shift(4.0, 0.0)
+    with pytest.raises(LimitViolation, match="SerialEM refused"):
+        em.set_image_shift(6.0, 0.0)               # ImageShiftByMicrons reported 1
+    assert em.image_shift() == pytest.approx((4.0, 0.0))
+
+
+def test_realignment_returns_the_stage_error_pair() -> None:
+    # GetRealignToItemError: stage error X, Y, then local error X, Y
+    replies = {"ReportNumTableItems": 1.0, "ReportOtherItem": (1.0, 5.0, 6.0, 0.0, 0.0),
+               "GetVariable": "1", "ReportItemAcquire": 0.0,
+               "GetRealignToItemError": (0.5, -0.25, 0.1, 0.05)}
+    link, em = _scripted(replies)
+    assert em.realign_to_item(1) == pytest.approx((0.5, -0.25))
+    assert ("RealignToOtherItem", 1, 1) in link.calls
+    replies["GetRealignToItemError"] = (-999.0, -999.0, 0.0, 0.0)   # nothing realigned
+    with pytest.raises(HardwareFault, match="no realignment error"):
+        em.realign_to_item(1)
+
+
+def test_navigator_item_reads_five_values_and_the_nav_variables() -> None:
+    variables = {"navLabel": "12", "navNote": "hole"}
+    _, em = _scripted({"ReportNumTableItems": 1.0,
+                       "ReportOtherItem": (1.0, 5.0, 6.0, -2.0, 2.0),
+                       "GetVariable": variables.__getitem__, "ReportItemAcquire": 1.0})
+    (item,) = em.nav_items()
+    assert (item.item_id, item.label, item.note) == (1, "12", "hole")
+    assert item.stage_um == (5.0, 6.0, -2.0) and item.kind == "map" and item.acquire
+
+
+def test_super_resolution_binning_is_refused_not_truncated() -> None:
+    replies = {"ReportMagIndex": (20.0, 0.0), "ReportStageXYZ": (0.0, 0.0, 0.0),
+               "ReportSpecimenShift": (0.0, 0.0), "ReportTiltAngle": 0.0,
+               "ReportDefocus": 0.0,
+               # ImageProperties: width, height, binning, exposure, pixel nm, parameter set
+               "ImageProperties": (256.0, 256.0, 0.5, 1.0, 0.14, 3.0)}
+    _, em = _scripted(replies, image=np.zeros((256, 256), np.uint16))
+    with pytest.raises(HardwareFault, match="binning 0.5"):
+        em.acquire(LowDoseArea.RECORD)
+    replies["ImageProperties"] = (128.0, 128.0, 2.0, 1.0, 0.56, 3.0)
+    image = em.acquire(LowDoseArea.RECORD)
+    assert image.binning == 2 and image.extra["serialem_pixel_nm"] == pytest.approx(0.56)
+
+
+@pytest.mark.parametrize(("config", "ok"), [
+    ({}, True),                                     # the twin's good gauge: status 0
+    ({"vacuum_ok_statuses": (4,)}, False),          # a site whose plugin says 4 = valid
+    ({"vacuum_max_pressure": 1e-6}, False),         # the twin reports 2e-6
+    ({"vacuum_max_pressure": 1e-5}, True),
+])
+def test_vacuum_judgement_is_a_site_setting(make: Make, config: dict[str, Any],
+                                            ok: bool) -> None:
+    _, em = make(**config)
+    assert em.status().vacuum_ok is ok
