@@ -17,7 +17,14 @@ from numpy.typing import NDArray
 from drivers.clock import VirtualClock
 from drivers.imaging import Image, apply_affine
 from protocols.plan import (
-    MemoryStepStore, Paused, Plan, RunControl, Step, StepContext, StepResult, run_plan,
+    MemoryStepStore,
+    Paused,
+    Plan,
+    RunControl,
+    Step,
+    StepContext,
+    StepResult,
+    run_plan,
 )
 from simulators.light import SimulatedLightMicroscope
 from simulators.specimen import Specimen
@@ -63,7 +70,7 @@ def corner_error_um(a: NDArray[np.float64], b: NDArray[np.float64],
     return float(np.hypot(*(apply_affine(a, corners) - apply_affine(b, corners)).T).max())
 
 
-class Crash(Exception):  # noqa: N818 - stands for the service being killed, not an error kind
+class Crash(Exception):
     """Raised by ``CrashingStore`` right after a commit: the service died between steps."""
 
 
@@ -90,20 +97,22 @@ class CrashingStore:
 
 
 def run_to_end(make_plan: Any, ctx: StepContext, *, pause_every: int = 0,
-               downtime_s: float = 0.0) -> tuple[list[str], int]:
+               downtime_s: float = 0.0, max_pauses: int | None = None) -> tuple[list[str], int]:
     """Run a plan to the end through pauses or crashes; return every step start and the
-    number of interruptions. ``make_plan()`` builds a fresh plan object for each attempt, as a
+    number of interruptions (at most ``max_pauses`` pauses). ``make_plan()`` builds a fresh plan object for each attempt, as a
     restarted service would; ``downtime_s`` passes on the clock at each interruption."""
     started: list[str] = []
     interruptions = 0
     while True:
         control = RunControl()
         done_here = 0
+        may_pause = max_pauses is None or interruptions < max_pauses
 
-        def on_progress(_: Any, control: RunControl = control) -> None:
+        def on_progress(_: Any, control: RunControl = control, may_pause: bool = may_pause
+                        ) -> None:
             nonlocal done_here
             done_here += 1
-            if pause_every and done_here % pause_every == 0:
+            if pause_every and may_pause and done_here % pause_every == 0:
                 control.request_pause()
 
         def on_start(step: Step) -> None:

@@ -18,8 +18,16 @@ import numpy as np
 import pydantic
 import pytest
 import tifffile
-from lm_sim import GRID_UM, RIM_UM, context, corner_error_um, grid_centre, scope, small_grid, \
-    true_affine
+from lm_sim import (
+    GRID_UM,
+    RIM_UM,
+    context,
+    corner_error_um,
+    grid_centre,
+    scope,
+    small_grid,
+    true_affine,
+)
 
 from drivers.errors import LimitViolation
 from drivers.imaging import apply_affine
@@ -68,7 +76,7 @@ def test_focus_plane_drops_a_bad_point() -> None:
 
 
 def test_atlas_tiles_within_1um_of_truth(atlas_run: Any) -> None:
-    spec, lm, ctx = atlas_run
+    _spec, lm, ctx = atlas_run
     stitch = ctx.result("lm-atlas/stitch")
     report = json.loads((ctx.data_dir / stitch["report"]).read_text())
     assert len(report["tiles"]) == 16 and stitch["flagged_tiles"] == []
@@ -126,7 +134,7 @@ def test_atlas_matches_the_specimen_everywhere(atlas_run: Any) -> None:
 
 
 def test_atlas_and_tiles_reopen_with_metadata(atlas_run: Any) -> None:
-    _, lm, ctx = atlas_run
+    _, _lm, ctx = atlas_run
     stitch = ctx.result("lm-atlas/stitch")
     path = ctx.data_dir / stitch["path"]
     with tifffile.TiffFile(path) as tif:
