@@ -97,7 +97,6 @@ class SerialEMElectronMicroscope(ElectronMicroscope):
         self.config = config
         self._link = link
         self._camera_shape = config.camera_shape
-        self._low_dose_on = False
 
     @classmethod
     def from_config(cls, config: SerialEMConfig, *, clock: Clock,
@@ -178,10 +177,12 @@ class SerialEMElectronMicroscope(ElectronMicroscope):
                            exposure_s=props[3], serialem_pixel_nm=props[4])
 
     def _go_to_area(self, area: LowDoseArea, settings: AcquisitionSettings) -> None:
-        """Low dose on, go to ``area``, and make its mag, exposure and binning the preset's."""
-        if not self._low_dose_on:
-            self._link.call("SetLowDoseMode", 1)
-            self._low_dose_on = True
+        """Low dose on, go to ``area``, and make its mag, exposure and binning the preset's.
+
+        SetLowDoseMode changes nothing when low dose is already on, so it is sent before every
+        shot: an operator who switched low dose off by hand would otherwise make
+        GoToLowDoseArea fail ("You must be in low dose mode")."""
+        self._link.call("SetLowDoseMode", 1)
         self._link.call("GoToLowDoseArea", area.value)
         if self._do_get_mag_index() != settings.mag_index:
             self._link.call("SetMagIndex", settings.mag_index)

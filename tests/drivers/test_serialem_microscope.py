@@ -301,3 +301,12 @@ def test_vacuum_judgement_is_a_site_setting(make: Make, config: dict[str, Any],
                                             ok: bool) -> None:
     _, em = make(**config)
     assert em.status().vacuum_ok is ok
+
+
+def test_low_dose_switched_off_by_hand_is_switched_back_on(make: Make) -> None:
+    twin, em = make()
+    em.acquire(LowDoseArea.VIEW)
+    twin.state.low_dose_on = False                 # the operator unticked Low Dose
+    twin.state.area = None
+    image = em.acquire(LowDoseArea.RECORD)         # GoToLowDoseArea needs low dose on
+    assert image.low_dose_area == "R" and twin.state.low_dose_on
