@@ -56,6 +56,14 @@ def grid_centre(spec: Specimen) -> tuple[float, float]:
     return float(c[0]), float(c[1])
 
 
+def virus_site(spec: Specimen) -> tuple[float, float]:
+    """LM stage position of the middle of the first square with viruses."""
+    keys = np.array(spec.viruses.square_keys)
+    g = spec.viruses.at(0.0)[keys == keys[0]].mean(axis=0)
+    xy = spec.truth.grid_to_lm_stage(g)
+    return float(xy[0]), float(xy[1])
+
+
 def true_affine(lm: SimulatedLightMicroscope, frame: dict[str, Any]) -> NDArray[np.float64]:
     """The simulator's true pixel-to-stage affine of a frame recorded in a step result."""
     stub = Image(data=np.zeros((2, 2)), pixel_size_um=1.0, pixel_to_stage=np.zeros((2, 3)),

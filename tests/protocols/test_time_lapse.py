@@ -12,7 +12,7 @@ import pytest
 import structlog
 import tifffile
 import useq
-from lm_sim import context, run_to_end, scope, small_grid
+from lm_sim import context, run_to_end, scope, small_grid, virus_site
 
 from drivers.errors import LimitViolation
 from protocols.ome_tiff import read_ome_tiff
@@ -20,14 +20,6 @@ from protocols.plan import InvalidStep, StepContext, run_plan
 from protocols.time_lapse import LatePolicy, StagePositionUm, TimeLapseParams, TimeLapsePlan
 from simulators.light import SimulatedLightMicroscope
 from simulators.specimen import Specimen
-
-
-def virus_site(spec: Specimen) -> tuple[float, float]:
-    """LM stage position of the middle of the first square with viruses."""
-    keys = np.array(spec.viruses.square_keys)
-    g = spec.viruses.at(0.0)[keys == keys[0]].mean(axis=0)
-    xy = spec.truth.grid_to_lm_stage(g)
-    return float(xy[0]), float(xy[1])
 
 
 @pytest.fixture(scope="module")
