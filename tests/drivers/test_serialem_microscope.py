@@ -310,3 +310,16 @@ def test_low_dose_switched_off_by_hand_is_switched_back_on(make: Make) -> None:
     twin.state.area = None
     image = em.acquire(LowDoseArea.RECORD)         # GoToLowDoseArea needs low dose on
     assert image.low_dose_area == "R" and twin.state.low_dose_on
+
+
+def test_image_rows_are_the_buffer_rows_unflipped() -> None:
+    # a fetched buffer is in memory order; SerialEM reverses rows only when writing MRC
+    # (KStoreMRC::WriteSection -> convertForWriting(..., needFlipped=true)), so the driver
+    # keeps the rows as sent and documents row 0 as the displayed top row
+    frame = np.arange(64 * 48, dtype=np.uint16).reshape(64, 48)
+    replies = {"ReportMagIndex": (20.0, 0.0), "ReportStageXYZ": (0.0, 0.0, 0.0),
+               "ReportSpecimenShift": (0.0, 0.0), "ReportTiltAngle": 0.0,
+               "ReportDefocus": 0.0, "ImageProperties": (48.0, 64.0, 1.0, 1.0, 0.28, 3.0)}
+    _, em = _scripted(replies, image=frame)
+    image = em.acquire(LowDoseArea.RECORD)
+    assert np.array_equal(image.data, frame)
