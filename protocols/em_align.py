@@ -128,7 +128,7 @@ def align_to_reference(reference: Image, image: Image, *, max_shift_um: float,
                        ref_anchor_um: FloatArray | None = None,
                        image_anchor_um: FloatArray | None = None,
                        expect_um: tuple[float, float] = (0.0, 0.0),
-                       min_overlap: float = 0.3) -> Alignment:
+                       smooth_px: float = 1.0, min_overlap: float = 0.3) -> Alignment:
     """Measure how far ``image``'s content lies from where ``reference`` predicts it.
 
     Without ``stretch`` both images are placed by their affines in the same stage frame.
@@ -136,7 +136,7 @@ def align_to_reference(reference: Image, image: Image, *, max_shift_um: float,
     (tracking: the anchors are where the target was and where the beam now points).
     ``max_shift_um`` bounds the search around ``expect_um`` (the displacement already known,
     e.g. the stage error a coarser image measured; keep the bound under half a lattice period
-    when the images show a lattice). Raises AlignmentError when under ``min_overlap`` of the image is covered.
+    when the images show a lattice). ``smooth_px`` is the least band-pass sigma (noise). Raises AlignmentError when under ``min_overlap`` of the image is covered.
     """
     if not max_shift_um > 0:
         raise AlignmentError(f"max_shift_um must be > 0, got {max_shift_um}")
@@ -156,7 +156,7 @@ def align_to_reference(reference: Image, image: Image, *, max_shift_um: float,
     if overlap < min_overlap:
         raise AlignmentError(f"reference covers {overlap:.0%} of the image, less than "
                              f"{min_overlap:.0%}: is the target on this map?")
-    lo = max(1.0, ratio)
+    lo = max(smooth_px, ratio)
     hi = max(8.0 * lo, min(h, w) / 16)
     taper = (mask * np.outer(np.hanning(h), np.hanning(w))).astype(np.float32)
     a = _bandpass(np.asarray(warped, np.float32), mask, lo, hi) * taper

@@ -26,7 +26,10 @@ from protocols.em_params import FrozenParams, SettingsOverride, StitchParams
 from protocols.plan import Plan, Step, StepContext
 from protocols.stitching import StitchSettings
 
-__all__ = ["EMAtlasParams", "EMAtlasPlan"]
+__all__ = ["ATLAS_KEY", "EMAtlasParams", "EMAtlasPlan"]
+
+#: Step key of the atlas stitch step, whose result holds the atlas files and affine.
+ATLAS_KEY = "em-atlas/stitch"
 
 
 class EMAtlasParams(FrozenParams):

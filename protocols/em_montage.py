@@ -18,11 +18,12 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
-from drivers.base import AcquisitionSettings, ElectronMicroscope, LowDoseArea
+from drivers.base import AcquisitionSettings, ElectronMicroscope, Image, LowDoseArea
 from drivers.errors import LimitViolation
 from protocols.atomic_write import write_text_atomic
 from protocols.em_acquire import acquire_with, approach, load_frame, override_area, save_frame
@@ -30,7 +31,8 @@ from protocols.mrc_io import write_mrc
 from protocols.plan import Step, StepContext, StepResult
 from protocols.stitching import Mosaic, StitchSettings, stitch
 
-__all__ = ["MontageLayout", "check_positions", "grid_positions", "montage_steps"]
+__all__ = ["MontageLayout", "check_positions", "grid_positions", "map_image", "montage_steps",
+           "read_map_sidecar", "tile_metas"]
 
 Acquisition = Literal["tiles", "montage"]
 
@@ -194,3 +196,21 @@ def _stitch_action(layout: MontageLayout, extra: Callable[[StepContext], dict[st
                      flagged=len(result["flagged_tiles"]), **mosaic.stats)
         return result
     return action
+
+
+def map_image(result: dict[str, Any], base_dir: Path) -> Image:
+    """A stitched map as an ``Image`` (float32 data, its affine) from its stitch result or
+    sidecar JSON; ``base_dir`` is the folder its relative ``mrc`` path starts from."""
+    meta = {"path": result["mrc"], "pixel_size_um": result["pixel_size_um"],
+            "pixel_to_stage": result["pixel_to_stage"],
+            "stage_um": [*result["centre_um"], result.get("stage_z_um", 0.0)], "time_s": 0.0,
+            "mag_index": result.get("mag_index"), "binning": result.get("binning", 1),
+            "defocus_um": result.get("defocus_um"), "low_dose_area": result.get("low_dose_area"),
+            "magnification": result.get("magnification"), "exposure_s": result.get("exposure_s")}
+    return load_frame(base_dir, meta)
+
+
+def read_map_sidecar(path: Path) -> tuple[dict[str, Any], Path]:
+    """A map's sidecar JSON and the folder its file paths are relative to."""
+    result: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+    return result, path.parent

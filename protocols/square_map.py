@@ -26,9 +26,9 @@ from protocols.em_params import FrozenParams, SettingsOverride, StitchParams
 from protocols.plan import Plan, Step, StepContext
 from protocols.stitching import StitchSettings
 
-__all__ = ["SquareMapParams", "SquareMapPlan", "SquareSpec", "map_key"]
+__all__ = ["ID_CHARS", "SquareMapParams", "SquareMapPlan", "SquareSpec", "map_key"]
 
-_ID_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_+-.")
+ID_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_+-.")
 
 
 def map_key(square_id: str) -> str:
@@ -46,7 +46,7 @@ class SquareSpec(FrozenParams):
     @field_validator("id")
     @classmethod
     def _id_is_a_key(cls, v: str) -> str:
-        if not set(v) <= _ID_CHARS:
+        if not set(v) <= ID_CHARS:
             raise ValueError(f"square id {v!r} may hold only letters, digits and _+-.")
         return v
 
