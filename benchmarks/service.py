@@ -39,7 +39,7 @@ import zmq.asyncio
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from daemon.client import ClemdApiError, ClemdClient  # noqa: E402
+from daemon.client import ClemdApiError, ClemdClient
 
 
 def _port() -> int:

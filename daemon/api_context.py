@@ -10,7 +10,8 @@ from daemon.api_schema import ProgressInfo, SessionInfo
 from daemon.config import Role, ServiceConfig
 from daemon.events import EventBus
 from daemon.instruments import Instruments
-from daemon.journal import Journal, SessionRow
+from daemon.journal import Journal
+from daemon.journal_rows import SessionRow
 from daemon.runner import SessionRunner
 from daemon.templates import TemplateRegistry
 

@@ -29,7 +29,12 @@ from rich.console import Console
 from rich.table import Table
 
 from daemon.client import (
-    DEFAULT_ADDRESS, DEFAULT_EVENTS, ClemdApiError, ClemdClient, ClientTimeout, CurveClientKeys,
+    DEFAULT_ADDRESS,
+    DEFAULT_EVENTS,
+    ClemdApiError,
+    ClemdClient,
+    ClientTimeout,
+    CurveClientKeys,
 )
 from daemon.watch import watch
 
@@ -123,7 +128,7 @@ def _sessions_table(rows: list[dict[str, Any]]) -> Table:
 def _run(ns: argparse.Namespace, c: ClemdClient, out: Console) -> int:
     show: Callable[[Any], None] = (lambda v: out.print_json(json.dumps(v))) if ns.json else \
         (lambda v: out.print(v))
-    sid = getattr(ns, "session_id", None)
+    sid: str = getattr(ns, "session_id", "")
     simple = {"start": "sessions.start", "pause": "sessions.pause", "resume": "sessions.resume",
               "cancel": "jobs.cancel", "show": "sessions.get"}
     if ns.cmd == "status":

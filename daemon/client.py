@@ -18,7 +18,7 @@ import os
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import zmq
 import zmq.auth
@@ -118,7 +118,7 @@ class ClemdClient:
         self._sock.close(linger=0)
         self._ctx.term()
 
-    def __enter__(self) -> ClemdClient:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -183,7 +183,8 @@ class ClemdClient:
         try:
             deadline = time.monotonic() + timeout_s
             while True:
-                info = self.call("sessions.get", {"session_id": session_id})["session"]
+                info: dict[str, Any] = self.call("sessions.get",
+                                                 {"session_id": session_id})["session"]
                 if info["state"] in states:
                     return info
                 remaining = deadline - time.monotonic()

@@ -22,7 +22,8 @@ from typing import Any, Protocol
 
 import structlog
 
-from daemon.journal import EventRow, Journal, Tx
+from daemon.journal import Journal, Tx
+from daemon.journal_rows import EventRow
 
 log = structlog.get_logger(__name__)
 

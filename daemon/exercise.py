@@ -142,7 +142,7 @@ def _instruments(p: ExerciseParams) -> frozenset[str]:
 
 
 def clemd_templates() -> list[tuple[Any, ...]]:
-    return [("exercise", ExerciseParams, ExercisePlan, _instruments,
-             "LM and EM raster that images N positions and records each file; for tests, "
-             "commissioning and benchmarks")]
+    description = ("LM and EM raster that images N positions and records each file; for "
+                   "tests, commissioning and benchmarks")
+    return [("exercise", ExerciseParams, ExercisePlan, _instruments, description)]
 

@@ -12,8 +12,19 @@ from typing import Any
 
 from daemon.api_context import Call
 from daemon.api_schema import (
-    API_SCHEMA, ConfigResult, DeviceList, DeviceStatus, DevicesLimits, Empty, EventInfo,
-    EventList, EventsList, LimitsResult, ShutdownResult, StatusResult, TemplateInfo,
+    API_SCHEMA,
+    ConfigResult,
+    DeviceList,
+    DevicesLimits,
+    DeviceStatus,
+    Empty,
+    EventInfo,
+    EventList,
+    EventsList,
+    LimitsResult,
+    ShutdownResult,
+    StatusResult,
+    TemplateInfo,
     TemplateList,
 )
 from daemon.errors import NotFound
@@ -35,7 +46,7 @@ def _devices(call: Call) -> list[DeviceStatus]:
 def status(call: Call, p: Empty) -> StatusResult:
     svc = call.services
     return StatusResult(
-        service="clemd", version=svc.version, schema_version=API_SCHEMA,
+        service="clemd", version=svc.version, schema=API_SCHEMA,
         state="stopping" if svc.stopping() else "serving",
         uptime_s=time.monotonic() - svc.started_at,
         clock="real" if isinstance(svc.instruments.clock, RealClock) else "virtual",

@@ -4,8 +4,17 @@ from __future__ import annotations
 
 from daemon.api_context import Call, change_token, session_info
 from daemon.api_schema import (
-    ArtifactInfo, JobsEnqueue, JobsReorder, SessionDetail, SessionInfo, SessionList,
-    SessionRef, SessionsAbort, SessionsConfirm, SessionsCreate, SessionsList,
+    ArtifactInfo,
+    JobsEnqueue,
+    JobsReorder,
+    SessionDetail,
+    SessionInfo,
+    SessionList,
+    SessionRef,
+    SessionsAbort,
+    SessionsConfirm,
+    SessionsCreate,
+    SessionsList,
 )
 from daemon.states import SessionState
 from drivers.base import InvalidState

@@ -7,16 +7,26 @@ id with different values is refused (409). A request's targets commit together o
 
 from __future__ import annotations
 
+import structlog
+
 from daemon.api_context import Call
 from daemon.api_schema import (
-    RemovedResult, TargetIn, TargetInfo, TargetsList, TargetsRemove, TargetsResult,
+    RemovedResult,
+    TargetIn,
+    TargetInfo,
+    TargetsList,
+    TargetsRemove,
+    TargetsResult,
     TargetsSubmit,
 )
 from daemon.errors import BadRequest, NotFound
 from daemon.events import EventKind, topic
-from daemon.journal import Journal, SessionRow, TargetRow
+from daemon.journal import Journal
+from daemon.journal_rows import SessionRow, TargetRow
 from daemon.states import TERMINAL, SessionState
 from drivers.base import InvalidState
+
+log = structlog.get_logger(__name__)
 
 
 def _info(t: TargetRow) -> TargetInfo:
@@ -81,6 +91,8 @@ def submit(call: Call, p: TargetsSubmit) -> TargetsResult:
                          {"action": "added", "ids": created, "rev": rev})
         else:
             rev = session.targets_rev
+    log.info("targets.submitted", session=session.id, client=call.client, new=len(created),
+             resent=len(out) - len(created), rev=rev)
     return TargetsResult(targets=[_info(t) for t in out], created=len(created), rev=rev)
 
 
@@ -106,4 +118,6 @@ def remove(call: Call, p: TargetsRemove) -> RemovedResult:
         rev = tx.bump_targets_rev(session.id)
         tx.add_event(topic(EventKind.TARGET, session.id), session.id,
                      {"action": "removed", "ids": list(p.target_ids), "rev": rev})
+    log.info("targets.removed", session=session.id, client=call.client, ids=p.target_ids,
+             rev=rev)
     return RemovedResult(removed=list(p.target_ids), rev=rev)

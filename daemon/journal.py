@@ -20,13 +20,22 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import structlog
 
 from daemon.errors import JournalError
+from daemon.journal_rows import (
+    ArtifactRow,
+    EventRow,
+    SessionRow,
+    TargetRow,
+    artifact_row,
+    event_row,
+    session_row,
+    target_row,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -113,85 +122,6 @@ CREATE INDEX IF NOT EXISTS events_by_session ON events (session_id, seq);
 def dumps(value: Any) -> str:
     """Strict JSON (no NaN/Infinity), as every client can parse it."""
     return json.dumps(value, allow_nan=False, separators=(",", ":"), sort_keys=True)
-
-
-@dataclass(frozen=True)
-class SessionRow:
-    id: str
-    ord: int
-    name: str
-    template: str
-    params: dict[str, Any]
-    state: str
-    reason: str
-    message: str
-    error: dict[str, Any] | None
-    waiting_key: str | None
-    current_step: str | None
-    queue_pos: float | None
-    steps_done: int
-    targets_rev: int
-    data_dir: str
-    created_at: float
-    updated_at: float
-
-
-@dataclass(frozen=True)
-class TargetRow:
-    session_id: str
-    target_id: str
-    ord: int
-    label: str
-    frame: str
-    x: float
-    y: float
-    z: float | None
-    meta: dict[str, Any]
-    created_at: float
-    removed_at: float | None
-
-
-@dataclass(frozen=True)
-class ArtifactRow:
-    id: int
-    session_id: str
-    step_key: str
-    path: str
-    kind: str
-    size_bytes: int
-    meta: dict[str, Any]
-    created_at: float
-
-
-@dataclass(frozen=True)
-class EventRow:
-    seq: int
-    time: float
-    topic: str
-    session_id: str | None
-    payload: dict[str, Any]
-
-
-def _session(r: sqlite3.Row) -> SessionRow:
-    return SessionRow(r["id"], r["ord"], r["name"], r["template"], json.loads(r["params"]),
-                      r["state"], r["reason"], r["message"],
-                      json.loads(r["error"]) if r["error"] else None, r["waiting_key"],
-                      r["current_step"], r["queue_pos"], r["steps_done"], r["targets_rev"],
-                      r["data_dir"], r["created_at"], r["updated_at"])
-
-
-def _target(r: sqlite3.Row) -> TargetRow:
-    return TargetRow(r["session_id"], r["target_id"], r["ord"], r["label"], r["frame"], r["x"],
-                     r["y"], r["z"], json.loads(r["meta"]), r["created_at"], r["removed_at"])
-
-
-def _artifact(r: sqlite3.Row) -> ArtifactRow:
-    return ArtifactRow(r["id"], r["session_id"], r["step_key"], r["path"], r["kind"],
-                       r["size_bytes"], json.loads(r["meta"]), r["created_at"])
-
-
-def _event(r: sqlite3.Row) -> EventRow:
-    return EventRow(r["seq"], r["time"], r["topic"], r["session_id"], json.loads(r["payload"]))
 
 
 class Tx:
@@ -366,7 +296,7 @@ class Journal:
 
     def session(self, session_id: str) -> SessionRow | None:
         rows = self._all("SELECT * FROM sessions WHERE id = ?", (session_id,))
-        return _session(rows[0]) if rows else None
+        return session_row(rows[0]) if rows else None
 
     def sessions(self, states: Sequence[str] | None = None) -> list[SessionRow]:
         if states:
@@ -375,7 +305,7 @@ class Journal:
                              tuple(states))
         else:
             rows = self._all("SELECT * FROM sessions ORDER BY ord")
-        return [_session(r) for r in rows]
+        return [session_row(r) for r in rows]
 
     def step_result(self, session_id: str, key: str) -> dict[str, Any] | None:
         rows = self._all("SELECT result FROM steps WHERE session_id = ? AND key = ?",
@@ -387,29 +317,29 @@ class Journal:
                                         (session_id,))]
 
     def artifacts(self, session_id: str) -> list[ArtifactRow]:
-        return [_artifact(r) for r in self._all(
+        return [artifact_row(r) for r in self._all(
             "SELECT * FROM artifacts WHERE session_id = ? ORDER BY id", (session_id,))]
 
     def artifact(self, session_id: str, artifact_id: int) -> ArtifactRow | None:
         rows = self._all("SELECT * FROM artifacts WHERE session_id = ? AND id = ?",
                          (session_id, artifact_id))
-        return _artifact(rows[0]) if rows else None
+        return artifact_row(rows[0]) if rows else None
 
     def artifact_by_path(self, session_id: str, path: str) -> ArtifactRow | None:
         rows = self._all("SELECT * FROM artifacts WHERE session_id = ? AND path = ?",
                          (session_id, path))
-        return _artifact(rows[0]) if rows else None
+        return artifact_row(rows[0]) if rows else None
 
     def targets(self, session_id: str, include_removed: bool = False) -> list[TargetRow]:
         sql = "SELECT * FROM targets WHERE session_id = ?"
         if not include_removed:
             sql += " AND removed_at IS NULL"
-        return [_target(r) for r in self._all(sql + " ORDER BY ord", (session_id,))]
+        return [target_row(r) for r in self._all(sql + " ORDER BY ord", (session_id,))]
 
     def target(self, session_id: str, target_id: str) -> TargetRow | None:
         rows = self._all("SELECT * FROM targets WHERE session_id = ? AND target_id = ?",
                          (session_id, target_id))
-        return _target(rows[0]) if rows else None
+        return target_row(rows[0]) if rows else None
 
     def confirmations(self, session_id: str) -> set[str]:
         return {r[0] for r in self._all("SELECT key FROM confirmations WHERE session_id = ?",
@@ -423,7 +353,7 @@ class Journal:
         if session_id is not None:
             sql += " AND session_id = ?"
             args.append(session_id)
-        return [_event(r) for r in self._all(sql + " ORDER BY seq LIMIT ?", (*args, limit))]
+        return [event_row(r) for r in self._all(sql + " ORDER BY seq LIMIT ?", (*args, limit))]
 
     def last_event_seq(self) -> int:
         rows = self._all("SELECT COALESCE(MAX(seq), 0) FROM events")

@@ -12,8 +12,19 @@ from daemon import handlers_service as svc
 from daemon import handlers_sessions as ses
 from daemon import handlers_targets as tgt
 from daemon.api_schema import (
-    DevicesLimits, Empty, EventsList, JobsEnqueue, JobsReorder, SessionRef, SessionsAbort,
-    SessionsConfirm, SessionsCreate, SessionsList, TargetsList, TargetsRemove, TargetsSubmit,
+    DevicesLimits,
+    Empty,
+    EventsList,
+    JobsEnqueue,
+    JobsReorder,
+    SessionRef,
+    SessionsAbort,
+    SessionsConfirm,
+    SessionsCreate,
+    SessionsList,
+    TargetsList,
+    TargetsRemove,
+    TargetsSubmit,
 )
 
 

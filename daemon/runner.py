@@ -22,14 +22,15 @@ from daemon.config import RunnerConfig
 from daemon.errors import NotFound, ServiceBusy
 from daemon.events import EventBus, EventKind, topic
 from daemon.instruments import Instruments
-from daemon.journal import SessionRow
+from daemon.journal_rows import SessionRow
+from daemon.session_events import StepEvents
 from daemon.session_exec import Hooks, Outcome, OutcomeKind, SessionExecution, error_record
 from daemon.states import EXECUTING, HOLDS_INSTRUMENTS, Reason, SessionState, check_transition
 from daemon.stepstore import JournalStepStore
 from daemon.templates import SessionEnv, TemplateRegistry
 from daemon.workers import InstrumentWorker
-from drivers.base import ClemdError, InvalidState
-from protocols.plan import Progress, RunControl, Step, StepContext
+from drivers.base import InvalidState
+from protocols.plan import Progress, RunControl, StepContext
 
 log = structlog.get_logger(__name__)
 S = SessionState
@@ -60,6 +61,7 @@ class SessionRunner:
         self._lock = threading.RLock()
         self._live: dict[str, Live] = {}
         self._stopping = False
+        self._events = StepEvents(bus, cfg)
         self.workers: dict[str, InstrumentWorker] = {"": InstrumentWorker("compute", None)}
         for name in instruments.names():
             self.workers[name] = InstrumentWorker(name, instruments.get(name))
@@ -67,6 +69,7 @@ class SessionRunner:
     # ------------------------------------------------------------------ commands
 
     def create(self, template: str, params: dict[str, Any], name: str) -> SessionRow:
+        self._refuse_if_stopping()
         tpl = self.registry.get(template)
         model = self.registry.validate(template, params)
         missing = tpl.instruments_for(model) - set(self.instruments.names())
@@ -328,9 +331,9 @@ class SessionRunner:
                           store=JournalStepStore(self.bus, row.id, folder),
                           lm=self.instruments.lm, em=self.instruments.em,
                           params=params.model_dump(mode="json"), log=log.bind(session=row.id))
-        hooks = Hooks(step_started=self._hook(row.id, self._step_started),
-                      progress=self._hook(row.id, self._progress),
-                      retrying=self._hook(row.id, self._retrying))
+        hooks = Hooks(step_started=self._hook(row.id, self._events.step_started),
+                      progress=self._hook(row.id, self._events.progress),
+                      retrying=self._hook(row.id, self._events.retrying))
         return SessionExecution(row.id, plan, ctx, control, self.workers, self.cfg, hooks)
 
     @staticmethod
@@ -389,25 +392,5 @@ class SessionRunner:
     def _abort_instruments(self, sid: str) -> None:
         for worker in self.workers.values():
             worker.abort_session(sid)
-
-    def _step_started(self, sid: str, step: Step) -> None:
-        with self.bus.transaction() as tx:
-            tx.update_session(sid, current_step=step.key)
-            tx.add_event(topic(EventKind.STEP, sid), sid,
-                         {"key": step.key, "title": step.title, "instrument": step.instrument,
-                          "checkpoint": step.checkpoint, "estimate_s": step.estimate_s})
-
-    def _progress(self, sid: str, p: Progress) -> None:
-        self.bus.emit(EventKind.PROGRESS, sid,
-                      {"plan": p.plan, "key": p.key, "title": p.title, "done": p.done,
-                       "total": p.total, "elapsed_s": p.elapsed_s, "eta_s": p.eta_s})
-
-    def _retrying(self, sid: str, step: Step, err: ClemdError, attempt: int) -> None:
-        log.warning("step.retry", session=sid, step=step.key, attempt=attempt, error=str(err))
-        self.bus.emit(EventKind.WARNING, sid,
-                      {"message": f"retrying step {step.key} after {type(err).__name__}: {err} "
-                                  f"(attempt {attempt + 1} of {self.cfg.step_retries + 1})",
-                       "step": step.key, "error": error_record(err, step.key)})
-
 
 __all__ = ["SessionRunner"]

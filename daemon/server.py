@@ -22,13 +22,19 @@ from pydantic import BaseModel, ValidationError
 from daemon.api_context import Call, Services
 from daemon.api_schema import API_SCHEMA, Request
 from daemon.config import ApiConfig, Role
-from drivers.errors import ConfigError
 from daemon.errors import (
-    ApiError, BadRequest, Forbidden, ServiceBusy, TooLarge, Unauthorised, UnknownMethod,
+    ApiError,
+    BadRequest,
+    Forbidden,
+    ServiceBusy,
+    TooLarge,
+    Unauthorised,
+    UnknownMethod,
     error_code,
 )
 from daemon.methods import METHODS, Method
 from daemon.security import API_DOMAIN, EVENTS_DOMAIN, CurveKeys, make_curve_server
+from drivers.errors import ConfigError
 
 log = structlog.get_logger(__name__)
 

@@ -24,7 +24,14 @@ from daemon.errors import WatchdogExpired
 from daemon.workers import InstrumentWorker
 from drivers.base import Aborted, ClemdError, RealClock
 from protocols.plan import (
-    CheckpointWaiting, Paused, Plan, Progress, RunControl, Step, StepContext, StepResult,
+    CheckpointWaiting,
+    Paused,
+    Plan,
+    Progress,
+    RunControl,
+    Step,
+    StepContext,
+    StepResult,
     run_plan,
 )
 

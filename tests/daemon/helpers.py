@@ -1,18 +1,85 @@
-"""Shared helpers: journal snapshots, raw requests, test templates that misbehave on purpose."""
+"""Shared helpers: configs on free ports, an in-process service, journal snapshots, and
+templates that misbehave on purpose."""
 
 from __future__ import annotations
 
+import socket
 import sqlite3
 import threading
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from daemon.client import ClemdClient, CurveClientKeys
+from daemon.config import ServiceConfig
+from daemon.service import Service
 from daemon.templates import SessionEnv, TemplateRegistry, default_registry
 from drivers.base import ConnectionLost, LimitViolation
 from protocols.plan import Plan, Step, StepContext, StepResult
+
+SMALL_LM = {"camera": {"shape": [64, 64]}}
+SMALL_EM = {"camera_shape": [128, 128]}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def config_dict(data_dir: Path, **overrides: Any) -> dict[str, Any]:
+    """A simulated-instruments config on two free loopback ports."""
+    base: dict[str, Any] = {
+        "data_dir": str(data_dir),
+        "api": {"bind": f"tcp://127.0.0.1:{free_port()}",
+                "events": f"tcp://127.0.0.1:{free_port()}"},
+        "lm": {"kind": "simulated", "settings": SMALL_LM},
+        "em": {"kind": "simulated", "settings": SMALL_EM},
+        "runner": {"retry_backoff_s": 0.0},
+    }
+    for key, value in overrides.items():
+        if value is None:
+            base.pop(key, None)
+        elif isinstance(value, dict) and isinstance(base.get(key), dict):
+            base[key] = {**base[key], **value}
+        else:
+            base[key] = value
+    return base
+
+
+@dataclass
+class Running:
+    """A service serving on a thread; ``client()`` gives closed-at-teardown clients."""
+
+    service: Service
+    cfg: ServiceConfig
+    thread: threading.Thread
+    clients: list[ClemdClient] = field(default_factory=list)
+
+    def client(self, keys: CurveClientKeys | None = None, timeout_s: float = 10.0) -> ClemdClient:
+        c = ClemdClient(self.cfg.api.bind, self.cfg.api.events, keys=keys, timeout_s=timeout_s)
+        self.clients.append(c)
+        return c
+
+    def stop(self) -> None:
+        for c in self.clients:
+            c.close()
+        self.clients.clear()
+        self.service.stop_event.set()
+        self.thread.join(30)
+        self.service.close()
+
+
+def start_service(cfg: ServiceConfig, registry: TemplateRegistry | None = None) -> Running:
+    service = Service(cfg, registry=registry)
+    service.start()
+    thread = threading.Thread(target=service.serve, name="test-serve", daemon=True)
+    thread.start()
+    return Running(service, cfg, thread)
+
 
 TABLES = ("sessions", "steps", "artifacts", "targets", "confirmations", "events")
 

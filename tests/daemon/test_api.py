@@ -16,8 +16,7 @@ import zmq
 
 from daemon.client import ClemdApiError, ClemdClient
 from daemon.methods import METHODS
-from tests.daemon.conftest import Running
-from tests.daemon.helpers import journal_snapshot
+from tests.daemon.helpers import Running, journal_snapshot
 
 
 def _req(method: str, params: dict[str, Any] | None = None, rid: Any = "r1",
@@ -126,8 +125,9 @@ BAD: list[tuple[str, Callable[[str], bytes], int, str]] = [
     ("out-of-range", lambda sid: _req("sessions.create", {"template": "exercise",
                                                           "params": {"positions": 0}}),
      400, "bad_request"),
-    ("nan", lambda sid: ('{"id":"r1","method":"targets.submit","params":{"session_id":"%s",'
-                         '"targets":[{"frame":"lm_stage","x":NaN,"y":0}]}}' % sid).encode(),
+    ("nan", lambda sid: ('{"id":"r1","method":"targets.submit","params":{"session_id":'
+                         f'"{sid}","targets":[{{"frame":"lm_stage","x":NaN,"y":0}}]}}}}'
+                         ).encode(),
      400, "bad_request"),
     ("coordinate-too-far", lambda sid: _req("targets.submit", {
         "session_id": sid, "targets": [{"frame": "lm_stage", "x": 1e9, "y": 0}]}),

@@ -4,18 +4,19 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from daemon.clemctl import main, read_targets_csv
-from tests.daemon.conftest import Running
+from tests.daemon.helpers import Running
 
 
 def _ctl(service: Running, *args: str) -> int:
     return main(["--address", service.cfg.api.bind, "--events", service.cfg.api.events, *args])
 
 
-def _json(service: Running, capsys: pytest.CaptureFixture[str], *args: str) -> object:
+def _json(service: Running, capsys: pytest.CaptureFixture[str], *args: str) -> Any:
     capsys.readouterr()
     assert _ctl(service, "--json", *args) == 0
     return json.loads(capsys.readouterr().out)
@@ -27,7 +28,7 @@ def test_a_session_from_the_command_line(service: Running, tmp_path: Path,
     assert "serving" in capsys.readouterr().out
     s = _json(service, capsys, "create", "exercise", "--params",
               '{"positions": 2, "checkpoint": true}')
-    sid = s["id"]  # type: ignore[index]
+    sid = s["id"]
     csv_file = tmp_path / "targets.csv"
     csv_file.write_text("id,x,y,label\na1,1.5,2.5,virus\na2,-3,4,\n", encoding="utf-8")
     assert _json(service, capsys, "targets", "submit", sid, str(csv_file),
@@ -35,7 +36,7 @@ def test_a_session_from_the_command_line(service: Running, tmp_path: Path,
     assert _json(service, capsys, "targets", "submit", sid, str(csv_file),
                  "--frame", "em_stage") == {"acknowledged": 2, "new": 0}
     listed = _json(service, capsys, "targets", "list", sid)
-    assert [(t["id"], t["x"], t["frame"]) for t in listed] == [  # type: ignore[union-attr]
+    assert [(t["id"], t["x"], t["frame"]) for t in listed] == [
         ("a1", 1.5, "em_stage"), ("a2", -3.0, "em_stage")]
     assert _ctl(service, "start", sid) == 0
     capsys.readouterr()
@@ -46,14 +47,14 @@ def test_a_session_from_the_command_line(service: Running, tmp_path: Path,
     assert _ctl(service, "watch", sid, "--timeout", "60") == 0
     assert "completed" in capsys.readouterr().out
     rows = _json(service, capsys, "sessions", "--state", "completed")
-    assert [r["id"] for r in rows] == [sid]  # type: ignore[union-attr]
+    assert [r["id"] for r in rows] == [sid]
     assert _ctl(service, "targets", "remove", sid, "a1") == 1          # session has ended
     assert _ctl(service, "show", sid) == 0
 
 
 def test_control_and_errors(service: Running, capsys: pytest.CaptureFixture[str]) -> None:
     s = _json(service, capsys, "create", "exercise")
-    sid = s["id"]  # type: ignore[index]
+    sid = s["id"]
     assert _ctl(service, "pause", sid) == 1                          # 409: not running
     assert "409" in capsys.readouterr().err
     assert _ctl(service, "abort", sid, "--reason", "test") == 0

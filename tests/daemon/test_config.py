@@ -9,8 +9,8 @@ import pytest
 from daemon.cli import main
 from daemon.config import config_from_mapping, is_loopback, load_config
 from daemon.errors import InstrumentUnavailable
-from daemon.security import load_keys
 from daemon.instruments import _import
+from daemon.security import load_keys
 from drivers.errors import ConfigError
 
 GOOD = """

@@ -16,8 +16,7 @@ from hypothesis import strategies as st
 
 from daemon.config import config_from_mapping
 from daemon.methods import METHODS
-from tests.daemon.conftest import Running, config_dict, start_service
-from tests.daemon.helpers import journal_snapshot
+from tests.daemon.helpers import Running, config_dict, journal_snapshot, start_service
 
 CODES = {400, 401, 403, 404, 409, 413, 500, 503}
 SAFE_METHODS = sorted(m for m in METHODS if m != "shutdown")

@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 
 from daemon.client import ClemdApiError, ClemdClient
-from tests.daemon.conftest import free_port
+from tests.daemon.helpers import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 POSITIONS = 20
@@ -111,7 +111,7 @@ class TargetFeeder:
     def _run(self) -> None:
         with ClemdClient(self.address, self.events, timeout_s=1.0) as c:
             while not self.stop.is_set():
-                t = {"id": f"k{self.n:04d}", "frame": "em_stage",
+                t: dict[str, Any] = {"id": f"k{self.n:04d}", "frame": "em_stage",
                      "x": float(self.n % 40) - 20.0, "y": float(self.n % 7), "label": "feeder"}
                 try:
                     c.submit_targets(self.sid, [t])

@@ -11,8 +11,7 @@ import pytest
 
 from daemon.cli import main
 from daemon.client import ClemdApiError, ClientTimeout, CurveClientKeys
-from tests.daemon.conftest import Running
-from tests.daemon.helpers import journal_snapshot
+from tests.daemon.helpers import Running, journal_snapshot
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from tests.daemon.conftest import Running
+from tests.daemon.helpers import Running
 
 serialem_server = pytest.importorskip("simulators.serialem_server")
 
@@ -47,7 +47,7 @@ def test_exercise_session_through_the_serialem_driver(make_service: Callable[...
 
 def test_serialem_not_running_pauses_the_session_with_a_clear_error(
         make_service: Callable[..., Running]) -> None:
-    from tests.daemon.conftest import free_port
+    from tests.daemon.helpers import free_port
     running = make_service(em={"kind": "serialem", "settings": _settings("127.0.0.1",
                                                                          free_port())},
                            runner={"step_retries": 1, "retry_backoff_s": 0.01})

@@ -10,7 +10,7 @@ from daemon.config import config_from_mapping
 from daemon.errors import JournalError
 from daemon.service import Service
 from drivers.errors import ConfigError
-from tests.daemon.conftest import Running, config_dict
+from tests.daemon.helpers import Running, config_dict
 
 
 def test_second_service_on_the_same_data_dir_is_refused(

@@ -9,8 +9,7 @@ from collections.abc import Callable
 import pytest
 
 from daemon.client import ClemdApiError, ClemdClient
-from tests.daemon.conftest import Running
-from tests.daemon.helpers import Gate, misbehaving_registry
+from tests.daemon.helpers import Gate, Running, misbehaving_registry
 
 END = {"completed", "aborted", "failed", "paused"}
 

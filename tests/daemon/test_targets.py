@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from daemon.client import ClemdApiError, ClemdClient
-from tests.daemon.conftest import Running
-from tests.daemon.helpers import journal_snapshot
+from tests.daemon.helpers import Running, journal_snapshot
 
 
 def _t(tid: str | None, x: float, frame: str = "lm_stage", **kw: object) -> dict[str, object]:
@@ -123,7 +124,7 @@ def test_pipelined_submissions_commit_in_groups_without_mixing_up_refusals(
                 "session_id": sid, "targets": [target]}}).encode())
             if not bad:
                 expected_ok.add(i)
-        replies = {}
+        replies: dict[int, dict[str, Any]] = {}
         while len(replies) < 300:
             assert sock.poll(10_000)
             r = json.loads(sock.recv())
