@@ -23,7 +23,7 @@ def _basis(x: NDArray[np.float64], y: NDArray[np.float64]) -> NDArray[np.float64
     return np.column_stack([x, y, x * x, y * y, x * y])
 
 
-def estimate_flat_field(tiles: Sequence[NDArray[np.generic]], *, step: int = 8,
+def estimate_flat_field(tiles: Sequence[NDArray[np.generic]], *, samples: int = 48,
                         min_tiles: int = 4, open_fraction: float = 0.6,
                         trim_iterations: int = 3) -> NDArray[np.float32] | None:
     """Relative illumination (mean 1) of the tiles' shape, or None with too few tiles.
@@ -34,6 +34,7 @@ def estimate_flat_field(tiles: Sequence[NDArray[np.generic]], *, step: int = 8,
     if len(tiles) < min_tiles:
         return None
     h, w = np.asarray(tiles[0]).shape
+    step = max(1, min(h, w) // samples)
     ys, xs = np.mgrid[0:h:step, 0:w:step]
     xn = (xs.ravel() - (w - 1) / 2) / ((w - 1) / 2)
     yn = (ys.ravel() - (h - 1) / 2) / ((h - 1) / 2)
@@ -63,9 +64,9 @@ def estimate_flat_field(tiles: Sequence[NDArray[np.generic]], *, step: int = 8,
         coef = np.asarray(np.linalg.lstsq(design[keep], v[keep], rcond=None)[0], dtype=np.float64)
         res = np.abs(design @ coef - v)
         keep = res <= max(3.0 * 1.4826 * float(np.median(res[keep])), 1e-4)
-    yy, xx = np.mgrid[0:h, 0:w]
-    xf = (xx.ravel() - (w - 1) / 2) / ((w - 1) / 2)
-    yf = (yy.ravel() - (h - 1) / 2) / ((h - 1) / 2)
-    field = np.exp(_basis(xf, yf) @ coef[:5]).reshape(h, w)
+    xf = ((np.arange(w) - (w - 1) / 2) / ((w - 1) / 2))[None, :]
+    yf = ((np.arange(h) - (h - 1) / 2) / ((h - 1) / 2))[:, None]
+    a, b, c, d, e = coef[:5]
+    field = np.exp(a * xf + b * yf + c * xf * xf + d * yf * yf + e * xf * yf)
     out: NDArray[np.float32] = (field / field.mean()).astype(np.float32)
     return out

@@ -61,6 +61,7 @@ class SquareSelectionParams(BaseModel):
     select: int = Field(2, ge=1, le=100)
     min_beads: int = Field(4, ge=0)
     max_cells: int = Field(2, ge=1)
+    fill_below_criteria: bool = False
     override: tuple[str, ...] | None = None
     exclude: tuple[str, ...] = ()
     inspection: InspectionParams = Field(
@@ -232,7 +233,8 @@ def rank_squares(sites: list[SquareSite], inspected: dict[str, dict[str, Any]],
 
     Inspected squares are ranked above the rest by their 100x evidence: intact film (the
     hole lattice), 1..``max_cells`` cells, beads (full marks from ``min_beads``), and the
-    periphery covering the centre; the others keep their atlas pre-score.
+    periphery covering the centre; squares meeting all three criteria rank first (score
+    >= 2), usable ones below them (>= 1); the others keep their atlas pre-score (< 1).
     """
     rows = []
     for s in sites:
@@ -257,10 +259,14 @@ def rank_squares(sites: list[SquareSite], inspected: dict[str, dict[str, Any]],
                                                         f" (want >= {p.min_beads})"))
             periphery = float(sc["centre_periphery_fraction"])
             reasons.append(f"thin periphery covers {periphery:.0%} of the centre")
-            score = film * cells * beads * (0.25 + 0.75 * min(1.0, 2 * periphery))
-            score += 1.0 if score > 0 else 0.0      # inspected and usable ranks first
+            quality = film * cells * beads * (0.25 + 0.75 * min(1.0, 2 * periphery))
+            meets = film == 1.0 and cells == 1.0 and beads >= 1.0
+            row["meets_criteria"] = meets
+            # meeting every criterion ranks first, then usable inspected squares, then the rest
+            score = (2.0 if meets else 1.0) + quality if quality > 0 else 0.0
         else:
             score = 0.0 if pre == 0 else min(0.99, 0.1 * pre)
+        row.setdefault("meets_criteria", False)
         row["score"], row["reasons"] = float(score), reasons
         rows.append(row)
     rows.sort(key=lambda r: (-r["score"], r["key"]))
@@ -333,9 +339,14 @@ class SquareSelectionPlan(Plan):
                 chosen = list(p.override)
                 how = "override"
             else:
-                chosen = [r["key"] for r in ranked if r["inspected"] and r["score"] >= 1.0
-                          ][:p.select]
+                chosen = [r["key"] for r in ranked if r["meets_criteria"]][:p.select]
+                if p.fill_below_criteria:
+                    chosen += [r["key"] for r in ranked if r["inspected"] and r["score"] > 0
+                               and not r["meets_criteria"]][:p.select - len(chosen)]
                 how = "automatic"
+                if len(chosen) < p.select:
+                    ctx.log.warning("squares.too_few", wanted=p.select, chosen=len(chosen),
+                                    reason="too few inspected squares meet the criteria")
             by_key = {r["key"]: r for r in ranked}
             selected = [{"key": k, "centre_um": by_key[k]["centre_um"],
                          "focus_z_um": ctx.result(f"{p.inspect_prefix}/{k}")["scores"][
