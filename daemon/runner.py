@@ -210,6 +210,10 @@ class SessionRunner:
                     self._transition(row.id, S.ABORTED, Reason.SERVICE_RESTART,
                                      message="abort completed at restart")
                     continue
+                if row.state == S.PAUSING.value:    # the operator's pause stands
+                    self._transition(row.id, S.PAUSED, Reason.SERVICE_RESTART,
+                                     message="pause completed at restart")
+                    continue
                 where = (f"during step {row.current_step}" if row.current_step
                          else "between steps")
                 self._transition(row.id, S.INTERRUPTED, Reason.SERVICE_RESTART,

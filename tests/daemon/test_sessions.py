@@ -170,3 +170,30 @@ def test_graceful_stop_then_restart_resumes(make_service: Callable[..., Running]
     states = [e["payload"]["state"] for e in c2.call(
         "events.list", {"topic_prefix": "state", "session_id": s["id"]})["events"]]
     assert "interrupted" in states
+
+
+@pytest.mark.parametrize("crashed_in,after", [("running", "completed"), ("pausing", "paused"),
+                                              ("aborting", "aborted")])
+def test_restart_after_a_crash_in_each_executing_state(make_service: Callable[..., Running],
+                                                       crashed_in: str, after: str) -> None:
+    import sqlite3
+    first = make_service()
+    c = first.client()
+    s = c.create_session("exercise", {"positions": 3, "em": False}, start=True)
+    c.wait_state(s["id"], {"completed"}, 60)
+    first.stop()
+    # what a kill -9 in that state leaves behind: the state, and the last step uncommitted
+    conn = sqlite3.connect(first.cfg.data_dir / "journal.sqlite")
+    with conn:
+        conn.execute("DELETE FROM artifacts WHERE step_key = 'lm/pos-002'")
+        conn.execute("DELETE FROM steps WHERE key = 'lm/pos-002'")
+        conn.execute("UPDATE sessions SET state = ?, steps_done = 2, current_step = "
+                     "'lm/pos-002' WHERE id = ?", (crashed_in, s["id"]))
+    conn.close()
+    second = make_service(data_dir=first.cfg.data_dir)
+    c2 = second.client()
+    done = c2.wait_state(s["id"], {"completed", "paused", "aborted"}, 60)
+    assert done["state"] == after and done["reason"] in ("service_restart", "plan_finished")
+    steps = c2.session(s["id"])["steps"]
+    expected = ["lm/pos-000", "lm/pos-001"] + (["lm/pos-002"] if after == "completed" else [])
+    assert steps == expected
