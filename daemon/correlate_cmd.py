@@ -27,7 +27,7 @@ from typing import NoReturn
 
 import numpy as np
 
-from daemon.correlate_images import run_beads
+from daemon.correlate_images import run_atlas, run_beads
 from daemon.correlate_schema import CorrelateOutput, output_model
 from protocols.correlation.errors import CorrelationInputError
 from protocols.correlation.points import correlate_points
@@ -131,11 +131,9 @@ def _run_beads(args: argparse.Namespace, started: float) -> CorrelateOutput:
     return run_beads(args, started, ids, targets)
 
 
-def _not_implemented(name: str) -> Callable[[argparse.Namespace, float], CorrelateOutput]:
-    def run(args: argparse.Namespace, started: float) -> CorrelateOutput:
-        raise CorrelationInputError(f"{name}: not implemented yet "
-                                    "(issue 3, phase 2); use 'points' with detected beads")
-    return run
+def _run_atlas(args: argparse.Namespace, started: float) -> CorrelateOutput:
+    ids, points = read_xy_csv(args.points, "points", with_id=True)
+    return run_atlas(args, started, ids, points)
 
 
 @dataclass(frozen=True)
@@ -152,7 +150,7 @@ SUBCOMMANDS: dict[str, Subcommand] = {
     "beads": Subcommand("fLM bead image and EM map of one square",
                         lambda p: _add_image_args(p, "--targets"), _run_beads),
     "atlas": Subcommand("fLM overview and EM atlas of the grid",
-                        lambda p: _add_image_args(p, "--points"), _not_implemented("atlas")),
+                        lambda p: _add_image_args(p, "--points"), _run_atlas),
 }
 
 

@@ -1,4 +1,4 @@
-"""Image inputs of `clemd correlate beads|atlas`: reading TIFF/MRC, and the beads runner.
+"""Image inputs of `clemd correlate beads|atlas`: reading TIFF/MRC, and their runners.
 
 Pixel (x, y) = (column, row) of the 2D array exactly as tifffile / mrcfile return it; no
 flips anywhere. Anything unreadable or not a 2D image becomes a CorrelationInputError with
@@ -8,13 +8,22 @@ one line naming the file, which the CLI turns into exit status 2.
 from __future__ import annotations
 
 import argparse
+import time
 import zlib
 from pathlib import Path
 
 import numpy as np
 from numpy.typing import NDArray
 
-from daemon.correlate_schema import CorrelateOutput, DetectionsOut, output_model
+from daemon.correlate_schema import (
+    CorrelateOutput,
+    DetectionsOut,
+    MatchOut,
+    PairOut,
+    TargetOut,
+    output_model,
+)
+from protocols.correlation.atlas import register_atlas
 from protocols.correlation.bead_images import correlate_bead_images
 from protocols.correlation.beads_lm import BeadDetections
 from protocols.correlation.errors import CorrelationInputError
@@ -79,4 +88,34 @@ def run_beads(args: argparse.Namespace, started: float, ids: list[str],
                         "px", started, targets_xy=res.targets_em_px, detections=det)
 
 
-__all__ = ["read_image", "run_beads"]
+def run_atlas(args: argparse.Namespace, started: float, ids: list[str],
+              points_px: NDArray[np.float64]) -> CorrelateOutput:
+    """`correlate atlas`: points (e.g. square centres) in LM pixels in, EM pixels out."""
+    lm_px = _pixel(args.lm_pixel_um, "--lm-pixel-um")
+    em_px = _pixel(args.em_pixel_um, "--em-pixel-um")
+    res = register_atlas(read_image(args.lm, "LM"), lm_px, read_image(args.em, "EM"), em_px,
+                         points_px)
+    t = res.transform
+    ok = res.status == "ok" and t is not None and res.points_em_px is not None \
+        and res.points_error_um is not None
+    targets = [TargetOut(id=i, x=float(p[0]), y=float(p[1]), predicted_error_um=float(e),
+                         reliable=bool(e <= 0.25 * res.pitch_um))
+               for i, p, e in zip(ids, res.points_em_px, res.points_error_um)] if ok else []
+    pairs = [PairOut(lm_index=k, em_index=k, lm_x=float(a[0]), lm_y=float(a[1]),
+                     em_x=float(b[0]), em_y=float(b[1]), residual_um=float(r), loo_error_um=None)
+             for k, (a, b, r) in enumerate(zip(res.lm_squares_px, res.em_squares_px,
+                                               res.square_residuals_um))]
+    match = MatchOut(n_inliers=len(pairs), runner_up_inliers=None, gate_radius_um=0.0,
+                     nfa=None, hypotheses=8)
+    transform = None if t is None else {**t.to_dict(), "mirrored": res.mirrored,
+                                        "rotation_deg": res.rotation_deg,
+                                        "confidence": res.confidence, "score": res.score,
+                                        "runner_up_score": res.runner_up}
+    status = "ok" if ok else "no_confident_match"
+    return CorrelateOutput(command="atlas", status=status, reason=res.reason, units="px",
+                           targets=targets, transform=transform, pairs=pairs,
+                           leave_one_out_errors_um=[], match=match,
+                           elapsed_s=time.perf_counter() - started)
+
+
+__all__ = ["read_image", "run_atlas", "run_beads"]

@@ -221,3 +221,70 @@ def test_beads_bad_input_exits_2_with_one_line(bead_files: dict[str, Path], chan
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and needle in err and "Traceback" not in err, err
     assert not bead_files["out"].exists()
+
+
+# --------------------------------------------------------------------------- atlas
+
+
+@pytest.fixture
+def atlas_files(tmp_path: Path) -> dict[str, Path]:
+    """LM-like and EM-like overviews of a synthetic grid (EM rotated -75 deg, mirrored)."""
+    import tifffile
+
+    from tests.protocols.grid_render import render_overview
+
+    def lin(deg: float, s: float, mir: bool) -> np.ndarray:
+        t = np.deg2rad(deg)
+        m = s * np.array([[np.cos(t), -np.sin(t)], [np.sin(t), np.cos(t)]])
+        return m @ np.diag([-1.0, 1.0]) if mir else m
+
+    l1, l2 = lin(20, 1.0, False), lin(-75, 0.98, True)
+    tifffile.imwrite(tmp_path / "lm.tif", render_overview(l1, np.array([1600.0, 1600.0]), 5.0,
+                                                          640, "lm"))
+    tifffile.imwrite(tmp_path / "em.tif", render_overview(l2, np.array([1600.0, 1650.0]), 5.5,
+                                                          600, "em"))
+    pts = np.array([[0.0, 0.0], [250.0, 125.0], [-500.0, 375.0]])
+    lm_px = (pts @ l1.T + 1600.0) / 5.0
+    np.save(tmp_path / "truth.npy", (pts @ l2.T + [1600.0, 1650.0]) / 5.5)
+    _write(tmp_path / "p.csv", "id,x,y", [f"sq{i},{x},{y}" for i, (x, y) in enumerate(lm_px)])
+    return {"lm": tmp_path / "lm.tif", "em": tmp_path / "em.tif", "points": tmp_path / "p.csv",
+            "out": tmp_path / "out.json", "truth": tmp_path / "truth.npy"}
+
+
+def _atlas_argv(f: dict[str, Path]) -> list[str]:
+    return ["atlas", "--lm", str(f["lm"]), "--lm-pixel-um", "5.0", "--em", str(f["em"]),
+            "--em-pixel-um", "5.5", "--points", str(f["points"]), "--out", str(f["out"])]
+
+
+def test_atlas_answers_right_or_refuses(atlas_files: dict[str, Path]) -> None:
+    """Exit 0 with points on the right squares, or 3 (not sure): never a wrong 'ok'."""
+    code = main(_atlas_argv(atlas_files))
+    out = json.loads(atlas_files["out"].read_text())
+    assert code in (0, 3) and out["command"] == "atlas" and out["reason"]
+    assert len(out["pairs"]) >= 100  # square openings paired through the coarse answer
+    if code == 0:
+        got = np.array([[t["x"], t["y"]] for t in out["targets"]])
+        err_um = np.linalg.norm(got - np.load(atlas_files["truth"]), axis=1) * 5.5
+        assert np.all(err_um < 10.0), err_um
+    else:
+        assert out["status"] == "no_confident_match" and out["targets"] == []
+
+
+@pytest.mark.parametrize(("change", "needle"), [
+    ("em-3d", "2D"), ("lm-missing", "no such file"), ("pixel-zero", "pixel size")],
+    ids=["em-3d", "lm-missing", "pixel-zero"])
+def test_atlas_bad_input_exits_2(atlas_files: dict[str, Path], change: str, needle: str,
+                                 capsys: pytest.CaptureFixture[str]) -> None:
+    import tifffile
+
+    argv = _atlas_argv(atlas_files)
+    if change == "em-3d":
+        tifffile.imwrite(atlas_files["em"], np.zeros((2, 64, 64), np.float32),
+                         photometric="minisblack")
+    elif change == "lm-missing":
+        atlas_files["lm"].unlink()
+    else:
+        argv[argv.index("--lm-pixel-um") + 1] = "0"
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and needle in err, err
