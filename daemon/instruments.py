@@ -224,9 +224,13 @@ BUILDERS: dict[tuple[str, str], Builder] = {
 }
 
 
-def build_instruments(cfg: ServiceConfig) -> Instruments:
-    """Build every configured instrument; on any failure close those already built."""
-    clock: Clock = VirtualClock() if cfg.simulated else RealClock()
+def build_instruments(cfg: ServiceConfig, virtual_start_s: float = 0.0) -> Instruments:
+    """Build every configured instrument; on any failure close those already built.
+
+    ``virtual_start_s`` starts the VirtualClock of a simulated setup where the last run's
+    committed steps left it, so simulated time never runs backwards across a restart.
+    """
+    clock: Clock = VirtualClock(virtual_start_s) if cfg.simulated else RealClock()
     out = Instruments(clock=clock)
     try:
         for role in ("lm", "em"):

@@ -41,6 +41,9 @@ log = structlog.get_logger(__name__)
 
 SCHEMA_VERSION = 1
 
+#: meta key holding the simulated time of the last committed step (VirtualClock only).
+VIRTUAL_CLOCK_KEY = "virtual_clock_s"
+
 #: Ids the service gives targets submitted without one; clients may not use this prefix.
 AUTO_TARGET_PREFIX = "auto-"
 
@@ -195,6 +198,10 @@ class Tx:
     def confirm(self, session_id: str, key: str) -> None:
         self._c.execute("INSERT OR IGNORE INTO confirmations (session_id, key, confirmed_at) "
                         "VALUES (?,?,?)", (session_id, key, self.now))
+
+    def set_meta(self, key: str, value: str) -> None:
+        self._c.execute("INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) "
+                        "DO UPDATE SET value = excluded.value", (key, value))
 
     def add_event(self, topic: str, session_id: str | None, payload: dict[str, Any]) -> EventRow:
         cur = self._c.execute("INSERT INTO events (time, topic, session_id, payload) "
@@ -354,6 +361,10 @@ class Journal:
             sql += " AND session_id = ?"
             args.append(session_id)
         return [event_row(r) for r in self._all(sql + " ORDER BY seq LIMIT ?", (*args, limit))]
+
+    def meta(self, key: str) -> str | None:
+        rows = self._all("SELECT value FROM meta WHERE key = ?", (key,))
+        return str(rows[0][0]) if rows else None
 
     def last_event_seq(self) -> int:
         rows = self._all("SELECT COALESCE(MAX(seq), 0) FROM events")

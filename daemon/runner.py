@@ -61,7 +61,7 @@ class SessionRunner:
         self._lock = threading.RLock()
         self._live: dict[str, Live] = {}
         self._stopping = False
-        self._events = StepEvents(bus, cfg)
+        self._events = StepEvents(bus, cfg, instruments.clock)
         self.workers: dict[str, InstrumentWorker] = {"": InstrumentWorker("compute", None)}
         for name in instruments.names():
             self.workers[name] = InstrumentWorker(name, instruments.get(name))

@@ -23,7 +23,7 @@ from daemon.config import ServiceConfig
 from daemon.errors import JournalError
 from daemon.events import EventBus, EventKind
 from daemon.instruments import Instruments, build_instruments
-from daemon.journal import Journal
+from daemon.journal import VIRTUAL_CLOCK_KEY, Journal
 from daemon.runner import SessionRunner
 from daemon.security import ZapHandler, load_keys
 from daemon.server import ApiServer, ZmqPublisher
@@ -77,7 +77,8 @@ class Service:
         keys = load_keys(cfg.security)
         self.journal = Journal(cfg.data_dir / "journal.sqlite")
         self.bus = EventBus(self.journal)
-        self.instruments = self._instruments or build_instruments(cfg)
+        start_s = float(self.journal.meta(VIRTUAL_CLOCK_KEY) or 0.0)
+        self.instruments = self._instruments or build_instruments(cfg, start_s)
         self.runner = SessionRunner(cfg.runner, self.bus, self.instruments, self.registry,
                                     cfg.data_dir)
         self._ctx = zmq.Context()

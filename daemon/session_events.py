@@ -7,7 +7,9 @@ import structlog
 from daemon.config import RunnerConfig
 from daemon.events import EventBus, EventKind, topic
 from daemon.session_exec import error_record
+from daemon.journal import VIRTUAL_CLOCK_KEY
 from drivers.base import ClemdError
+from drivers.clock import Clock, VirtualClock
 from protocols.plan import Progress, Step
 
 log = structlog.get_logger(__name__)
@@ -16,9 +18,10 @@ log = structlog.get_logger(__name__)
 class StepEvents:
     """Called on session threads: a step started, a step was committed, a step is retried."""
 
-    def __init__(self, bus: EventBus, cfg: RunnerConfig) -> None:
+    def __init__(self, bus: EventBus, cfg: RunnerConfig, clock: Clock) -> None:
         self.bus = bus
         self.cfg = cfg
+        self.clock = clock
 
     def step_started(self, sid: str, step: Step) -> None:
         with self.bus.transaction() as tx:
@@ -28,9 +31,14 @@ class StepEvents:
                           "checkpoint": step.checkpoint, "estimate_s": step.estimate_s})
 
     def progress(self, sid: str, p: Progress) -> None:
-        self.bus.emit(EventKind.PROGRESS, sid,
-                      {"plan": p.plan, "key": p.key, "title": p.title, "done": p.done,
-                       "total": p.total, "elapsed_s": p.elapsed_s, "eta_s": p.eta_s})
+        """Publish progress; with a virtual clock also journal its time, so that simulated
+        time continues from the last committed step after a restart instead of from 0."""
+        with self.bus.transaction() as tx:
+            tx.add_event(topic(EventKind.PROGRESS, sid), sid,
+                         {"plan": p.plan, "key": p.key, "title": p.title, "done": p.done,
+                          "total": p.total, "elapsed_s": p.elapsed_s, "eta_s": p.eta_s})
+            if isinstance(self.clock, VirtualClock):
+                tx.set_meta(VIRTUAL_CLOCK_KEY, repr(self.clock.now()))
 
     def retrying(self, sid: str, step: Step, err: ClemdError, attempt: int) -> None:
         log.warning("step.retry", session=sid, step=step.key, attempt=attempt, error=str(err))

@@ -197,3 +197,17 @@ def test_restart_after_a_crash_in_each_executing_state(make_service: Callable[..
     steps = c2.session(s["id"])["steps"]
     expected = ["lm/pos-000", "lm/pos-001"] + (["lm/pos-002"] if after == "completed" else [])
     assert steps == expected
+
+
+def test_simulated_time_continues_across_a_restart(make_service: Callable[..., Running]) -> None:
+    first = make_service()
+    c = first.client()
+    s = c.create_session("exercise", {"positions": 2}, start=True)
+    c.wait_state(s["id"], {"completed"}, 60)
+    last = max(a["meta"]["time_s"] for a in c.session(s["id"])["artifacts"])
+    first.stop()
+    second = make_service(data_dir=first.cfg.data_dir)
+    c2 = second.client()
+    t = c2.create_session("exercise", {"positions": 1}, start=True)
+    c2.wait_state(t["id"], {"completed"}, 60)
+    assert min(a["meta"]["time_s"] for a in c2.session(t["id"])["artifacts"]) > last
