@@ -6,8 +6,8 @@ import structlog
 
 from daemon.config import RunnerConfig
 from daemon.events import EventBus, EventKind, topic
-from daemon.session_exec import error_record
 from daemon.journal import VIRTUAL_CLOCK_KEY
+from daemon.session_exec import error_record
 from drivers.base import ClemdError
 from drivers.clock import Clock, VirtualClock
 from protocols.plan import Progress, Step
