@@ -8,8 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from lm_sim import CrashingStore, context, grid_centre, run_to_end, scope, small_grid, \
-    virus_site
+from lm_sim import CrashingStore, context, grid_centre, run_to_end, scope, small_grid, virus_site
 
 from protocols.lm_atlas import LMAtlasParams, LMAtlasPlan
 from protocols.lm_inspection import InspectionParams
@@ -69,7 +68,7 @@ def test_reference_session_has_every_protocol(reference: list[str]) -> None:
     assert reference[-1] == "targets/p0" and "lm-atlas/stitch" in reference
 
 
-@pytest.mark.parametrize("pause_every", [1, 4, 7])
+@pytest.mark.parametrize("pause_every", [1, 6])
 def test_pause_anywhere_and_resume(tmp_path: Path, reference: list[str],
                                    pause_every: int) -> None:
     make, ctx = _session(tmp_path, MemoryStepStore())
@@ -81,12 +80,12 @@ def test_pause_anywhere_and_resume(tmp_path: Path, reference: list[str],
     assert (tmp_path / "targets" / "p0.json").is_file()
 
 
-@pytest.mark.parametrize("crash_after", [2, 9, 29, 31, 34],
-                         ids=["focus", "tile", "stitch", "inspection", "time-point"])
+@pytest.mark.parametrize("crash_after", [2, 9, 31, 34],
+                         ids=["focus", "tile", "inspection", "time-point"])
 def test_killed_after_a_commit_resumes_where_it_stopped(tmp_path: Path, reference: list[str],
                                                         crash_after: int) -> None:
-    """The service dies right after committing a focus point, a tile, the stitch, an
-    inspection or a time point (of 39 steps); 60 s pass before it is back, which can make
+    """The service dies right after committing a focus point, a tile, an inspection
+    or a time point (of 39 steps); 60 s pass before it is back, which can make
     a time point late: recorded, never lost."""
     store = CrashingStore(crash_after)
     make, ctx = _session(tmp_path, store)
