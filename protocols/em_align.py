@@ -143,15 +143,16 @@ def align_to_reference(reference: Image, image: Image, *, max_shift_um: float,
     h, w = image.shape
     m = _image_to_reference(reference, image, stretch, ref_anchor_um, image_anchor_um)
     ratio = reference.pixel_size_um / image.pixel_size_um   # > 1: reference is coarser
-    ref = reference.data.astype(np.float32)
+    ref: NDArray[np.float32] = reference.data.astype(np.float32)
     if ratio < 0.7:   # reference finer than the image: blur before sampling it coarsely
-        ref = cv2.GaussianBlur(ref, (0, 0), 0.5 / ratio)
+        ref = np.asarray(cv2.GaussianBlur(ref, (0, 0), 0.5 / ratio), dtype=np.float32)
     flags = cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP
     warped = cv2.warpAffine(ref, m, (w, h), flags=flags, borderMode=cv2.BORDER_CONSTANT,
                             borderValue=0.0)
     valid = cv2.warpAffine(np.ones_like(ref), m, (w, h), flags=flags,
                            borderMode=cv2.BORDER_CONSTANT, borderValue=0.0)
-    mask = cv2.erode((valid > 0.999).astype(np.float32), np.ones((5, 5), np.uint8))
+    mask = np.asarray(cv2.erode((valid > 0.999).astype(np.float32), np.ones((5, 5), np.uint8)),
+                      dtype=np.float32)
     overlap = float(mask.mean())
     if overlap < min_overlap:
         raise AlignmentError(f"reference covers {overlap:.0%} of the image, less than "

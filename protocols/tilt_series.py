@@ -93,7 +93,7 @@ class TiltSeriesParams(FrozenParams):
 
     kind: Literal["tilt_series"] = "tilt_series"
     targets: tuple[TargetSpec, ...] = Field(min_length=1)
-    scheme: TiltSchemeConfig = BidirectionalConfig()
+    scheme: TiltSchemeConfig = BidirectionalConfig.model_validate({})
     total_dose_e_per_a2: float = Field(default=100.0, ge=0, le=1000)
     dose_weighting: DoseWeighting = DoseWeighting.CONSTANT
     target_defocus_um: float = Field(default=-6.0, ge=-50, le=50)
@@ -255,7 +255,8 @@ class TiltSeriesPlan(Plan):
                           tuple(d["trial_anchor_um"]) if d.get("trial_anchor_um") else None,
                           tuple(d["epoch_offset_um"])) for d in ok]
         model = ShiftModel.fit([d.angle_deg for d in prior],
-                               [np.subtract(d.image_shift_um, d.epoch_offset_um) for d in prior],
+                               [tuple(np.subtract(d.image_shift_um, d.epoch_offset_um).tolist())
+                                for d in prior],
                                p.tilt_axis_deg)
         ref = nearest_done(prior, step.tilt_deg) if p.tracking else None
         if ref is not None:

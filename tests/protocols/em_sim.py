@@ -98,3 +98,39 @@ def miss_nm(em: SimulatedElectronMicroscope, img: Image, truth_xy: NDArray[np.fl
     centre = (np.array(img.shape[::-1], float) - 1) / 2
     p = em.true_stage_to_pixel(img, truth_xy, height_um)[0]
     return float(np.hypot(*(p - centre)) * img.pixel_size_um * 1e3)
+
+
+class MappedSquare:
+    """A square mapped by SquareMapPlan (id ``m``), with what the tests need of the truth."""
+
+    def __init__(self, em: SimulatedElectronMicroscope, spec: Specimen, data_dir: Path,
+                 square: int = 3, tiles_xy: tuple[int, int] = (3, 3)) -> None:
+        import json
+
+        from protocols.em_acquire import load_frame
+        from protocols.plan import run_plan
+        from protocols.square_map import SquareMapParams, SquareMapPlan, map_key
+
+        self.em, self.data_dir = em, data_dir
+        self.centre = em_xy(spec, good_squares(spec, cells=False)[square].centre_um)
+        self.store = MemoryStepStore()
+        ctx = context(em, data_dir, self.store)
+        run_plan(SquareMapPlan(SquareMapParams(
+            squares=({"id": "m", "x_um": float(self.centre[0]), "y_um": float(self.centre[1])},),
+            tiles_xy=tiles_xy)), ctx)
+        self.result = ctx.result(map_key("m"))
+        sidecar = json.loads((data_dir / self.result["json"]).read_text())
+        n = tiles_xy[0] * tiles_xy[1]
+        self.tiles = [load_frame(data_dir, ctx.result(f"square-m/map/tile-{k:03d}"))
+                      for k in range(n)]
+        self.placements = []
+        for tile, corr in zip(self.tiles, sidecar["tile_corrections_um"], strict=True):
+            a = tile.pixel_to_stage.copy()
+            a[:, 2] += corr
+            self.placements.append(a)
+
+    def target(self, offset_um: tuple[float, float]) -> tuple[NDArray[np.float64],
+                                                              NDArray[np.float64]]:
+        """A target picked on the map (map frame) and where it truly is (stage frame)."""
+        nominal = self.centre + np.asarray(offset_um, float)
+        return nominal, true_stage_of_map_pixel(self.em, self.tiles, self.placements, nominal)
