@@ -41,6 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests" / "protocols"))
 from mosaic_truth import TiledTruth, cut_tiles, field_shape_for, render_field
+from lm_protocols import lm_section
 
 from drivers.imaging import affine_from, invert_affine
 from protocols.overlap_registration import structure
@@ -146,7 +147,8 @@ def stitching_section(seeds: int) -> dict[str, Any]:
     return out
 
 
-SECTIONS: dict[str, Callable[[int], dict[str, Any]]] = {"stitching": stitching_section}
+SECTIONS: dict[str, Callable[[int], dict[str, Any]]] = {"stitching": stitching_section,
+                                                        "lm": lm_section}
 
 
 def main(argv: list[str] | None = None) -> int:
