@@ -278,6 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--squares-per-tier", type=int, default=30)
     ap.add_argument("--image-squares-per-tier", type=int, default=25,
                     help="squares per tier of the image benchmark (0 skips it)")
+    ap.add_argument("--atlases", type=int, default=8, help="simulated grids (0 skips them)")
     ap.add_argument("--seed", type=int, default=20240611)
     args = ap.parse_args(argv)
     # stdout carries the one JSON object; the simulators' and detectors' logs go to stderr.
@@ -287,6 +288,10 @@ def main(argv: list[str] | None = None) -> int:
                            "points": point_benchmark(args.squares_per_tier, args.seed)}
     if args.image_squares_per_tier > 0:
         out["images"] = image_benchmark(args.image_squares_per_tier, args.seed)
+    if args.atlases > 0:
+        from correlation_atlas import atlas_benchmark
+
+        out["atlas"] = atlas_benchmark(args.atlases, args.seed)
     out["elapsed_s"] = time.perf_counter() - t0
     print(json.dumps(out, indent=1))
     return 0

@@ -1,0 +1,95 @@
+"""Atlas registration benchmark on the simulators (part of correlation.py).
+
+Each grid: a simulated specimen (mirrored in the EM half the time, any rotations), an fLM
+transmitted-light overview of the whole grid as one frame (a 5x/0.15 objective with 1.3 um
+pixels on a 2400 px camera, standing in for the stitched 20x atlas) and an EM atlas as one
+frame (62x, 16k camera binned 8: 1.4 um pixels, standing in for the 200x montage). Every
+non-partial square centre is a point; right = mapped within half a pitch of its true EM
+position.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from drivers.base import LowDoseArea
+from drivers.clock import VirtualClock
+from protocols.correlation.atlas import register_atlas
+from protocols.correlation.errors import CorrelationInputError
+from simulators.electron import SimulatedElectronMicroscope
+from simulators.electron_config import ElectronSimConfig, LowDosePreset, mag_index_of
+from simulators.light import SimulatedLightMicroscope
+from simulators.light_config import LightSimConfig
+from simulators.specimen import Specimen
+
+
+def _to_px(a: NDArray[np.float64], q: NDArray[np.float64]) -> NDArray[np.float64]:
+    return (q - a[:, 2]) @ np.linalg.inv(a[:, :2]).T
+
+
+def atlas_case(seed: int) -> dict[str, Any]:
+    """Render one grid in both instruments, register, judge every square centre."""
+    spec = Specimen.generate(seed=seed, flip_fraction=0.5)
+    cfg = LightSimConfig.build(objectives={"5x": {"magnification": 5, "numerical_aperture": 0.15,
+                                                  "pixel_size_um": 1.3}},
+                               camera={"shape": (2400, 2400)}, start_objective="5x")
+    lm = SimulatedLightMicroscope(spec, VirtualClock(), cfg, seed=seed)
+    lm.set_channel("BF")
+    c_lm = spec.truth.grid_to_lm_stage(np.zeros(2))
+    lm.move_xy(float(c_lm[0]), float(c_lm[1]))
+    lm.move_z(lm.focus_z_for((float(c_lm[0]), float(c_lm[1]))))
+    lm_img = lm.snap()
+    em = SimulatedElectronMicroscope(spec, VirtualClock(), ElectronSimConfig().replace(
+        camera_shape=(16384, 16384), low_dose={"search": LowDosePreset(
+            mag_index=mag_index_of(62), exposure_s=0.5, binning=8,
+            dose_rate_e_per_a2_s=0.002)}), seed=seed)
+    c_em = spec.truth.grid_to_em_stage(np.zeros(2))
+    em.move_stage(float(c_em[0]), float(c_em[1]))
+    em_img = em.acquire(LowDoseArea.SEARCH)
+    cen = np.array([s.centre_um for s in spec.squares if not s.partial])
+    lm_c = _to_px(lm.true_pixel_to_stage(lm_img), spec.truth.grid_to_lm_stage(cen))
+    a_em = em.true_pixel_to_stage(em_img)
+    em_c = _to_px(a_em, spec.truth.grid_to_em_stage(cen))
+    em_px_um = float(np.sqrt(abs(np.linalg.det(a_em[:, :2]))))
+    t0 = time.perf_counter()
+    try:
+        res = register_atlas(lm_img.data, lm_img.pixel_size_um, em_img.data,
+                             em_img.pixel_size_um, lm_c)
+    except CorrelationInputError as err:
+        return {"seed": seed, "status": "unusable_input", "reason": str(err),
+                "seconds": time.perf_counter() - t0}
+    row: dict[str, Any] = {"seed": seed, "status": res.status, "confidence": res.confidence,
+                           "seconds": time.perf_counter() - t0,
+                           "mirrored_truth": bool(spec.truth.em.mirrored)}
+    if res.points_em_px is not None:
+        err = np.linalg.norm(res.points_em_px - em_c, axis=1) * em_px_um
+        row.update(fraction_right=float(np.mean(err < spec.config.pitch_um / 2)),
+                   median_error_um=float(np.median(err)), squares_fitted=len(res.lm_squares_px))
+    return row
+
+
+def atlas_benchmark(n_grids: int, seed: int) -> dict[str, Any]:
+    """Summary over ``n_grids`` simulated grids."""
+    rng = np.random.default_rng(seed)
+    rows = [atlas_case(int(rng.integers(2 ** 31))) for _ in range(n_grids)]
+    ok = [r for r in rows if r["status"] == "ok"]
+    wrong = [r for r in ok if r.get("fraction_right", 0.0) < 1.0]
+    answered = [r for r in rows if "fraction_right" in r]
+    return {
+        "grids": len(rows),
+        "fraction_ok": len(ok) / max(len(rows), 1),
+        "confidently_wrong": len(wrong),
+        "fraction_right_squares_when_ok": (float(np.mean([r["fraction_right"] for r in ok]))
+                                           if ok else None),
+        "fraction_right_squares_best_answer_all_grids": (
+            float(np.mean([r["fraction_right"] for r in answered])) if answered else None),
+        "median_square_centre_error_um_when_ok": (
+            float(np.median([r["median_error_um"] for r in ok])) if ok else None),
+        "seconds_per_atlas_median": float(np.median([r["seconds"] for r in rows])),
+        "seconds_per_atlas_max": float(np.max([r["seconds"] for r in rows])),
+        "rows": rows,
+    }
