@@ -42,12 +42,12 @@ def clemd_templates() -> list[tuple[Any, ...]]:
         ("lm_atlas", LMAtlasParams, _atlas, LM,
          "20x grid atlas: focus map, tiles as OME-TIFF, stitched atlas with its affine"),
         ("square_selection", SquareSelectionParams, _squares, LM,
-         "find squares in the atlas, inspect the best at 100x, rank (override allowed); "
-         "needs a committed lm-atlas/stitch in the same session"),
+         ("find squares in the atlas, inspect the best at 100x, rank (override allowed); "
+         "needs a committed lm-atlas/stitch in the same session")),
         ("time_lapse", TimeLapseParams, _time_lapse, LM,
-         "live 100x time-lapse from a useq MDASequence (default 488 + 640 every 5 min for "
-         "40 min, 8 um at 1 um, then + 405)"),
+         ("live 100x time-lapse from a useq MDASequence (default 488 + 640 every 5 min for "
+         "40 min, 8 um at 1 um, then + 405)")),
         ("target_extraction", TargetExtractionParams, _targets, frozenset(),
-         "virus targets from the last time point (MIP, LoG, static-only filter); needs a "
-         "committed timelapse/summary in the same session"),
+         ("virus targets from the last time point (MIP, LoG, static-only filter); needs a "
+         "committed timelapse/summary in the same session")),
     ]

@@ -35,7 +35,7 @@ from typing import Any, Literal
 import numpy as np
 import structlog
 import useq
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from drivers.base import Image, LightMicroscope, LimitViolation
 from protocols.lm_focus import focus_scan
@@ -87,6 +87,15 @@ class TimeLapseParams(BaseModel):
     late_policy: LatePolicy = "acquire"
     late_tolerance_s: float = Field(5.0, ge=0)
     prefix: str = Field("timelapse", pattern=r"^[a-z0-9][a-z0-9_/-]*$")
+
+    @field_validator("sequence", mode="before")
+    @classmethod
+    def _sequence_from_json(cls, value: Any) -> Any:
+        """Parse a sequence given as JSON with useq's own (lax) rules: the service validates
+        params strictly, which would refuse useq's durations given as seconds."""
+        if isinstance(value, dict):
+            return useq.MDASequence.model_validate(value)
+        return value
 
     @model_validator(mode="after")
     def _check(self) -> TimeLapseParams:
