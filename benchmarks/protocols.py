@@ -42,6 +42,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests" / "protocols"))
 from mosaic_truth import TiledTruth, cut_tiles, field_shape_for, render_field
 from lm_protocols import lm_section
+from protocols_em import em_section
 
 from drivers.imaging import affine_from, invert_affine
 from protocols.overlap_registration import structure
@@ -148,7 +149,7 @@ def stitching_section(seeds: int) -> dict[str, Any]:
 
 
 SECTIONS: dict[str, Callable[[int], dict[str, Any]]] = {"stitching": stitching_section,
-                                                        "lm": lm_section}
+                                                        "em": em_section, "lm": lm_section}
 
 
 def main(argv: list[str] | None = None) -> int:
