@@ -140,6 +140,9 @@ class SessionRunner:
                 if live is not None:
                     live.control.clear_pause()
                 return self._transition(sid, S.RUNNING, Reason.RESUME_REQUESTED)
+            if state == S.WAITING_OPERATOR:
+                raise InvalidState(f"session {sid} is waiting_operator; confirm the checkpoint "
+                                   f"with sessions.confirm instead of resuming")
             self._transition(sid, S.RUNNING, Reason.RESUME_REQUESTED, error=None)
             self._spawn(sid)
             return self.get(sid)
@@ -152,9 +155,10 @@ class SessionRunner:
                 waiting = (f"waits for {row.waiting_key!r}" if row.state ==
                            S.WAITING_OPERATOR.value else f"is {row.state}")
                 raise InvalidState(f"session {sid} {waiting}; nothing to confirm for {key!r}")
-            with self.bus.transaction() as tx:
+            with self.bus.transaction() as tx:     # confirmation and state change together
                 tx.confirm(sid, key)
-            self._transition(sid, S.RUNNING, Reason.CONFIRMED, message=key, waiting_key=None)
+                self._transition(sid, S.RUNNING, Reason.CONFIRMED, message=key,
+                                 waiting_key=None)
             self._spawn(sid)
             return self.get(sid)
 
@@ -189,11 +193,6 @@ class SessionRunner:
         live = self._live.get(sid)
         execution = live.execution if live else None
         return execution.last_progress if execution else None
-
-    def live_step(self, sid: str) -> str | None:
-        live = self._live.get(sid)
-        execution = live.execution if live else None
-        return execution.current.key if execution and execution.current else None
 
     def targets_of(self, sid: str) -> list[dict[str, Any]]:
         return [{"id": t.target_id, "label": t.label, "frame": t.frame, "x": t.x, "y": t.y,

@@ -17,7 +17,7 @@ from daemon.templates import TemplateRegistry, default_registry
 from tests.daemon.helpers import Running, config_dict, start_service
 
 
-@pytest.fixture(autouse=True, scope="session")
+@pytest.fixture(autouse=True, scope="module")
 def _logs_to_stderr() -> Iterator[None]:
     """Service logs as JSON on stderr (as `clemd serve` writes them), so stdout stays the
     CLI's; structlog's defaults come back afterwards."""

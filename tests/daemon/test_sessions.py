@@ -35,6 +35,9 @@ def test_checkpoint_waits_for_the_operator(client: ClemdClient) -> None:
     with pytest.raises(ClemdApiError) as info:
         client.call("sessions.confirm", {"session_id": s["id"], "key": "operator/other"})
     assert info.value.code == 409
+    with pytest.raises(ClemdApiError) as info:          # resuming does not skip a checkpoint
+        client.call("sessions.resume", {"session_id": s["id"]})
+    assert info.value.code == 409 and "sessions.confirm" in info.value.message
     client.call("sessions.confirm", {"session_id": s["id"], "key": "operator/load-em"})
     done = client.wait_state(s["id"], END, 60)
     assert done["state"] == "completed" and done["steps_done"] == 5
