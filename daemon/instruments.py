@@ -238,10 +238,7 @@ def build_instruments(cfg: ServiceConfig, virtual_start_s: float = 0.0) -> Instr
             if inst_cfg is None:
                 continue
             builder = BUILDERS[(role, inst_cfg.kind)]
-            try:
-                built = builder(cfg, dict(inst_cfg.settings), clock, out.extra)
-            except TypeError as err:   # unexpected settings keys for the constructor
-                raise ConfigError(f"{role}.settings", str(err)) from err
+            built = builder(cfg, dict(inst_cfg.settings), clock, out.extra)
             setattr(out, role, built)
             out.kinds[role] = inst_cfg.kind
             log.info("instrument.built", instrument=role, kind=inst_cfg.kind)
