@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import secrets
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -238,11 +239,14 @@ class SessionRunner:
             for live in lives:
                 live.halt = True
                 live.control.request_pause()
+        deadline = time.monotonic() + self.cfg.shutdown_timeout_s
         for live in lives:
             if live.thread is not None:
-                live.thread.join(self.cfg.shutdown_timeout_s)
+                live.thread.join(max(0.0, deadline - time.monotonic()))
                 if live.thread.is_alive():
-                    log.error("runner.stop_timeout", session=live.session_id)
+                    log.error("runner.stop_timeout", session=live.session_id,
+                              step=live.execution.current.key if live.execution
+                              and live.execution.current else None)
         for worker in self.workers.values():
             worker.stop(self.cfg.abort_grace_s)
 
