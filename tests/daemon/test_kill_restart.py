@@ -26,7 +26,7 @@ from daemon.client import ClemdApiError, ClemdClient
 from tests.daemon.helpers import free_port
 
 REPO = Path(__file__).resolve().parents[2]
-POSITIONS = 20
+POSITIONS = 30
 KILLS = 12
 
 
