@@ -7,7 +7,10 @@ backend writes; a request outside the limits raises ``LimitViolation`` before an
 sent to an instrument.
 
 Units: micrometres for positions, degrees for tilt, seconds for time, electrons per square
-ångström for dose.
+ångström for dose. Defocus (``set_defocus``, ``AcquisitionSettings.defocus_offset_um``,
+``Image.defocus_um``, ``autofocus``) is in micrometres with SerialEM's sign: negative is
+underfocus (cryo-ET records at -2 to -8 um); ``Image.defocus_um`` is the intended defocus of
+the frame, the lens setting plus its area's offset, not a measurement.
 """
 
 from __future__ import annotations
@@ -42,11 +45,11 @@ if TYPE_CHECKING:
     import useq
 
 __all__ = [
-    "Aborted", "AcquisitionSettings", "AxisLimits", "Channel", "ClemdError", "Clock",
-    "ConfigError", "ConnectionLost", "DeviceBusy", "DeviceTimeout", "ElectronMicroscope",
-    "EMStatus", "HardwareFault", "Image", "InvalidState", "LightMicroscope", "LimitViolation",
-    "LowDoseArea", "Magnification", "NavItem", "Objective", "ProtocolError", "RealClock",
-    "StageLimits", "VirtualClock", "affine_from", "apply_affine", "invert_affine",
+    "Aborted", "AcquisitionSettings", "AutofocusFailed", "AxisLimits", "Channel", "ClemdError",
+    "Clock", "ConfigError", "ConnectionLost", "DeviceBusy", "DeviceTimeout", "EMStatus",
+    "ElectronMicroscope", "HardwareFault", "Image", "InvalidState", "LightMicroscope",
+    "LimitViolation", "LowDoseArea", "Magnification", "NavItem", "Objective", "ProtocolError",
+    "RealClock", "StageLimits", "VirtualClock", "affine_from", "apply_affine", "invert_affine",
 ]
 
 
@@ -389,6 +392,15 @@ def sharpness(data: NDArray[Any]) -> float:
 # --------------------------------------------------------------------------- electron microscope
 
 
+class AutofocusFailed(ClemdError):
+    """Autofocus measured nothing usable: the focus area held no contrast to correlate (an
+    empty hole, a grid bar, a dark beam) or SerialEM reported the autofocus failed/aborted.
+
+    Not retryable: the same area gives the same images. A protocol keeps the defocus it has
+    (or its height model) and says so; the lens is left as it was.
+    """
+
+
 class LowDoseArea(str, Enum):
     """SerialEM's low-dose areas; the value is the letter SerialEM uses."""
 
@@ -419,7 +431,11 @@ class Magnification:
 
 @dataclass(frozen=True)
 class AcquisitionSettings:
-    """What one low-dose area (or the plain camera) does: mag, exposure, binning, dose rate."""
+    """What one low-dose area (or the plain camera) does: mag, exposure, binning, dose rate.
+
+    ``defocus_offset_um`` is added to the lens defocus for shots in the area (View at
+    -50 um shows beads at 4,700x); negative = more underfocus, as SerialEM's.
+    """
 
     mag_index: int
     exposure_s: float
@@ -516,6 +532,7 @@ class ElectronMicroscope(_Abortable, ABC):
         return self._do_get_mag_index()
 
     def set_defocus(self, defocus_um: float) -> None:
+        """Set the lens defocus (um, negative = underfocus, relative to eucentric focus)."""
         d = float(defocus_um)
         if not math.isfinite(d) or abs(d) > 500:
             raise LimitViolation(f"defocus {d:g} um outside [-500, 500]")
@@ -536,32 +553,94 @@ class ElectronMicroscope(_Abortable, ABC):
 
     # -- acquisition -------------------------------------------------------------------------
 
-    def acquire(self, area: LowDoseArea = LowDoseArea.RECORD) -> Image:
-        """Acquire one image with the settings of ``area`` (SerialEM: View/Record/...)."""
+    def acquire(self, area: LowDoseArea = LowDoseArea.RECORD,
+                settings: AcquisitionSettings | None = None) -> Image:
+        """Acquire one image in low-dose ``area`` (SerialEM: View/Record/...).
+
+        ``settings`` replaces the area's preset for this one shot (an intermediate
+        magnification for realignment, a tracking shot at lower dose); the area still decides
+        where the beam is (Focus and Trial sit beside the target on the tilt axis) and the
+        preset in ``low_dose`` is left as it was. Checked before anything is sent: the area
+        is configured, the magnification index is in the table, binning >= 1 and exposure > 0
+        (LimitViolation naming the setting).
+        """
+        use = self._settings_for(area, settings)
+        self._check_abort()
+        return self._do_acquire(area, use)
+
+    def autofocus(self, area: LowDoseArea = LowDoseArea.FOCUS, *, apply: bool = True) -> float:
+        """Measure the defocus error at ``area`` and, with ``apply``, correct it.
+
+        Why: the defocus a record really has depends on the specimen height under the beam,
+        which neither the stage Z nor a height model knows to better than ~0.5 um at tilt.
+        SerialEM measures it from the image displacement between beam-tilted shots
+        (AutoFocus), in the Focus area beside the target so that the target is not exposed.
+
+        Returns the error in um: the measured defocus at the area minus the defocus intended
+        there (``defocus()`` + the area's ``defocus_offset_um``). Sign as SerialEM's defocus:
+        negative = underfocus, so a negative error means the specimen there is more
+        underfocused than the lens setting says. The error belongs to the place (its height
+        against the lens scale), not to the lens: with ``apply`` the lens is changed by minus
+        the error, so that the true defocus equals the one intended at the call, and
+        ``defocus()`` then reads that corrected lens value; measured again, the error is the
+        same. A protocol that wants defocus ``d`` at a place sets ``d - error``. Exposes the
+        area (dose and time as for its shots); never the target unless ``area`` is on it.
+
+        Raises ``AutofocusFailed`` when nothing could be measured (no contrast: an empty
+        hole, a grid bar), LimitViolation if the area is not configured or the correction
+        would take the defocus outside [-500, 500] um (nothing changed then).
+        """
+        settings = self._settings_for(area, None)
+        self._check_abort()
+        error = float(self._do_autofocus(area, settings))
+        if not math.isfinite(error):
+            raise AutofocusFailed(f"autofocus in {area.name} measured no finite defocus")
+        if apply:
+            self.set_defocus(self.defocus() - error)
+        return error
+
+    def _settings_for(self, area: LowDoseArea,
+                      settings: AcquisitionSettings | None) -> AcquisitionSettings:
+        """The settings a shot in ``area`` uses: ``settings`` checked, else the preset."""
         if area not in self.low_dose:
             raise LimitViolation(f"low-dose area {area.name} is not configured (em.low_dose)")
-        self._check_abort()
-        return self._do_acquire(area, self.low_dose[area])
+        if settings is None:
+            return self.low_dose[area]
+        self.magnification(settings.mag_index)
+        if not (math.isfinite(settings.exposure_s) and settings.exposure_s > 0):
+            raise LimitViolation(f"exposure {settings.exposure_s:g} s must be > 0 "
+                                 f"(settings.exposure_s)")
+        if int(settings.binning) != settings.binning or settings.binning < 1:
+            raise LimitViolation(f"binning {settings.binning} must be an integer >= 1 "
+                                 f"(settings.binning)")
+        h, w = self._do_camera_shape()
+        if settings.binning > min(h, w):
+            raise LimitViolation(f"binning {settings.binning} exceeds the camera {(h, w)} "
+                                 f"(settings.binning)")
+        if not math.isfinite(settings.defocus_offset_um) or abs(settings.defocus_offset_um) > 500:
+            raise LimitViolation(f"defocus offset {settings.defocus_offset_um:g} um outside "
+                                 f"[-500, 500] (settings.defocus_offset_um)")
+        return settings
 
     def montage(self, centre_um: tuple[float, float], tiles_xy: tuple[int, int],
-                overlap: float = 0.2, area: LowDoseArea = LowDoseArea.VIEW) -> list[Image]:
+                overlap: float = 0.2, area: LowDoseArea = LowDoseArea.VIEW,
+                settings: AcquisitionSettings | None = None) -> list[Image]:
         """Acquire a tiles_xy montage around ``centre_um``; tiles come back unstitched.
 
-        Every tile position is checked against the stage limits before the first move.
+        ``settings`` replaces the area's preset for every tile, as in ``acquire``. Every tile
+        position is checked against the stage limits before the first move.
         """
         nx, ny = tiles_xy
         if nx < 1 or ny < 1:
             raise LimitViolation(f"montage tiles {tiles_xy} must be >= 1 in each direction")
         if not 0.0 <= overlap < 0.9:
             raise LimitViolation(f"montage overlap {overlap} outside [0, 0.9)")
-        settings = self.low_dose.get(area)
-        if settings is None:
-            raise LimitViolation(f"low-dose area {area.name} is not configured (em.low_dose)")
-        positions = self.montage_positions(centre_um, tiles_xy, overlap, settings)
+        use = self._settings_for(area, settings)
+        positions = self.montage_positions(centre_um, tiles_xy, overlap, use)
         for x, y in positions:
             self.limits.check_xy(x, y)
         self._check_abort()
-        return self._do_montage(positions, area, settings)
+        return self._do_montage(positions, area, use)
 
     def montage_positions(self, centre_um: tuple[float, float], tiles_xy: tuple[int, int],
                           overlap: float, settings: AcquisitionSettings) -> list[tuple[float, float]]:
@@ -653,6 +732,13 @@ class ElectronMicroscope(_Abortable, ABC):
     def _do_acquire(self, area: LowDoseArea, settings: AcquisitionSettings) -> Image: ...
 
     @abstractmethod
+    def _do_autofocus(self, area: LowDoseArea, settings: AcquisitionSettings) -> float:
+        """Measure (never change) the defocus at ``area`` with its preset ``settings``;
+        return measured minus intended (lens defocus + ``settings.defocus_offset_um``), um,
+        negative = more underfocused than intended. Raise AutofocusFailed when the images
+        hold nothing to measure."""
+
+    @abstractmethod
     def _do_camera_shape(self) -> tuple[int, int]: ...
 
     def _do_montage(self, positions: list[tuple[float, float]], area: LowDoseArea,
@@ -662,7 +748,7 @@ class ElectronMicroscope(_Abortable, ABC):
         for i, (x, y) in enumerate(positions):
             self._check_abort()
             self.move_stage(x, y)
-            img = self.acquire(area)
+            img = self.acquire(area, settings)
             tiles.append(replace(img, index={"tile": i}))
         return tiles
 

@@ -5,6 +5,8 @@ shared ``Specimen`` and an injected ``Clock``:
 
 - stage X/Y/Z and tilt that report the commanded position while the specimen really sits
   off by a repeatability error and backlash (electron_stage.py);
+- autofocus as SerialEM's beam-tilt pair: the true defocus error at the focus area with
+  50-100 nm noise, failing on fields with nothing to correlate (electron_focus.py);
 - magnification table, low-dose areas, defocus, image shift; frames rendered from the
   true pose with tilt projection, mass-thickness and phase contrast and electron counting
   noise (electron_render.py, electron_optics.py);
@@ -31,6 +33,7 @@ from numpy.typing import ArrayLike, NDArray
 
 from drivers.base import (
     AcquisitionSettings,
+    AutofocusFailed,
     AxisLimits,
     ElectronMicroscope,
     EMStatus,
@@ -46,6 +49,7 @@ from drivers.base import (
 from drivers.clock import Clock, VirtualClock
 from simulators.electron_config import ElectronSimConfig
 from simulators.electron_dose import DoseLedger, Exposure
+from simulators.electron_focus import judge_field, measure_error
 from simulators.electron_geometry import FrameGeometry
 from simulators.electron_navigator import Navigator, measure_shift
 from simulators.electron_optics import PhaseContrast, electron_counts, intensity
@@ -217,9 +221,7 @@ class SimulatedElectronMicroscope(ElectronMicroscope):
         frame_id = self._next_frame
         self._next_frame += 1
         geom = self._geometry(mag, b, (h, w), area)
-        centre = geom.unproject_film(np.array([geom.beam_offset_um]))
-        dz = float(self.specimen.truth.em_height.height(centre)[0]) - geom.stage_z_um
-        defocus = self._defocus_um + settings.defocus_offset_um - dz
+        defocus = self._true_defocus(geom, settings)
         beam_on = self._beam_on()
         start = self.clock.now()
         px_nominal = mag.pixel_size_um * b
@@ -234,9 +236,7 @@ class SimulatedElectronMicroscope(ElectronMicroscope):
             data = electron_counts(rel, electrons, rng)
         else:
             data = np.zeros((h, w), np.uint16)
-        t = cfg.timing
-        mpix = cfg.camera_shape[0] * cfg.camera_shape[1] / 1e6
-        self.clock.sleep(settings.exposure_s + t.readout_base_s + t.readout_s_per_mpix * mpix)
+        self.clock.sleep(settings.exposure_s + self._readout_s())
         dose = settings.dose_rate_e_per_a2_s * settings.exposure_s if beam_on else 0.0
         corners = geom.footprint_um()
         self.dose.record(Exposure(frame_id=frame_id, area=area.value, dose_e_per_a2=dose,
@@ -257,6 +257,58 @@ class SimulatedElectronMicroscope(ElectronMicroscope):
             extra={"frame_id": frame_id, "image_shift_um": self._image_shift,
                    "beam_on": beam_on, "counting_mode": True,
                    "saturated_fraction": float(np.mean(data == 65535))})
+
+    def _readout_s(self) -> float:
+        """Camera readout of one frame (the whole chip is read whatever the binning)."""
+        t, (h, w) = self.config.timing, self.config.camera_shape
+        return t.readout_base_s + t.readout_s_per_mpix * h * w / 1e6
+
+    def _true_defocus(self, geom: FrameGeometry, settings: AcquisitionSettings) -> float:
+        """Effective defocus (um, negative = underfocus) at the frame centre: the lens and the
+        area's offset, less the film's height above the tilt axis there."""
+        centre = geom.unproject_film(np.array([geom.beam_offset_um]))
+        dz = float(self.specimen.truth.em_height.height(centre)[0]) - geom.stage_z_um
+        return self._defocus_um + settings.defocus_offset_um - dz
+
+    # ------------------------------------------------------------------ autofocus
+
+    def _do_autofocus(self, area: LowDoseArea, settings: AcquisitionSettings) -> float:
+        """Two (or three) beam-tilted shots at ``area``: clock and dose as for any shot, then
+        the true error with the noise the field allows (electron_focus.py)."""
+        with self._lock:
+            self._check_open()
+            self._switch_mag(settings.mag_index)
+            cfg, model = self.config, self.config.autofocus
+            mag = self.magnification(settings.mag_index)
+            geom = self._geometry(mag, settings.binning, self.camera_shape(settings.binning),
+                                  area)
+            error = self._true_defocus(geom, settings) - (self._defocus_um
+                                                          + settings.defocus_offset_um)
+            beam_on = self._beam_on()
+            dose = settings.dose_rate_e_per_a2_s * settings.exposure_s if beam_on else 0.0
+            corners = geom.footprint_um()
+            grid = self.specimen.truth.em_stage_to_grid(corners)
+            first = self._next_frame
+            for _ in range(model.shots):
+                start = self.clock.now()
+                self.clock.sleep(model.beam_tilt_settle_s + settings.exposure_s
+                                 + self._readout_s())
+                self.dose.record(Exposure(frame_id=self._next_frame, area=area.value,
+                                          dose_e_per_a2=dose, time_s=start,
+                                          corners_stage_um=corners, corners_grid_um=grid))
+                self._next_frame += 1
+            x, y, _ = self._do_get_stage()
+            where = f"{area.name} area, stage ({x:.2f}, {y:.2f}) um"
+            if not beam_on:
+                raise AutofocusFailed(f"autofocus failed at {where}: no beam (column valves "
+                                      f"closed)")
+            field = judge_field(self._sampler.sample(geom))
+            rng = np.random.default_rng([cfg.seed, 11, first])
+            measured = measure_error(field, error, model, rng, where)
+            log.debug("em.autofocus", area=area.name, true_error_um=round(error, 4),
+                      measured_um=round(measured, 4), contrast=round(field.contrast, 4),
+                      dose_e_per_a2=dose * model.shots)
+            return measured
 
     def _geometry(self, mag: Magnification, binning: int, shape: tuple[int, int],
                   area: LowDoseArea) -> FrameGeometry:

@@ -180,6 +180,28 @@ class OpticsModel(_Frozen):
     rotation_error_rms_deg: Annotated[float, Field(ge=0, le=5)] = 0.2
 
 
+class AutofocusModel(_Frozen):
+    """How the simulated autofocus (SerialEM's beam-tilt pair) measures and fails.
+
+    Two shots at the Focus settings with the beam tilted +-``beam_tilt_mrad``; the defocus
+    comes from their relative displacement, so its error grows as contrast falls:
+    ``noise_rms_um`` on carbon and hole edges (SerialEM reaches 50-100 nm there), scaled by
+    ``reference_contrast / contrast`` (square root) below that contrast. Contrast is the
+    band-passed phase (rad rms) of what the beam crosses, weighted by the transmission
+    (carbon film with hole edges at 39,000x: 0.014-0.021 rad; flat ice in a hole: 0): a
+    field under ``min_contrast`` (empty hole, torn film) or with a mean transmission under
+    ``min_transmission`` (grid bar) gives no measurement, as the correlation has no peak.
+    """
+
+    shots: Annotated[int, Field(ge=2, le=3)] = 2
+    beam_tilt_settle_s: NonNegFloat = 0.15
+    noise_rms_um: NonNegFloat = 0.07
+    reference_contrast: PositiveFloat = 0.02
+    min_contrast: NonNegFloat = 0.004
+    min_transmission: NonNegFloat = 0.05
+    max_noise_rms_um: PositiveFloat = 0.3
+
+
 class ElectronFaults(_Frozen):
     """Typed fault options for tests: when the vacuum fails, when the dewar fills, when the
     stage stops answering."""
@@ -203,6 +225,7 @@ class ElectronSimConfig(_Frozen):
     stage: StageModel = StageModel()
     timing: TimingModel = TimingModel()
     optics: OpticsModel = OpticsModel()
+    autofocus: AutofocusModel = AutofocusModel()
     faults: ElectronFaults = ElectronFaults()
 
     @model_validator(mode="after")

@@ -309,11 +309,7 @@ def _shoot(state: SerialEMState, area: LowDoseArea) -> None:
         state.area = area
     else:
         here = replace(settings, mag_index=state.em.mag_index(), defocus_offset_um=0.0)
-        state.em.low_dose[area] = here
-        try:
-            image = state.em.acquire(area)
-        finally:
-            state.em.low_dose[area] = settings
+        image = state.em.acquire(area, here)
     state.push_image(_buffer_of(image))
 
 

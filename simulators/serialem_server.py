@@ -78,6 +78,7 @@ from drivers.serialem.wire import (
     encode_reply,
 )
 from simulators.serialem_commands import COMMANDS
+from simulators.serialem_focus_commands import FOCUS_COMMANDS
 from simulators.serialem_nav_commands import NAV_COMMANDS
 from simulators.serialem_state import ScriptError, SerialEMState, image_buffer, run
 
@@ -87,7 +88,7 @@ DEFAULT_PORT = 48888
 MAX_REQUEST_FRAME = 64 * 1024      # SerialEM regrows its buffer; anything this big is garbage
 MAX_PUT_BYTES = 1 << 30
 _NO_IMAGE = ImageInfo(0, 0, 0, 0, 0, 0)
-HANDLERS = {**COMMANDS, **NAV_COMMANDS}
+HANDLERS = {**COMMANDS, **FOCUS_COMMANDS, **NAV_COMMANDS}
 
 
 @dataclass(frozen=True)

@@ -78,6 +78,12 @@ class SerialEMState:
         # GetRealignToItemError before any realignment: CNavHelper starts its stage error
         # at -999 and its local error at 0.
         self.realign_error_um = (-999.0, -999.0, 0.0, 0.0)
+        # CFocusManager: target defocus and current (last measured) defocus start at 0;
+        # ReportAutoFocus's error code (-1 failed, > 0 aborted) before any autofocus is not
+        # in the source we read, so the twin says "failed" until one has run.
+        self.target_defocus_um = 0.0
+        self.autofocus_defocus_um = 0.0
+        self.autofocus_error = -1
         self.t0 = em.clock.now()
 
     # -- buffers ------------------------------------------------------------------------------

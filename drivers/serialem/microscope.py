@@ -32,6 +32,21 @@ Choices, and why:
   this driver, not on saved MRC files, and SerialEM's own stage-to-camera matrices use a
   right-handed camera frame (y up, i.e. decreasing row), so one copied from SerialEM needs
   its y axis flipped.
+- Per-shot settings (``acquire(area, settings)``) go the same way: mag, exposure and binning
+  are pushed before the shot, so the next plain shot in the area pushes the preset back.
+  A defocus offset differing from the area's configured one is applied with ``ChangeFocus``
+  around the shot (and undone after it, also when the shot fails): SerialEM keeps defocus
+  offsets only for View and Search, as low-dose settings the operator owns.
+- ``autofocus``: ``AutoFocus -1 a`` measures without changing focus (FocusManager
+  AutoFocusStart with change -1), ``ReportAutoFocus`` gives the measured defocus and an
+  error code (0 ok, -1 failed, 1-4 aborted: MacroCommands.cpp CMacCmd::ReportAutoFocus);
+  the error is the measurement minus ``ReportDefocus`` (plus the area's offset), and the
+  contract applies the correction with ``SetDefocus``. Why not SerialEM's own change
+  (``AutoFocus 1``): it aims at SerialEM's target defocus, a setting the operator owns; the
+  contract's target is the defocus already set. Only the Focus (``a`` 0) and Record (-1)
+  areas are offered: they have no low-dose defocus offset in SerialEM, so the measurement
+  and ``ReportDefocus`` compare directly (View and Search would need the offset SerialEM
+  subtracts, which ``ReportDefocus`` in those areas may or may not include).
 - ``abort``: SerialEM takes no external abort while a command runs (the link is busy with
   it, and the operator's STOP button is the only way in). The contract's abort flag stops
   the next step; the command in flight finishes.
@@ -53,6 +68,7 @@ from numpy.typing import NDArray
 
 from drivers.base import (
     AcquisitionSettings,
+    AutofocusFailed,
     ElectronMicroscope,
     EMStatus,
     Image,
@@ -73,6 +89,8 @@ _SHOT = {LowDoseArea.VIEW: "View", LowDoseArea.FOCUS: "Focus", LowDoseArea.TRIAL
          LowDoseArea.RECORD: "Record", LowDoseArea.SEARCH: "Search"}
 _ITEM_KINDS = {0: "point", 1: "polygon", 2: "map"}
 IMAGE_BUFFER = "A"
+#: AutoFocus's second argument (low-dose area) for the areas the driver measures in.
+_AUTOFOCUS_AREA = {LowDoseArea.FOCUS: 0, LowDoseArea.RECORD: -1}
 # GetRealignToItemError's stage error before any realignment (CNavHelper's initial value).
 _NO_REALIGN_ERROR = -999.0
 
@@ -168,13 +186,39 @@ class SerialEMElectronMicroscope(ElectronMicroscope):
 
     def _do_acquire(self, area: LowDoseArea, settings: AcquisitionSettings) -> Image:
         self._go_to_area(area, settings)
-        start = self.clock.now()
-        self._link.call(_SHOT[area])
+        configured = self.config.low_dose_settings().get(area)
+        extra_um = settings.defocus_offset_um - (configured.defocus_offset_um
+                                                 if configured is not None else 0.0)
+        if extra_um:
+            self._link.call("ChangeFocus", extra_um)
+        try:
+            start = self.clock.now()
+            self._link.call(_SHOT[area])
+        finally:
+            if extra_um:
+                self._link.call("ChangeFocus", -extra_um)
         # width, height, binning, exposure s, pixel nm (0 if unknown), parameter set used
         props = _numbers(self._link.call("ImageProperties", IMAGE_BUFFER), 6, "ImageProperties")
         data = self._link.get_image(IMAGE_BUFFER)
         return self._image(data, area, settings, start, binning=_binning(props[2]),
                            exposure_s=props[3], serialem_pixel_nm=props[4])
+
+    def _do_autofocus(self, area: LowDoseArea, settings: AcquisitionSettings) -> float:
+        which = _AUTOFOCUS_AREA.get(area)
+        if which is None:
+            raise LimitViolation(f"autofocus in {area.name}: the SerialEM driver measures "
+                                 f"defocus only in {sorted(a.name for a in _AUTOFOCUS_AREA)} "
+                                 f"(AutoFocus's area argument; View and Search carry "
+                                 f"SerialEM's low-dose defocus offsets)")
+        self._go_to_area(area, settings)
+        self._link.call("AutoFocus", -1, which)
+        # last measured defocus (um), error code: 0 ok, -1 failed, 1-4 aborted
+        measured, code = _numbers(self._link.call("ReportAutoFocus"), 2, "ReportAutoFocus")[:2]
+        if code != 0:
+            raise AutofocusFailed(f"SerialEM reports the autofocus in {area.name} "
+                                  f"{'failed' if code < 0 else 'aborted'} (ReportAutoFocus "
+                                  f"error {code:g}); focus left as it was")
+        return measured - (self._do_get_defocus() + settings.defocus_offset_um)
 
     def _go_to_area(self, area: LowDoseArea, settings: AcquisitionSettings) -> None:
         """Low dose on, go to ``area``, and make its mag, exposure and binning the preset's.

@@ -11,21 +11,27 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
 import pytest
 
-from drivers.base import ElectronMicroscope, LowDoseArea
+from drivers.base import AcquisitionSettings, AutofocusFailed, ElectronMicroscope, LowDoseArea
 from drivers.clock import VirtualClock
-from drivers.errors import Aborted, LimitViolation
+from drivers.errors import Aborted, ConfigError, LimitViolation
 from drivers.serialem.microscope import SerialEMElectronMicroscope
 from simulators.electron import SimulatedElectronMicroscope
 from simulators.electron_config import ElectronSimConfig
 from simulators.serialem_server import SerialEMTwin
-from simulators.specimen import Specimen
+from simulators.specimen import Specimen, SquareState
 
 CAMERA = (128, 128)
+#: Focus at 1,250x on the small camera: a 1.1 um field, which holds a hole edge on most film.
+FOCUS_LOW_DOSE = {
+    "record": {"mag_index": 24, "exposure_s": 1.0, "binning": 1, "dose_rate_e_per_a2_s": 2.0},
+    "focus": {"mag_index": 11, "exposure_s": 0.5, "binning": 1, "dose_rate_e_per_a2_s": 1.0},
+}
 
 
 @pytest.fixture(scope="module")
@@ -172,6 +178,60 @@ def test_unconfigured_area_is_refused(make_em: Any) -> None:
         em.acquire(LowDoseArea.SEARCH)
 
 
+def test_acquire_with_settings_overrides_the_preset_for_one_shot(em: ElectronMicroscope
+                                                                ) -> None:
+    preset = em.low_dose[LowDoseArea.RECORD]
+    other = next(i for i in sorted(em.magnifications) if i != preset.mag_index)
+    once = replace(preset, mag_index=other, binning=2, exposure_s=0.3,
+                   dose_rate_e_per_a2_s=0.5)
+    image = em.acquire(LowDoseArea.RECORD, settings=once)
+    assert (image.mag_index, image.binning) == (other, 2)
+    assert image.shape == em.camera_shape(2)
+    assert image.exposure_s == pytest.approx(0.3)
+    assert image.dose_e_per_a2 == pytest.approx(0.15)
+    assert image.pixel_size_um == pytest.approx(em.magnifications[other].pixel_size_um * 2)
+    assert em.low_dose[LowDoseArea.RECORD] == preset
+    again = em.acquire(LowDoseArea.RECORD)
+    assert (again.mag_index, again.binning) == (preset.mag_index, preset.binning)
+    assert again.exposure_s == pytest.approx(preset.exposure_s)
+
+
+def test_acquire_settings_with_a_defocus_offset_are_described(em: ElectronMicroscope) -> None:
+    em.set_defocus(-4.0)
+    once = replace(em.low_dose[LowDoseArea.RECORD], defocus_offset_um=-20.0)
+    assert em.acquire(LowDoseArea.RECORD, once).defocus_um == pytest.approx(-24.0)
+    assert em.defocus() == pytest.approx(-4.0)
+    assert em.acquire(LowDoseArea.RECORD).defocus_um == pytest.approx(
+        -4.0 + em.low_dose[LowDoseArea.RECORD].defocus_offset_um)
+
+
+@pytest.mark.parametrize("bad", ["mag-index", "binning-past-camera", "area"])
+def test_bad_acquire_settings_are_refused_before_anything(em: ElectronMicroscope,
+                                                          bad: str) -> None:
+    preset = em.low_dose[LowDoseArea.RECORD]
+    em.set_mag_index(preset.mag_index)
+    if bad == "mag-index":
+        settings, area, match = replace(preset, mag_index=999), LowDoseArea.RECORD, \
+            "magnification index 999"
+    elif bad == "binning-past-camera":
+        settings, area, match = replace(preset, binning=4 * max(CAMERA)), LowDoseArea.RECORD, \
+            r"settings\.binning"
+    else:
+        settings, area, match = preset, LowDoseArea.TRIAL, "TRIAL is not configured"
+    if bad == "area":
+        em.low_dose.pop(LowDoseArea.TRIAL, None)
+    with pytest.raises(LimitViolation, match=match):
+        em.acquire(area, settings)
+    assert em.mag_index() == preset.mag_index
+
+
+def test_settings_themselves_refuse_zero_exposure_and_binning() -> None:
+    with pytest.raises(ConfigError, match="exposure_s"):
+        AcquisitionSettings(mag_index=1, exposure_s=0.0)
+    with pytest.raises(ConfigError, match="binning"):
+        AcquisitionSettings(mag_index=1, exposure_s=1.0, binning=0)
+
+
 def test_montage_tiles(em: ElectronMicroscope) -> None:
     tiles = em.montage((100.0, 50.0), (2, 1), overlap=0.1, area=LowDoseArea.VIEW)
     assert len(tiles) == 2
@@ -188,6 +248,65 @@ def test_montage_outside_travel_is_refused_before_moving(em: ElectronMicroscope)
     with pytest.raises(LimitViolation):
         em.montage((em.limits.x.upper, 0.0), (3, 3), area=LowDoseArea.VIEW)
     assert em.stage_position()[:2] == pytest.approx((5.0, 5.0))
+
+
+# --------------------------------------------------------------------------- autofocus
+
+
+def _square_centre(specimen: Specimen) -> tuple[float, float]:
+    """EM stage position of the middle of a whole square with good film."""
+    sq = next(s for s in specimen.squares if s.state == SquareState.OK and not s.partial
+              and not s.cell_ids and abs(s.i) + abs(s.j) > 0)
+    x, y = specimen.truth.grid_to_em_stage(np.asarray(sq.centre_um, float))
+    return float(x), float(y)
+
+
+def _on_film_that_focuses(em: ElectronMicroscope, specimen: Specimen) -> None:
+    """Step across a square's film until autofocus finds a hole edge (contract calls only)."""
+    x0, y0 = _square_centre(specimen)
+    for k in range(12):
+        em.move_stage(x0 + 0.7 * k, y0 + 0.3 * k)
+        try:
+            em.autofocus(apply=False)
+            return
+        except AutofocusFailed:
+            continue
+    raise AssertionError("no place with contrast found on the film")
+
+
+def test_autofocus_measures_and_corrects_the_defocus(make_em: Any,
+                                                     specimen: Specimen) -> None:
+    em = make_em(low_dose=FOCUS_LOW_DOSE)
+    _on_film_that_focuses(em, specimen)
+    em.set_defocus(-3.0)
+    first = em.autofocus(apply=False)
+    assert em.defocus() == pytest.approx(-3.0)          # measuring changes nothing
+    error = em.autofocus()
+    assert error == pytest.approx(first, abs=0.5)       # two measurements agree within noise
+    assert em.defocus() == pytest.approx(-3.0 - error)  # corrected by minus the error
+    # the error belongs to the place (its height), not to the lens: measured again at the
+    # corrected lens it is the same, and moving on keeps it
+    assert em.autofocus(apply=False) == pytest.approx(error, abs=0.5)
+
+
+def test_autofocus_on_a_grid_bar_fails_and_leaves_the_focus(make_em: Any,
+                                                            specimen: Specimen) -> None:
+    em = make_em(low_dose=FOCUS_LOW_DOSE)
+    x0, y0 = _square_centre(specimen)
+    pitch = specimen.config.pitch_um
+    sq = specimen.truth.em_stage_to_grid(np.array([x0, y0]))
+    bar = specimen.truth.grid_to_em_stage(np.array([sq[0] + pitch / 2, sq[1]]))
+    em.move_stage(float(bar[0]), float(bar[1]))
+    em.set_defocus(-2.0)
+    with pytest.raises(AutofocusFailed, match="autofocus"):
+        em.autofocus()
+    assert em.defocus() == pytest.approx(-2.0)
+
+
+def test_autofocus_in_an_unconfigured_area_is_refused(make_em: Any) -> None:
+    em = make_em(low_dose={"record": FOCUS_LOW_DOSE["record"]})
+    with pytest.raises(LimitViolation, match="FOCUS is not configured"):
+        em.autofocus()
 
 
 # --------------------------------------------------------------------------- navigator

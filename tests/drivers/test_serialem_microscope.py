@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from drivers.base import LowDoseArea
+from drivers.base import AutofocusFailed, LowDoseArea
 from drivers.clock import VirtualClock
 from drivers.errors import (
     Aborted,
@@ -323,3 +323,54 @@ def test_image_rows_are_the_buffer_rows_unflipped() -> None:
     _, em = _scripted(replies, image=frame)
     image = em.acquire(LowDoseArea.RECORD)
     assert np.array_equal(image.data, frame)
+
+
+# --------------------------------------------------------------------------- autofocus, settings
+
+_SHOT_REPLIES: dict[str, Any] = {
+    "ReportMagIndex": (20.0, 0.0), "ReportStageXYZ": (0.0, 0.0, 0.0),
+    "ReportSpecimenShift": (0.0, 0.0), "ReportTiltAngle": 0.0, "ReportDefocus": -3.0,
+    "CameraProperties": (128.0, 96.0, 0.0, 5.0, 0.28, 1.0),
+    "ImageProperties": (128.0, 96.0, 1.0, 1.0, 0.28, 3.0)}
+_AREAS = {"low_dose": {"record": {"mag_index": 20, "exposure_s": 1.0},
+                       "focus": {"mag_index": 20, "exposure_s": 0.5, "binning": 2},
+                       "trial": {"mag_index": 20, "exposure_s": 0.5, "binning": 2}}}
+
+
+def test_autofocus_measures_with_autofocus_minus_1_and_sets_the_defocus() -> None:
+    link, em = _scripted({**_SHOT_REPLIES, "ReportAutoFocus": (-3.4, 0.0)}, **_AREAS)
+    assert em.autofocus() == pytest.approx(-0.4)            # measured -3.4, lens -3.0
+    assert ("AutoFocus", -1, 0) in link.calls               # measure only, Focus area
+    assert ("GoToLowDoseArea", "F") in link.calls
+    assert link.calls[-1] == ("SetDefocus", pytest.approx(-2.6))
+    assert not any(c[0] == "SetTargetDefocus" for c in link.calls)
+
+
+@pytest.mark.parametrize("code", [-1.0, 1.0, 4.0], ids=["failed", "aborted-1", "aborted-4"])
+def test_autofocus_failure_reported_by_serialem_is_typed(code: float) -> None:
+    link, em = _scripted({**_SHOT_REPLIES, "ReportAutoFocus": (-3.4, code)}, **_AREAS)
+    with pytest.raises(AutofocusFailed, match=f"ReportAutoFocus error {code:g}"):
+        em.autofocus()
+    assert not any(c[0] in ("SetDefocus", "ChangeFocus") for c in link.calls)
+
+
+def test_autofocus_in_trial_is_refused_before_sending() -> None:
+    link, em = _scripted(dict(_SHOT_REPLIES), **_AREAS)
+    with pytest.raises(LimitViolation, match="TRIAL"):
+        em.autofocus(LowDoseArea.TRIAL)
+    assert link.calls == []
+
+
+def test_per_shot_settings_are_pushed_and_an_extra_defocus_offset_is_undone() -> None:
+    link, em = _scripted(dict(_SHOT_REPLIES), image=np.zeros((96, 128), np.uint16))
+    preset = em.low_dose[LowDoseArea.RECORD]
+    once = replace(preset, mag_index=10, exposure_s=0.25, binning=2,
+                   defocus_offset_um=preset.defocus_offset_um - 30.0)
+    em.acquire(LowDoseArea.RECORD, once)
+    names = [c[0] for c in link.calls]
+    assert ("SetMagIndex", 10) in link.calls
+    assert ("SetExposure", "R", 0.25) in link.calls and ("SetBinning", "R", 2) in link.calls
+    shot = names.index("Record")
+    assert link.calls[shot - 1] == ("ChangeFocus", -30.0)
+    assert link.calls[shot + 1] == ("ChangeFocus", 30.0)
+    assert em.low_dose[LowDoseArea.RECORD] == preset

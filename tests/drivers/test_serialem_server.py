@@ -27,7 +27,7 @@ from drivers.serialem.client import Result, SerialEMClient, SerialEMExited, Seri
 from drivers.serialem.commands import CommandTable
 from simulators.electron import SimulatedElectronMicroscope
 from simulators.serialem_server import SerialEMTwin, TwinFaults, main
-from simulators.specimen import Specimen
+from simulators.specimen import Specimen, SquareState
 
 TABLE = CommandTable.load()
 CAMERA = (128, 96)
@@ -490,3 +490,91 @@ def test_main_serves_standalone_until_stopped() -> None:
         stop.set()
         thread.join(20)
     assert result == [0]
+
+
+# --------------------------------------------------------------------------- autofocus
+
+#: Focus at 1,250x: a 1.1 um field on the small camera, so that film shows hole edges.
+_FOCUS_LOW_DOSE = {
+    "record": {"mag_index": 24, "exposure_s": 1.0, "binning": 1},
+    "focus": {"mag_index": 11, "exposure_s": 0.5, "binning": 1},
+}
+
+
+@pytest.fixture
+def focus_twin(specimen: Specimen) -> Iterator[SerialEMTwin]:
+    em = SimulatedElectronMicroscope.for_tests(specimen, VirtualClock(), camera=(128, 128),
+                                               low_dose=_FOCUS_LOW_DOSE)
+    twin = SerialEMTwin(em).start()
+    yield twin
+    twin.close()
+
+
+def _pair(result: Result) -> tuple[float, float]:
+    assert isinstance(result, tuple) and len(result) == 2
+    return float(result[0]), float(result[1])
+
+
+def _film(specimen: Specimen, twin: SerialEMTwin, client: SerialEMClient) -> float:
+    """Move across a square's film until AutoFocus -1 succeeds; its measured defocus."""
+    sq = next(s for s in specimen.squares if s.state == SquareState.OK and not s.partial
+              and not s.cell_ids and abs(s.i) + abs(s.j) > 0)
+    x0, y0 = specimen.truth.grid_to_em_stage(np.asarray(sq.centre_um, float))
+    client.call("SetLowDoseMode", 1)
+    for k in range(12):
+        client.call("MoveStageTo", float(x0) + 0.7 * k, float(y0) + 0.3 * k)
+        client.call("AutoFocus", -1)
+        measured, code = _pair(client.call("ReportAutoFocus"))
+        if code == 0:
+            return measured
+    raise AssertionError("no film with contrast found")
+
+
+def test_autofocus_measures_without_changing_focus(specimen: Specimen,
+                                                  focus_twin: SerialEMTwin,
+                                                  connect: Callable[..., SerialEMClient]
+                                                  ) -> None:
+    client = connect(focus_twin)
+    client.call("SetDefocus", -3.0)
+    measured = _film(specimen, focus_twin, client)
+    sim = focus_twin.em
+    assert isinstance(sim, SimulatedElectronMicroscope)
+    x, y, z = sim.true_stage_position()
+    height = float(specimen.truth.em_height.height(np.array([x, y]))) - z
+    # measured = lens defocus less the film's height above the tilt axis, within the noise
+    assert measured == pytest.approx(-3.0 - height, abs=0.35)
+    assert client.call("ReportDefocus") == pytest.approx(-3.0)
+    assert focus_twin.state.area == LowDoseArea.FOCUS
+
+
+def test_autofocus_changes_focus_to_the_target(specimen: Specimen, focus_twin: SerialEMTwin,
+                                               connect: Callable[..., SerialEMClient]) -> None:
+    client = connect(focus_twin)
+    client.call("SetDefocus", -1.0)
+    measured = _film(specimen, focus_twin, client)
+    client.call("SetTargetDefocus", -2.5)
+    assert client.call("ReportTargetDefocus") == pytest.approx(-2.5)
+    client.call("AutoFocus")
+    defocus = client.call("ReportDefocus")
+    assert isinstance(defocus, float)
+    changed = defocus - (-1.0)
+    assert changed == pytest.approx(-2.5 - measured, abs=0.35)
+    client.call("AutoFocus", -1)
+    after, code = _pair(client.call("ReportAutoFocus"))
+    assert code == 0 and after == pytest.approx(-2.5, abs=0.35)
+
+
+def test_failed_autofocus_is_reported_not_raised(specimen: Specimen, focus_twin: SerialEMTwin,
+                                                 connect: Callable[..., SerialEMClient]) -> None:
+    client = connect(focus_twin)
+    assert client.call("ReportAutoFocus") == (0.0, -1.0)     # nothing measured yet
+    pitch = specimen.config.pitch_um
+    x, y = specimen.truth.grid_to_em_stage(np.array([pitch / 2, 0.0]))     # a grid bar
+    client.call("SetLowDoseMode", 1)
+    client.call("MoveStageTo", float(x), float(y))
+    client.call("SetDefocus", -4.0)
+    client.call("AutoFocus")                                  # no script error
+    assert _pair(client.call("ReportAutoFocus"))[1] == -1.0
+    assert client.call("ReportDefocus") == pytest.approx(-4.0)
+    with pytest.raises(SerialEMScriptError, match="not simulated"):
+        client.call("AutoFocus", -2)

@@ -13,7 +13,15 @@ import numpy as np
 import pytest
 from numpy.typing import NDArray
 
-from drivers.base import Aborted, HardwareFault, Image, InvalidState, LimitViolation, LowDoseArea
+from drivers.base import (
+    Aborted,
+    AutofocusFailed,
+    HardwareFault,
+    Image,
+    InvalidState,
+    LimitViolation,
+    LowDoseArea,
+)
 from drivers.clock import VirtualClock
 from drivers.errors import ConfigError
 from simulators.electron import SimulatedElectronMicroscope
@@ -537,3 +545,101 @@ def test_closed_microscope_refuses_to_move_or_acquire(spec: Specimen) -> None:
         em.move_stage(10.0, 10.0)
     with pytest.raises(InvalidState):
         em.acquire(VIEW)
+
+
+# --------------------------------------------------------------------------- autofocus
+
+#: Focus at 11,500x binned 4 on a 1024 camera: a 3.9 um field beside the target on the axis.
+AF_LOW_DOSE: dict[str, Any] = {
+    "record": {"mag_index": mag_index_of(39000), "exposure_s": 1.0, "binning": 4},
+    "focus": {"mag_index": mag_index_of(11500), "exposure_s": 0.5, "binning": 4,
+              "dose_rate_e_per_a2_s": 2.0, "axis_offset_um": 2.0},
+}
+
+
+def _film_place(spec: Specimen, em: SimulatedElectronMicroscope) -> tuple[float, float]:
+    """A stage position on good film whose focus area sees a hole edge (found by trying)."""
+    sq = next(s for s in spec.squares if s.state == SquareState.OK and not s.partial
+              and not s.cell_ids and abs(s.i) + abs(s.j) > 0)
+    x0, y0 = spec.truth.grid_to_em_stage(np.asarray(sq.centre_um, float))
+    for k in range(12):
+        x, y = float(x0) + 0.7 * k, float(y0) + 0.3 * k
+        em.move_stage(x, y)
+        try:
+            em.autofocus(apply=False)
+            return x, y
+        except AutofocusFailed:
+            continue
+    raise AssertionError("no film with a hole edge found")
+
+
+def test_autofocus_measures_the_height_error_at_the_focus_area(spec: Specimen) -> None:
+    em = em_for(spec, camera=(1024, 1024), low_dose=AF_LOW_DOSE, **EXACT)
+    x, y = _film_place(spec, em)
+    em.move_stage(x, y, 0.0)
+    em.set_defocus(-5.0)
+    tx, ty, tz = em.true_stage_position()
+    # the focus area is 2 um along the tilt axis (stage x here): the film there
+    dz = float(spec.truth.em_height.height(np.array([tx + 2.0, ty]))) - tz
+    errors = [em.autofocus(apply=False) for _ in range(8)]
+    assert np.mean(errors) == pytest.approx(-dz, abs=0.08)      # -height: more underfocus
+    assert 0.02 < float(np.std(errors)) < 0.15                    # SerialEM's 50-100 nm
+    em.move_stage(x, y, 2.0)                                      # tilt axis 2 um higher
+    assert em.autofocus(apply=False) == pytest.approx(-dz + 2.0, abs=0.3)
+    assert em.defocus() == -5.0
+
+
+def test_autofocus_spends_time_and_dose_at_the_focus_area_only(spec: Specimen) -> None:
+    em = em_for(spec, camera=(1024, 1024), low_dose=AF_LOW_DOSE, **EXACT)
+    x, y = _film_place(spec, em)
+    em.set_mag_index(AF_LOW_DOSE["focus"]["mag_index"])
+    clock = em.clock
+    t0, d0 = clock.now(), len(em.dose.exposures)
+    target0 = float(em.dose.at_stage(np.array([x, y])))
+    beside0 = float(em.dose.at_stage(np.array([x + 2.0, y])))
+    em.autofocus(apply=False)
+    t, m = em.config.timing, em.config.autofocus
+    readout = t.readout_base_s + t.readout_s_per_mpix * 1024 * 1024 / 1e6
+    assert clock.now() - t0 == pytest.approx(m.shots * (m.beam_tilt_settle_s + 0.5 + readout))
+    new = em.dose.exposures[d0:]
+    assert len(new) == m.shots and all(e.area == "F" for e in new)
+    assert sum(e.dose_e_per_a2 for e in new) == pytest.approx(m.shots * 1.0)
+    assert float(em.dose.at_stage(np.array([x, y]))) == target0   # the target got nothing
+    assert float(em.dose.at_stage(np.array([x + 2.0, y]))) - beside0 == pytest.approx(
+        m.shots * 1.0)
+
+
+def _hole_centre(spec: Specimen, near: tuple[float, float]) -> NDArray[np.float64]:
+    """Grid-frame centre of the film hole (R2/2 lattice) nearest to ``near``."""
+    t = math.radians(spec.hole_lattice_deg)
+    u_dir, v_dir = np.array([math.cos(t), math.sin(t)]), np.array([-math.sin(t), math.cos(t)])
+    d = np.asarray(near, float) - np.asarray(spec.hole_origin_um, float)
+    p = spec.config.hole_pitch_um
+    centre: NDArray[np.float64] = np.asarray(spec.hole_origin_um, float) + p * (
+        round(float(d @ u_dir) / p) * u_dir + round(float(d @ v_dir) / p) * v_dir)
+    return centre
+
+
+@pytest.mark.parametrize("where", ["grid-bar", "torn-film", "flat-ice-in-a-hole"])
+def test_autofocus_fails_where_there_is_nothing_to_correlate(spec: Specimen,
+                                                             where: str) -> None:
+    low_dose = {**AF_LOW_DOSE, "focus": {**AF_LOW_DOSE["focus"], "axis_offset_um": 0.0}}
+    if where == "flat-ice-in-a-hole":     # a 60 nm field inside a 2 um hole
+        low_dose["focus"] = {**low_dose["focus"], "mag_index": mag_index_of(105000),
+                             "binning": 1}
+    em = em_for(spec, camera=(256, 256), low_dose=low_dose, **EXACT)
+    pitch = spec.config.pitch_um
+    if where == "grid-bar":
+        xy = spec.truth.grid_to_em_stage(np.array([pitch / 2, 0.0]))
+    elif where == "torn-film":
+        sq = next(s for s in spec.squares if s.state == SquareState.BROKEN and not s.partial)
+        xy = spec.truth.grid_to_em_stage(np.asarray(sq.centre_um, float))
+    else:
+        sq = next(s for s in spec.squares if s.state == SquareState.OK and not s.partial
+                  and not s.cell_ids and abs(s.i) + abs(s.j) > 0)
+        xy = spec.truth.grid_to_em_stage(_hole_centre(spec, sq.centre_um))
+    em.move_stage(float(xy[0]), float(xy[1]))
+    em.set_defocus(-3.0)
+    with pytest.raises(AutofocusFailed, match="autofocus failed"):
+        em.autofocus()
+    assert em.defocus() == -3.0
