@@ -265,10 +265,19 @@ class SimulatedElectronMicroscope(ElectronMicroscope):
 
     def _true_defocus(self, geom: FrameGeometry, settings: AcquisitionSettings) -> float:
         """Effective defocus (um, negative = underfocus) at the frame centre: the lens and the
-        area's offset, less the film's height above the tilt axis there."""
-        centre = geom.unproject_film(np.array([geom.beam_offset_um]))
-        dz = float(self.specimen.truth.em_height.height(centre)[0]) - geom.stage_z_um
-        return self._defocus_um + settings.defocus_offset_um - dz
+        area's offset, less the height of the film point there along the optical axis.
+
+        That height is the film's eucentric error ``dz`` and its offset ``d`` from the stage
+        position rotated about the tilt axis, ``dz cos t - (d.v) sin t`` (the rotation
+        ``FrameGeometry.project`` uses): a point beside the axis rises or sinks as the stage
+        tilts, so the defocus of a target reached by image shift changes with tilt."""
+        centre = geom.unproject_film(np.array([geom.beam_offset_um]))[0]
+        dz = float(self.specimen.truth.em_height.height(centre)) - geom.stage_z_um
+        _, v = geom.axes
+        across = float((centre - np.asarray(geom.stage_xy_um)) @ v)
+        t = math.radians(geom.tilt_deg)
+        return (self._defocus_um + settings.defocus_offset_um
+                - (dz * math.cos(t) - across * math.sin(t)))
 
     # ------------------------------------------------------------------ autofocus
 

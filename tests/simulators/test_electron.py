@@ -643,3 +643,28 @@ def test_autofocus_fails_where_there_is_nothing_to_correlate(spec: Specimen,
     with pytest.raises(AutofocusFailed, match="autofocus failed"):
         em.autofocus()
     assert em.defocus() == -3.0
+
+
+def test_defocus_at_tilt_follows_the_height_of_the_point_under_the_beam(spec: Specimen) -> None:
+    em = em_for(spec, camera=(256, 256), **EXACT)
+    x, y = _square_centre_em(spec)
+    em.move_stage(x, y, 0.0)
+    em.set_defocus(-4.0)
+    em.set_image_shift(0.0, 2.0)            # 2 um across the tilt axis (stage x)
+    tx, ty, z = em.true_stage_position()
+    dz = float(spec.truth.em_height.height(np.array([tx, ty]))) - z
+    for tilt in (0.0, 30.0, -45.0):
+        em.tilt_to(tilt)
+        t = math.radians(tilt)
+        record = em.frame_record(em.acquire(RECORD))
+        # the beam 2 um beside the axis meets the film, tilted about a line dz below it,
+        # dz / cos t - 2 tan t above the axis (a flat film: its 1e-3 slope is in the tolerance)
+        assert record.defocus_um == pytest.approx(-4.0 - (dz / math.cos(t) - 2.0 * math.tan(t)),
+                                                  abs=0.03)
+
+
+def _square_centre_em(spec: Specimen) -> tuple[float, float]:
+    sq = next(s for s in spec.squares if s.state == SquareState.OK and not s.partial
+              and not s.cell_ids and abs(s.i) + abs(s.j) > 0)
+    x, y = spec.truth.grid_to_em_stage(np.asarray(sq.centre_um, float))
+    return float(x), float(y)
