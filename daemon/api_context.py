@@ -51,7 +51,8 @@ def session_info(runner: SessionRunner, row: SessionRow) -> SessionInfo:
         reason=row.reason, message=row.message, error=row.error, waiting_key=row.waiting_key,
         current_step=row.current_step, queue_pos=row.queue_pos, steps_done=row.steps_done,
         progress=progress, targets_rev=row.targets_rev, data_dir=row.data_dir,
-        created_at=row.created_at, updated_at=row.updated_at)
+        created_at=row.created_at, updated_at=row.updated_at,
+        interrupted_step=row.interrupted_step, interruptions=row.interruptions)
 
 
 def change_token(rows: list[SessionRow]) -> str:

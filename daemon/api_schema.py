@@ -114,6 +114,8 @@ class SessionInfo(Result):
     data_dir: str
     created_at: float
     updated_at: float
+    interrupted_step: str | None
+    interruptions: int
 
 
 class ArtifactInfo(Result):

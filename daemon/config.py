@@ -126,6 +126,9 @@ class RunnerConfig(Model):
     """How sessions run, resume and recover."""
 
     on_restart: Literal["resume", "wait"] = "resume"
+    #: A step that was in flight at this many consecutive restarts (it may be what crashes
+    #: the service) is not resumed automatically; the session waits for an operator.
+    max_auto_resumes: int = Field(default=3, ge=1, le=100)
     watchdog_s: float = Field(default=600.0, gt=0, le=86400)
     watchdog_estimate_factor: float = Field(default=3.0, ge=1.0)
     abort_grace_s: float = Field(default=10.0, gt=0, le=600)

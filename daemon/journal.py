@@ -64,6 +64,8 @@ CREATE TABLE IF NOT EXISTS sessions (
     queue_pos REAL,
     steps_done INTEGER NOT NULL DEFAULT 0,
     targets_rev INTEGER NOT NULL DEFAULT 0,
+    interrupted_step TEXT,
+    interruptions INTEGER NOT NULL DEFAULT 0,
     data_dir TEXT NOT NULL,
     created_at REAL NOT NULL,
     updated_at REAL NOT NULL,

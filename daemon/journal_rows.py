@@ -27,6 +27,8 @@ class SessionRow:
     data_dir: str
     created_at: float
     updated_at: float
+    interrupted_step: str | None = None     # the step in flight at the last restart(s)
+    interruptions: int = 0                  # consecutive restarts with that step in flight
 
 
 @dataclass(frozen=True)
@@ -70,7 +72,8 @@ def session_row(r: sqlite3.Row) -> SessionRow:
                       r["state"], r["reason"], r["message"],
                       json.loads(r["error"]) if r["error"] else None, r["waiting_key"],
                       r["current_step"], r["queue_pos"], r["steps_done"], r["targets_rev"],
-                      r["data_dir"], r["created_at"], r["updated_at"])
+                      r["data_dir"], r["created_at"], r["updated_at"], r["interrupted_step"],
+                      r["interruptions"])
 
 
 def target_row(r: sqlite3.Row) -> TargetRow:

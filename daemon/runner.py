@@ -216,8 +216,21 @@ class SessionRunner:
                     continue
                 where = (f"during step {row.current_step}" if row.current_step
                          else "between steps")
+                repeats = (row.interruptions + 1 if row.current_step is not None
+                           and row.current_step == row.interrupted_step else 1)
                 self._transition(row.id, S.INTERRUPTED, Reason.SERVICE_RESTART,
-                                 message=f"service stopped {where}")
+                                 message=f"service stopped {where}",
+                                 interrupted_step=row.current_step, interruptions=repeats)
+                if row.current_step is not None and repeats >= self.cfg.max_auto_resumes:
+                    message = (f"step {row.current_step} was in flight at {repeats} "
+                               f"consecutive restarts; not resuming it automatically "
+                               f"(runner.max_auto_resumes); check the logs, then resume or "
+                               f"abort")
+                    log.error("session.crash_loop", session=row.id, step=row.current_step,
+                              restarts=repeats)
+                    self.bus.emit(EventKind.WARNING, row.id, {"message": message,
+                                                              "step": row.current_step})
+                    continue
                 if self.cfg.on_restart == "resume":
                     self._transition(row.id, S.RUNNING, Reason.SERVICE_RESTART,
                                      message="resumed after restart")

@@ -214,3 +214,39 @@ def test_simulated_time_continues_across_a_restart(make_service: Callable[..., R
     t = c2.create_session("exercise", {"positions": 1}, start=True)
     c2.wait_state(t["id"], {"completed"}, 60)
     assert min(a["meta"]["time_s"] for a in c2.session(t["id"])["artifacts"]) > last
+
+
+def test_a_step_that_keeps_crashing_the_service_is_not_resumed_forever(
+        make_service: Callable[..., Running]) -> None:
+    import sqlite3
+    first = make_service()
+    c = first.client()
+    s = c.create_session("exercise", {"positions": 3, "em": False}, start=True)
+    c.wait_state(s["id"], {"completed"}, 60)
+    first.stop()
+    data_dir = first.cfg.data_dir
+
+    def crash_in_last_step() -> None:
+        """What a kill -9 (an OOM kill, say) inside step lm/pos-002 leaves behind."""
+        conn = sqlite3.connect(data_dir / "journal.sqlite")
+        with conn:
+            conn.execute("DELETE FROM artifacts WHERE step_key = 'lm/pos-002'")
+            conn.execute("DELETE FROM steps WHERE key = 'lm/pos-002'")
+            conn.execute("UPDATE sessions SET state = 'running', current_step = 'lm/pos-002' "
+                         "WHERE id = ?", (s["id"],))
+        conn.close()
+
+    for restart in (1, 2, 3):
+        crash_in_last_step()
+        running = make_service(data_dir=data_dir, runner={"max_auto_resumes": 3})
+        c2 = running.client()
+        info = c2.wait_state(s["id"], {"completed", "interrupted"}, 60)
+        if restart < 3:
+            assert info["state"] == "completed"
+        else:
+            assert info["state"] == "interrupted"
+            warning = c2.call("events.list", {"topic_prefix": f"warning.{s['id']}"})["events"]
+            assert "3 consecutive restarts" in warning[-1]["payload"]["message"]
+            c2.call("sessions.resume", {"session_id": s["id"]})
+            assert c2.wait_state(s["id"], {"completed"}, 60)["state"] == "completed"
+        running.stop()
