@@ -11,6 +11,7 @@ position.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -31,8 +32,23 @@ def _to_px(a: NDArray[np.float64], q: NDArray[np.float64]) -> NDArray[np.float64
     return (q - a[:, 2]) @ np.linalg.inv(a[:, :2]).T
 
 
-def atlas_case(seed: int) -> dict[str, Any]:
-    """Render one grid in both instruments, register, judge every square centre."""
+@dataclass(frozen=True)
+class AtlasCase:
+    """One rendered grid: both overviews, pixel sizes, and the true square centres in each
+    image's pixels (every non-partial square)."""
+
+    lm_image: NDArray[np.float64]
+    lm_pixel_um: float
+    em_image: NDArray[np.float64]
+    em_pixel_um: float
+    lm_centres_px: NDArray[np.float64]
+    em_centres_px: NDArray[np.float64]
+    pitch_um: float
+    mirrored: bool
+
+
+def render_atlas_case(seed: int) -> AtlasCase:
+    """Render one simulated grid in both instruments (rotation and mirror from the seed)."""
     spec = Specimen.generate(seed=seed, flip_fraction=0.5)
     cfg = LightSimConfig.build(objectives={"5x": {"magnification": 5, "numerical_aperture": 0.15,
                                                   "pixel_size_um": 1.3}},
@@ -54,20 +70,29 @@ def atlas_case(seed: int) -> dict[str, Any]:
     lm_c = _to_px(lm.true_pixel_to_stage(lm_img), spec.truth.grid_to_lm_stage(cen))
     a_em = em.true_pixel_to_stage(em_img)
     em_c = _to_px(a_em, spec.truth.grid_to_em_stage(cen))
-    em_px_um = float(np.sqrt(abs(np.linalg.det(a_em[:, :2]))))
+    return AtlasCase(lm_image=np.asarray(lm_img.data, np.float64),
+                     lm_pixel_um=float(lm_img.pixel_size_um),
+                     em_image=np.asarray(em_img.data, np.float64),
+                     em_pixel_um=float(em_img.pixel_size_um), lm_centres_px=lm_c,
+                     em_centres_px=em_c, pitch_um=float(spec.config.pitch_um),
+                     mirrored=bool(spec.truth.em.mirrored))
+
+
+def judge_atlas(case: AtlasCase, seed: int, source: str = "simulator") -> dict[str, Any]:
+    """Register one case and judge every square centre: right = within half a pitch."""
     t0 = time.perf_counter()
+    base: dict[str, Any] = {"seed": seed, "source": source, "mirrored_truth": case.mirrored}
     try:
-        res = register_atlas(lm_img.data, lm_img.pixel_size_um, em_img.data,
-                             em_img.pixel_size_um, lm_c)
+        res = register_atlas(case.lm_image, case.lm_pixel_um, case.em_image, case.em_pixel_um,
+                             case.lm_centres_px)
     except CorrelationInputError as err:
-        return {"seed": seed, "status": "unusable_input", "reason": str(err),
+        return {**base, "status": "unusable_input", "reason": str(err),
                 "seconds": time.perf_counter() - t0}
-    row: dict[str, Any] = {"seed": seed, "status": res.status, "confidence": res.confidence,
-                           "seconds": time.perf_counter() - t0,
-                           "mirrored_truth": bool(spec.truth.em.mirrored)}
+    row: dict[str, Any] = {**base, "status": res.status, "confidence": res.confidence,
+                           "seconds": time.perf_counter() - t0, "reason": res.reason}
     if res.points_em_px is not None:
-        err = np.linalg.norm(res.points_em_px - em_c, axis=1) * em_px_um
-        row.update(fraction_right=float(np.mean(err < spec.config.pitch_um / 2)),
+        err = np.linalg.norm(res.points_em_px - case.em_centres_px, axis=1) * case.em_pixel_um
+        row.update(fraction_right=float(np.mean(err < case.pitch_um / 2)),
                    median_error_um=float(np.median(err)), squares_fitted=len(res.lm_squares_px))
     return row
 
@@ -75,7 +100,8 @@ def atlas_case(seed: int) -> dict[str, Any]:
 def atlas_benchmark(n_grids: int, seed: int) -> dict[str, Any]:
     """Summary over ``n_grids`` simulated grids."""
     rng = np.random.default_rng(seed)
-    rows = [atlas_case(int(rng.integers(2 ** 31))) for _ in range(n_grids)]
+    seeds = [int(rng.integers(2 ** 31)) for _ in range(n_grids)]
+    rows = [judge_atlas(render_atlas_case(s), s) for s in seeds]
     ok = [r for r in rows if r["status"] == "ok"]
     wrong = [r for r in ok if r.get("fraction_right", 0.0) < 1.0]
     answered = [r for r in rows if "fraction_right" in r]

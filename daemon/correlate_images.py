@@ -109,7 +109,8 @@ def run_atlas(args: argparse.Namespace, started: float, ids: list[str],
                      nfa=None, hypotheses=8)
     transform = None if t is None else {**t.to_dict(), "mirrored": res.mirrored,
                                         "rotation_deg": res.rotation_deg,
-                                        "confidence": res.confidence, "score": res.score,
+                                        "confidence_sigmas": res.confidence,
+                                        "z_best_sigmas": res.z_best, "score": res.score,
                                         "runner_up_score": res.runner_up}
     status = "ok" if ok else "no_confident_match"
     return CorrelateOutput(command="atlas", status=status, reason=res.reason, units="px",

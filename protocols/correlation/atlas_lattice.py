@@ -1,0 +1,186 @@
+"""The grid-bar lattice of one atlas, and the atlas resampled into lattice (square-index) space.
+
+Why (docs/clem-workflow.md, "Atlas registration"): both modalities see the metal as dark, so
+the picture compared is a dark-metal mask at a common working pixel size. The bars fix the
+lattice angle (mod 90 degrees) and pitch from the strongest Fourier peak. Square openings
+(bright blobs of about one opening's area) then give each square an integer index (i, j)
+and, by a robust affine fit of index -> centre, a centre for every square, also for those
+whose opening was not found (finder marks, partial squares, dark squares).
+
+Every square is resampled into a ``k x k`` patch aligned with the lattice axes and centred
+on its own measured opening where there is one, so that slow drifts of the lattice (a
+slightly wrong pitch, distortion of a montage) do not leave a residual that looks like
+content. Pixel (x, y) = (column, row).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+from numpy.typing import NDArray
+from scipy import ndimage
+
+from protocols.correlation.errors import CorrelationInputError
+
+FloatArray = NDArray[np.float64]
+BoolArray = NDArray[np.bool_]
+
+
+def resample(img: FloatArray, pixel_um: float, work_um: float) -> FloatArray:
+    """``img`` at ``work_um`` per pixel (area-averaged when shrinking)."""
+    f = pixel_um / work_um
+    h, w = img.shape
+    size = (max(8, round(w * f)), max(8, round(h * f)))
+    interp = cv2.INTER_AREA if f < 1 else cv2.INTER_LINEAR
+    return np.asarray(cv2.resize(img.astype(np.float32), size, interpolation=interp), np.float64)
+
+
+def dark_mask(img: FloatArray) -> BoolArray:
+    """Metal (and whatever is as dark): Otsu on the percentile-normalised image."""
+    lo, hi = np.percentile(img, [1, 99])
+    u8 = np.clip((img - lo) / max(hi - lo, 1e-9) * 255, 0, 255).astype(np.uint8)
+    u8 = cv2.GaussianBlur(u8, (0, 0), 1.0)
+    _, mask = cv2.threshold(u8, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+    return np.asarray(mask == 0)
+
+
+def lattice_angle_pitch(dark: BoolArray, work_um: float, min_pitch_um: float,
+                        max_pitch_um: float) -> tuple[float, float]:
+    """(angle_deg mod 90, pitch_um) of the strongest periodicity of the mask's edges.
+
+    Edges make harmonics strong (two edges per pitch): the fundamental is the lowest
+    sub-multiple of the peak frequency that still carries a clear peak.
+    """
+    rep = ndimage.gaussian_gradient_magnitude(dark.astype(np.float64), 1.0)
+    rep -= rep.mean()
+    h, w = rep.shape
+    spec = np.abs(np.fft.fftshift(np.fft.fft2(rep * np.outer(np.hanning(h), np.hanning(w)))))
+    fy = (np.arange(h) - h // 2) / (h * work_um)
+    fx = (np.arange(w) - w // 2) / (w * work_um)
+    fr = np.hypot(fx[None, :], fy[:, None])
+    spec = np.where((fr >= 1 / max_pitch_um) & (fr <= 1 / min_pitch_um), spec, 0.0)
+    r, c = np.unravel_index(int(np.argmax(spec)), spec.shape)
+    r0, r1, c0, c1 = max(r - 1, 0), min(r + 2, h), max(c - 1, 0), min(c + 2, w)
+    wgt = spec[r0:r1, c0:c1]
+    yy, xx = np.mgrid[r0:r1, c0:c1]
+    pr, pc = float((wgt * yy).sum() / wgt.sum()), float((wgt * xx).sum() / wgt.sum())
+    fyp, fxp = (pr - h // 2) / (h * work_um), (pc - w // 2) / (w * work_um)
+    top, n_best = spec[r, c], 1
+    for n in range(2, 6):
+        if np.hypot(fxp, fyp) / n < 1 / max_pitch_um:
+            break
+        rn, cn = round(h // 2 + (pr - h // 2) / n), round(w // 2 + (pc - w // 2) / n)
+        local = spec[max(rn - 1, 0):rn + 2, max(cn - 1, 0):cn + 2]
+        if local.size and float(local.max()) > 0.2 * top:
+            n_best = n
+    fxp, fyp = fxp / n_best, fyp / n_best
+    return float(np.degrees(np.arctan2(fyp, fxp)) % 90.0), float(1.0 / np.hypot(fxp, fyp))
+
+
+def openings(dark: BoolArray, pitch_px: float) -> FloatArray:
+    """Centres (x, y) of square openings: bright blobs of about one opening's area."""
+    lab, n = ndimage.label(~dark)
+    if n == 0:
+        return np.zeros((0, 2))
+    idx = np.arange(1, n + 1)
+    ones = np.ones(dark.shape)
+    area = ndimage.sum(ones, lab, idx)
+    com = np.array(ndimage.center_of_mass(ones, lab, idx)).reshape(-1, 2)
+    nominal = (0.72 * pitch_px) ** 2
+    ok = (area > 0.35 * nominal) & (area < 1.6 * nominal)
+    return com[ok][:, ::-1]
+
+
+@dataclass(frozen=True)
+class LatticeCells:
+    """One atlas in square-index space (working pixels of ``work_um``).
+
+    ``index_to_px`` is the 3x2 affine with ``[i, j, 1] @ index_to_px`` = centre (x, y) of
+    square (i, j); array cell ``[r, c]`` is square ``(i, j) = (c + lo[0], r + lo[1])``.
+    ``patches`` (nj, ni, k, k) is the metal fraction of each square's neighbourhood (one
+    pitch wide, lattice-aligned), NaN outside the image; ``found`` marks squares whose
+    opening was measured, ``openness`` the open fraction of each square (mesh boundary).
+    ``opening_px`` holds the measured centres (working pixels), NaN where none.
+    """
+
+    angle_deg: float
+    pitch_um: float
+    index_to_px: FloatArray
+    lo: tuple[int, int]
+    patches: FloatArray
+    found: BoolArray
+    openness: FloatArray
+    valid: BoolArray
+    opening_px: FloatArray
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(rows, columns) of the square grid."""
+        return int(self.found.shape[0]), int(self.found.shape[1])
+
+
+def _index_fit(centres: FloatArray, angle_deg: float, pitch_px: float
+               ) -> tuple[NDArray[np.intp], FloatArray, BoolArray]:
+    """Integer indices of opening centres and the robust affine index -> centre."""
+    t = np.radians(angle_deg)
+    rot = np.array([[np.cos(t), -np.sin(t)], [np.sin(t), np.cos(t)]])
+    ref = centres[int(np.argmin(np.linalg.norm(centres - np.median(centres, 0), axis=1)))]
+    ij = np.rint((centres - ref) @ rot / pitch_px).astype(np.intp)
+    keep = np.ones(len(ij), bool)
+    coef = np.zeros((3, 2))
+    for _ in range(4):  # re-index with the fitted lattice: corrects a slightly wrong pitch
+        design = np.c_[ij, np.ones(len(ij))]
+        coef = np.linalg.lstsq(design[keep], centres[keep], rcond=None)[0]
+        ij = np.rint((centres - coef[2]) @ np.linalg.inv(coef[:2])).astype(np.intp)
+        resid = np.linalg.norm(np.c_[ij, np.ones(len(ij))] @ coef - centres, axis=1)
+        keep = resid < max(3.0 * float(np.median(resid)), 0.05 * pitch_px)
+    return ij, coef, keep
+
+
+def lattice_cells(dark: BoolArray, work_um: float, k: int, min_pitch_um: float,
+                  max_pitch_um: float, min_openings: int) -> LatticeCells:
+    """Resample the mask ``dark`` (working pixels) into ``k x k`` patches per square.
+
+    Raises CorrelationInputError when fewer than ``min_openings`` square openings are
+    found (no usable grid lattice in the image).
+    """
+    angle, pitch_um = lattice_angle_pitch(dark, work_um, min_pitch_um, max_pitch_um)
+    pitch_px = pitch_um / work_um
+    op = openings(dark, pitch_px)
+    if len(op) < min_openings:
+        raise CorrelationInputError(f"{len(op)} square openings found, need {min_openings}: "
+                                    "no grid lattice visible or wrong pixel size")
+    ij, coef, keep = _index_fit(op, angle, pitch_px)
+    ij, op = ij[keep], op[keep]
+    h, w = dark.shape
+    corners = np.array([[0, 0], [w, 0], [0, h], [w, h]], float)
+    cij = (corners - coef[2]) @ np.linalg.inv(coef[:2])
+    lo = np.floor(cij.min(0)).astype(int) - 1
+    hi = np.ceil(cij.max(0)).astype(int) + 1
+    gi, gj = np.meshgrid(np.arange(lo[0], hi[0] + 1), np.arange(lo[1], hi[1] + 1))
+    centre = np.stack([gi, gj, np.ones_like(gi)], -1) @ coef
+    found = np.zeros(gi.shape, bool)
+    opening_px = np.full(centre.shape, np.nan)
+    rows, cols = ij[:, 1] - lo[1], ij[:, 0] - lo[0]
+    centre[rows, cols] = op
+    found[rows, cols] = True
+    opening_px[rows, cols] = op
+    s = (np.arange(k) + 0.5) / k - 0.5
+    ou, ov = np.meshgrid(s, s)
+    grid = (centre[:, :, None, None, :] + ou[None, None, :, :, None] * coef[0]
+            + ov[None, None, :, :, None] * coef[1])
+    nj, ni = gi.shape
+    maps = grid.transpose(0, 2, 1, 3, 4).reshape(nj * k, ni * k, 2).astype(np.float32)
+    metal = dark.astype(np.float32)
+    if pitch_px / k > 1.0:  # anti-alias before sampling at pitch / k
+        metal = np.asarray(cv2.GaussianBlur(metal, (0, 0), 0.5 * pitch_px / k), np.float32)
+    out = cv2.remap(metal, maps[..., 0], maps[..., 1], cv2.INTER_LINEAR,
+                    borderMode=cv2.BORDER_CONSTANT, borderValue=float("nan"))
+    patches = np.asarray(out, np.float64).reshape(nj, k, ni, k).transpose(0, 2, 1, 3)
+    valid = np.asarray(np.isfinite(patches).all(axis=(2, 3)), dtype=bool)
+    openness = 1.0 - np.nanmean(np.where(np.isfinite(patches), patches, 1.0), axis=(2, 3))
+    return LatticeCells(angle_deg=angle, pitch_um=pitch_um, index_to_px=coef,
+                        lo=(int(lo[0]), int(lo[1])), patches=np.nan_to_num(patches, nan=0.0),
+                        found=found, openness=openness, valid=valid, opening_px=opening_px)

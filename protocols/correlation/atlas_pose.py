@@ -1,0 +1,215 @@
+"""Which of the 8 lattice symmetries and which whole-square shift maps one atlas onto the other.
+
+Why this way (docs/clem-workflow.md, "Atlas registration"): once both atlases are in
+square-index space (protocols/correlation/atlas_lattice.py), a hypothesis is one of the 8
+symmetries of the square lattice (4 rotations x 2 mirror states) plus an integer shift of
+the indices. The bars are the same under every hypothesis, so they are removed: each
+square's patch minus the median patch. What is left and decides is non-periodic content
+both modalities see as metal: centre mark, finder letters and codes, broken bars.
+
+Two confounds are removed as well, because they agree under *every* rotation about the
+grid centre and would otherwise make wrong rotations score almost as well as the right one:
+
+- squares cut by the round mesh boundary (rotationally symmetric arrangement): only squares
+  whose neighbours are all inside the mesh take part in the content score;
+- per-square patterns that look the same after any symmetry of the square (bar width
+  changes from uneven illumination, a square dimmed by ice) and first-order
+  "mis-centring" patterns (a gradient across a square): projected out of each patch.
+
+The mesh boundary then fixes the shift: for each symmetry the open-fraction maps of the
+two atlases are correlated (partial squares at the rim line up only at the right shift),
+and only shifts within one square of that peak are candidates. The answer is the
+candidate with the highest content correlation; its margin is *statistical*: the gap to
+the next candidate, and its height above the median, in units of the robust spread of the
+scores of all hypotheses (all symmetries, all shifts), nearly all of which are wrong. That
+makes the threshold independent of how much content a grid happens to have.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from numpy.typing import NDArray
+from scipy import ndimage
+
+from protocols.correlation.atlas_lattice import LatticeCells
+
+FloatArray = NDArray[np.float64]
+BoolArray = NDArray[np.bool_]
+POSES: tuple[tuple[bool, int], ...] = tuple((m, r) for m in (False, True) for r in range(4))
+
+
+@dataclass(frozen=True)
+class Pose:
+    """LM square-grid array -> EM square-grid array: mirror columns, rotate, shift.
+
+    The LM array (rows j, columns i) is flipped left-right if ``mirrored``, rotated by
+    ``np.rot90(.., rot)``; then LM-transformed cell [r, c] sits on EM cell [r + dr, c + dc].
+    """
+
+    mirrored: bool
+    rot: int
+    dr: int
+    dc: int
+
+
+@dataclass(frozen=True)
+class PoseDecision:
+    """The best pose, its content correlation and its statistical margin.
+
+    ``z_best``: (best - median of all hypotheses) / robust spread; ``z_gap``: (best -
+    runner-up among the mesh-consistent candidates) / the same spread.
+    """
+
+    pose: Pose
+    score: float
+    runner_up: float
+    z_best: float
+    z_gap: float
+    n_hypotheses: int
+    n_candidates: int
+    mesh_score: float
+
+
+def dihedral(x: NDArray[np.generic], rot: int, mirrored: bool, grid_axes: int = 2
+             ) -> NDArray[np.generic]:
+    """Apply a lattice symmetry to a grid array (and to its patches if it has 4 axes)."""
+    if mirrored:
+        x = x[:, ::-1]
+    x = np.rot90(x, rot, axes=(0, 1))
+    if x.ndim == 4 and grid_axes == 2:
+        if mirrored:
+            x = x[:, :, :, ::-1]
+        x = np.rot90(x, rot, axes=(2, 3))
+    return x
+
+
+def content(cells: LatticeCells) -> tuple[FloatArray, BoolArray]:
+    """Residual patches (non-periodic content) and the interior squares they count on."""
+    p = cells.patches
+    found = cells.found & cells.valid
+    template = np.median(p[found], axis=0)
+    res = p - template
+    k = template.shape[0]
+    gy, gx = np.gradient(template)
+    yy, xx = np.mgrid[:k, :k] - (k - 1) / 2
+    t0 = template - template.mean()
+    basis = np.stack([b.ravel() for b in (gx, gy, xx * t0, yy * t0, np.ones((k, k)))], 1)
+    flat = res.reshape(res.shape[0], res.shape[1], -1)
+    res = (flat - (flat @ np.linalg.pinv(basis).T) @ basis.T).reshape(res.shape)
+    sym = np.zeros_like(res)
+    for mirrored, rot in POSES:
+        sym += np.rot90(res[:, :, :, ::-1] if mirrored else res, rot, axes=(2, 3))
+    res = res - sym / len(POSES)
+    inside = (cells.openness > 0.5 * float(np.median(cells.openness[found]))) & cells.valid
+    interior = ndimage.binary_erosion(inside, structure=np.ones((3, 3)))
+    return res, interior
+
+
+def _masked_ncc(fa: tuple[NDArray[np.complex128], ...], b: FloatArray, mb: FloatArray,
+                shape: tuple[int, int]) -> tuple[FloatArray, FloatArray]:
+    """Pearson correlation over the overlap of two masked grids, for every shift.
+
+    ``fa`` holds the FFTs (at ``shape``) of A (masked, summed over channels if any), of
+    sum(A^2), of A's mask and, per channel, of A itself. ``b`` is (rows, cols[, k, k]).
+    Returns (r, n) indexed by cyclic shift; n is the overlap in cells.
+    """
+    f_a, f_a2, f_ma, f_ach = fa
+    bm = b * (mb[..., None, None] if b.ndim == 4 else mb)
+    chans = bm.reshape(bm.shape[0], bm.shape[1], -1).transpose(2, 0, 1)
+    f_bch = np.fft.rfft2(chans, shape)
+    f_b = f_bch.sum(0)
+    f_b2 = np.fft.rfft2((chans ** 2).sum(0), shape)
+    f_mb = np.fft.rfft2(mb, shape)
+    kk = chans.shape[0]
+
+    def cc(x: NDArray[np.complex128], y: NDArray[np.complex128]) -> FloatArray:
+        return np.asarray(np.fft.irfft2(x * np.conj(y), shape), np.float64)
+
+    sab = np.asarray(np.fft.irfft2(np.sum(f_ach * np.conj(f_bch), axis=0), shape), np.float64)
+    n = cc(f_ma, f_mb) * kk
+    n_safe = np.maximum(n, 1.0)
+    sa, sb = cc(f_a, f_mb), cc(f_ma, f_b)
+    cov = sab - sa * sb / n_safe
+    va = cc(f_a2, f_mb) - sa ** 2 / n_safe
+    vb = cc(f_ma, f_b2) - sb ** 2 / n_safe
+    return cov / np.sqrt(np.maximum(va * vb, 1e-12)), n / kk
+
+
+def _prepare(a: FloatArray, ma: FloatArray, shape: tuple[int, int]
+             ) -> tuple[NDArray[np.complex128], ...]:
+    am = a * (ma[..., None, None] if a.ndim == 4 else ma)
+    chans = am.reshape(am.shape[0], am.shape[1], -1).transpose(2, 0, 1)
+    f_ach = np.fft.rfft2(chans, shape)
+    return (f_ach.sum(0), np.fft.rfft2((chans ** 2).sum(0), shape), np.fft.rfft2(ma, shape),
+            f_ach)
+
+
+def _shift_of(idx: tuple[int, int], em_shape: tuple[int, int], shape: tuple[int, int]
+              ) -> tuple[int, int]:
+    """Signed shift of a cyclic correlation index (positive up to the EM grid's size)."""
+    r, c = idx
+    return (r if r < em_shape[0] else r - shape[0]), (c if c < em_shape[1] else c - shape[1])
+
+
+def decide_pose(lm: LatticeCells, em: LatticeCells, min_overlap: float = 0.3) -> PoseDecision:
+    """Score every (symmetry, shift) hypothesis and pick the mesh-consistent best one.
+
+    ``min_overlap``: a hypothesis counts only if its overlap covers this fraction of the
+    smaller atlas' interior squares (tiny overlaps correlate by chance).
+    """
+    res_e, int_e = content(em)
+    res_l, int_l = content(lm)
+    m_e, m_l = int_e.astype(np.float64), int_l.astype(np.float64)
+    sup_e = (ndimage.binary_dilation(em.found, iterations=2) & em.valid).astype(np.float64)
+    sup_l = (ndimage.binary_dilation(lm.found, iterations=2) & lm.valid).astype(np.float64)
+    size = max(lm.shape)
+    shape = (em.shape[0] + size, em.shape[1] + size)
+    f_content = _prepare(res_e, m_e, shape)
+    f_open = _prepare(em.openness, sup_e, shape)
+    need = min_overlap * min(m_e.sum(), m_l.sum())
+    all_scores: list[float] = []
+    candidates: list[tuple[float, Pose, float]] = []
+    for mirrored, rot in POSES:
+        r, n = _masked_ncc(f_content, np.ascontiguousarray(dihedral(res_l, rot, mirrored)),
+                           np.ascontiguousarray(dihedral(m_l, rot, mirrored)), shape)
+        ok = n >= need
+        all_scores.extend(r[ok].tolist())
+        rb, nb = _masked_ncc(f_open, np.ascontiguousarray(dihedral(lm.openness, rot, mirrored)),
+                             np.ascontiguousarray(dihedral(sup_l, rot, mirrored)), shape)
+        rb = np.where(nb >= 0.5 * min(sup_e.sum(), sup_l.sum()), rb, -np.inf)
+        peak = np.unravel_index(int(np.argmax(rb)), rb.shape)
+        mesh = float(rb[peak])
+        dr0, dc0 = _shift_of((int(peak[0]), int(peak[1])), em.shape, shape)
+        for a in (-1, 0, 1):
+            for b in (-1, 0, 1):
+                i, j = (dr0 + a) % shape[0], (dc0 + b) % shape[1]
+                if ok[i, j]:
+                    candidates.append((float(r[i, j]), Pose(mirrored, rot, dr0 + a, dc0 + b),
+                                       mesh))
+    scores = np.asarray(all_scores)
+    if len(candidates) < 2 or scores.size < 10:
+        pose = candidates[0][1] if candidates else Pose(False, 0, 0, 0)
+        return PoseDecision(pose, float("nan"), float("nan"), 0.0, 0.0, scores.size,
+                            len(candidates), float("nan"))
+    candidates.sort(key=lambda c: -c[0])
+    med = float(np.median(scores))
+    spread = max(1.4826 * float(np.median(np.abs(scores - med))), 1e-9)
+    best, pose, mesh = candidates[0]
+    runner = candidates[1][0]
+    return PoseDecision(pose=pose, score=best, runner_up=runner, z_best=(best - med) / spread,
+                        z_gap=(best - runner) / spread, n_hypotheses=int(scores.size),
+                        n_candidates=len(candidates), mesh_score=mesh)
+
+
+def lm_to_em_cells(pose: Pose, lm_shape: tuple[int, int]
+                   ) -> tuple[NDArray[np.intp], NDArray[np.intp], NDArray[np.intp],
+                              NDArray[np.intp]]:
+    """(lm_rows, lm_cols, em_rows, em_cols) of every LM cell under ``pose``."""
+    rr, cc = np.mgrid[:lm_shape[0], :lm_shape[1]]
+    tr = np.asarray(dihedral(rr, pose.rot, pose.mirrored), np.intp)
+    tc = np.asarray(dihedral(cc, pose.rot, pose.mirrored), np.intp)
+    er, ec = np.mgrid[:tr.shape[0], :tr.shape[1]]
+    return (tr.ravel(), tc.ravel(), np.asarray(er + pose.dr, np.intp).ravel(),
+            np.asarray(ec + pose.dc, np.intp).ravel())
