@@ -149,6 +149,10 @@ class InstrumentWorker:
                 return
             with self._lock:
                 self._current, self._started_at = job, time.monotonic()
+            if self.instrument is not None:
+                # An abort that landed as the previous step ended must not hit this one; an
+                # abort meant for this session is still caught at the plan's step boundary.
+                self.instrument.clear_abort()
             try:
                 result = job.fn()
             except BaseException as err:  # noqa: BLE001 - handed to the waiting session thread

@@ -157,6 +157,18 @@ class _Abortable:
         self._abort.set()
         self._do_abort()
 
+    def clear_abort(self) -> None:
+        """Forget an abort that found nothing to stop.
+
+        The runner calls this before a new step, so an abort that landed just as the
+        previous step finished cannot make an unrelated step raise ``Aborted``.
+        """
+        self._abort.clear()
+
+    @property
+    def abort_pending(self) -> bool:
+        return self._abort.is_set()
+
     def _do_abort(self) -> None:
         """Backend hook: stop what the instrument is doing (default: nothing to stop)."""
 
