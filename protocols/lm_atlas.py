@@ -80,6 +80,7 @@ class LMAtlasParams(BaseModel):
     max_stage_error_um: float = Field(3.0, gt=0, le=100)
     atlas_pixel_um: float | None = Field(None, gt=0)
     max_atlas_pixels: int = Field(25_000_000, ge=10_000)
+    max_tiles: int = Field(400, ge=1)
     flat_field: bool = True
     prefix: str = Field("lm-atlas", pattern=r"^[a-z0-9][a-z0-9_/-]*$")
 
@@ -221,7 +222,14 @@ class LMAtlasPlan(Plan):
             if ch not in lm.channels:
                 raise LimitViolation(f"atlas channel {ch!r} not available "
                                      f"(lm.channels: {sorted(lm.channels)})")
-        for t in self.tiles(lm):
+        tiles = self.tiles(lm)
+        if len(tiles) > self.p.max_tiles:
+            h, w = lm.camera_shape()
+            raise LimitViolation(
+                f"atlas needs {len(tiles)} tiles of {w}x{h} px at {self.p.objective} for "
+                f"{self.p.diameter_um:g} um, more than max_tiles {self.p.max_tiles}: use a larger "
+                f"camera field or a lower magnification, or raise max_tiles")
+        for t in tiles:
             try:
                 lm.limits.check_xy(t.x_um, t.y_um)
             except LimitViolation as err:
