@@ -4,9 +4,6 @@
   motion when an axis reverses (backlash); approaching every tile and every target from
   -x, -y makes that loss the same everywhere, so neighbouring tiles differ only by the random
   part of the stage error, and a target is approached as its map tiles were.
-- ``acquire_with``: one shot in a low-dose area with temporarily changed settings (the
-  contract has no other way to use an intermediate magnification); the area's own settings
-  are restored even if the shot fails.
 - ``save_frame`` / ``load_frame``: a frame as an MRC file plus a JSON-safe metadata dict, the
   form in which a step commits it. A later step (stitching, stacking) rebuilds the ``Image``
   from the file and the committed dict, so resume never needs the microscope to re-expose.
@@ -14,18 +11,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from drivers.base import AcquisitionSettings, ElectronMicroscope, Image, LowDoseArea
+from drivers.base import ElectronMicroscope, Image
 from protocols.mrc_io import read_mrc, write_mrc
 
-__all__ = ["APPROACH_UM", "acquire_with", "approach", "frame_meta", "load_frame",
-           "override_area", "save_frame"]
+__all__ = ["APPROACH_UM", "approach", "frame_meta", "load_frame", "save_frame"]
 
 #: Distance of the take-up move before an approach; larger than any backlash (~0.5 um).
 APPROACH_UM = 5.0
@@ -47,31 +41,6 @@ def approach(em: ElectronMicroscope, x_um: float, y_um: float, *,
         if force or cx > x_um + 1e-4 or cy > y_um + 1e-4:
             em.move_stage(x_um - from_um, y_um - from_um)
     em.move_stage(x_um, y_um)
-
-
-@contextmanager
-def override_area(em: ElectronMicroscope, area: LowDoseArea,
-                  settings: AcquisitionSettings) -> Iterator[None]:
-    """Give ``area`` ``settings`` inside the block; the old settings come back afterwards."""
-    em.magnification(settings.mag_index)
-    old = em.low_dose.get(area)
-    em.low_dose[area] = settings
-    try:
-        yield
-    finally:
-        if old is None:
-            del em.low_dose[area]
-        else:
-            em.low_dose[area] = old
-
-
-def acquire_with(em: ElectronMicroscope, area: LowDoseArea,
-                 settings: AcquisitionSettings | None) -> Image:
-    """Acquire in ``area``, with ``settings`` for this one shot when given."""
-    if settings is None:
-        return em.acquire(area)
-    with override_area(em, area, settings):
-        return em.acquire(area)
 
 
 def frame_meta(img: Image, path: str) -> dict[str, Any]:

@@ -26,7 +26,7 @@ import numpy as np
 from drivers.base import AcquisitionSettings, ElectronMicroscope, Image, LowDoseArea
 from drivers.errors import LimitViolation
 from protocols.atomic_write import write_text_atomic
-from protocols.em_acquire import acquire_with, approach, load_frame, override_area, save_frame
+from protocols.em_acquire import approach, load_frame, save_frame
 from protocols.mrc_io import write_mrc
 from protocols.plan import Step, StepContext, StepResult
 from protocols.stitching import Mosaic, StitchSettings, stitch
@@ -122,7 +122,7 @@ def _tile_action(layout: MontageLayout, k: int) -> Callable[[StepContext], StepR
         # tile (a resumed montage: the axes' last direction is unknown)
         fresh = k == 0 or np.abs(here - np.asarray(layout.positions[k - 1])).max() > 1e-3
         approach(em, x, y, from_um=layout.approach_um, force=fresh)
-        img = acquire_with(em, layout.area, layout.settings if layout.override else None)
+        img = em.acquire(layout.area, layout.settings if layout.override else None)
         meta = save_frame(ctx.data_dir, f"{layout.stem}/tile-{k:03d}.mrc", img)
         return {**meta, "index": k, "nominal_um": [x, y]}
     return action
@@ -131,11 +131,8 @@ def _tile_action(layout: MontageLayout, k: int) -> Callable[[StepContext], StepR
 def _montage_action(layout: MontageLayout) -> Callable[[StepContext], StepResult]:
     def action(ctx: StepContext) -> StepResult:
         em = ctx.require_em()
-        if layout.override:
-            with override_area(em, layout.area, layout.settings):
-                tiles = em.montage(layout.centre_um, layout.tiles_xy, layout.overlap, layout.area)
-        else:
-            tiles = em.montage(layout.centre_um, layout.tiles_xy, layout.overlap, layout.area)
+        tiles = em.montage(layout.centre_um, layout.tiles_xy, layout.overlap, layout.area,
+                           layout.settings if layout.override else None)
         metas = []
         for k, img in enumerate(tiles):
             meta = save_frame(ctx.data_dir, f"{layout.stem}/tile-{k:03d}.mrc", img)

@@ -28,11 +28,11 @@ class FrozenParams(BaseModel):
 class SettingsOverride(FrozenParams):
     """Acquire in a low-dose area with a magnification of our choosing.
 
-    Why: the contract acquires only through low-dose areas, but realignment wants an
-    intermediate magnification (e.g. 11,500x between the 4,700x map and the 39,000x record)
-    that no standard area holds. The override replaces the area's settings for one shot and
-    restores them afterwards (SerialEM: the area's mag, exposure and binning are pushed per
-    shot). Unset fields keep the area's values.
+    Why: realignment wants an intermediate magnification (e.g. 11,500x between the 4,700x
+    map and the 39,000x record) and tracking a cheaper shot than any standard area holds.
+    ``apply`` gives the settings for ``ElectronMicroscope.acquire(area, settings)``: one shot
+    with them, the beam where the area puts it, the area's preset untouched (SerialEM: mag,
+    exposure and binning pushed before the shot). Unset fields keep the area's values.
     """
 
     mag_index: int | None = Field(default=None, ge=0)

@@ -22,7 +22,6 @@ import numpy as np
 from pydantic import Field
 
 from drivers.base import ElectronMicroscope, LowDoseArea
-from protocols.em_acquire import acquire_with
 from protocols.em_align import align_to_reference
 from protocols.em_params import FrozenParams, SettingsOverride
 
@@ -69,9 +68,9 @@ def measure_and_set_eucentric(em: ElectronMicroscope, params: EucentricParams, *
     x, y, z = em.stage_position()
     t = params.tilt_deg
     em.tilt_to(-t)
-    minus = acquire_with(em, params.area, settings)
+    minus = em.acquire(params.area, settings)
     em.tilt_to(t)
-    plus = acquire_with(em, params.area, settings)
+    plus = em.acquire(params.area, settings)
     em.tilt_to(0.0)
     a = align_to_reference(minus, plus, max_shift_um=params.search_um)
     v = np.array([-math.sin(math.radians(axis_deg)), math.cos(math.radians(axis_deg))])

@@ -27,7 +27,7 @@ from pydantic import Field
 
 from drivers.base import ElectronMicroscope, Image, LowDoseArea
 from drivers.errors import ClemdError
-from protocols.em_acquire import APPROACH_UM, acquire_with, approach
+from protocols.em_acquire import APPROACH_UM, approach
 from protocols.em_align import align_to_reference
 from protocols.em_params import FrozenParams, SettingsOverride
 
@@ -99,7 +99,7 @@ def realign(em: ElectronMicroscope, target_um: tuple[float, float], reference: I
         area, override = ((params.coarse_area, params.coarse) if i == 0
                           else (params.fine_area, params.fine))
         settings = override.apply(em, area) if override is not None else None
-        img = acquire_with(em, area, settings)
+        img = em.acquire(area, settings)
         dose += img.dose_e_per_a2
         search = params.search_um if i == 0 else params.fine_search_um
         a = align_to_reference(reference, img, max_shift_um=search, expect_um=shift)

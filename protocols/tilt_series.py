@@ -22,6 +22,7 @@ import json
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -31,7 +32,8 @@ from pydantic import Field, field_validator
 from drivers.base import AcquisitionSettings, ElectronMicroscope, LowDoseArea
 from drivers.errors import LimitViolation
 from protocols.atomic_write import write_text_atomic
-from protocols.em_acquire import APPROACH_UM, acquire_with, approach, load_frame, save_frame
+from protocols.em_acquire import APPROACH_UM, approach, load_frame, save_frame
+from protocols.em_focus import focus_for_tilt, model_correction
 from protocols.em_montage import map_image, read_map_sidecar
 from protocols.em_params import FrozenParams, SettingsOverride
 from protocols.eucentric import EucentricParams, measure_and_set_eucentric
@@ -48,7 +50,16 @@ from protocols.tilt_schemes import (
     check_limits,
     plan_tilts,
 )
-from protocols.tilt_tracking import DoneTilt, ShiftModel, nearest_done, track_to_reference
+from protocols.tilt_tracking import (
+    DoneTilt,
+    FloatArray,
+    Measurement,
+    ShiftModel,
+    combine,
+    nearest_done,
+    references,
+    track_to_reference,
+)
 
 __all__ = ["TargetSpec", "TiltSeriesParams", "TiltSeriesPlan", "tilt_key"]
 
@@ -86,9 +97,13 @@ class TiltSeriesParams(FrozenParams):
     ``target_defocus_um`` is the record defocus (negative: underfocus, as SerialEM).
     ``track_settings`` may lower the tracking magnification (a 1 um field at 39,000x often
     holds nothing but carbon; 11,500x in the Trial area, beside the target, sees hole edges).
-    A tracking match under ``track_min_score`` is not applied (the prediction stands).
-    ``focusing`` corrects defocus by the height error the tracking model has fitted (the
-    contract has no autofocus). ``eucentric`` None skips the height step.
+    Each tilt is aligned to the nearest tilt done and to an anchor ``track_anchor_step_deg``
+    back towards 0 deg (protocols/tilt_tracking.py); a match under ``track_min_score`` counts
+    for nothing, and if both miss the prediction stands. ``focusing`` sets the record
+    defocus from an autofocus in ``focus_area`` every ``autofocus_every`` tilts (0: never;
+    the height model instead), giving up on a target after ``autofocus_max_failures``
+    failures since the last success (protocols/em_focus.py). ``eucentric`` None skips the
+    height step.
     """
 
     kind: Literal["tilt_series"] = "tilt_series"
@@ -99,12 +114,17 @@ class TiltSeriesParams(FrozenParams):
     target_defocus_um: float = Field(default=-6.0, ge=-50, le=50)
     tracking: bool = True
     focusing: bool = True
+    focus_area: LowDoseArea = LowDoseArea.FOCUS
+    autofocus_every: int = Field(default=1, ge=0, le=100)
+    autofocus_max_failures: int = Field(default=3, ge=1, le=100)
     eucentric: EucentricParams | None = EucentricParams()
     realign: RealignParams = RealignParams()
     track_area: LowDoseArea = LowDoseArea.TRIAL
     track_settings: SettingsOverride | None = None
     track_search_um: float = Field(default=0.4, gt=0, le=5)
     track_min_score: float = Field(default=0.05, ge=0, lt=1)
+    track_anchor_step_deg: float = Field(default=15.0, gt=0, le=180)
+    track_max_disagreement_um: float = Field(default=0.03, gt=0, le=1)
     record_area: LowDoseArea = LowDoseArea.RECORD
     tilt_axis_deg: float = Field(default=0.0, ge=-180, le=180)
     voltage_kv: float = Field(default=300.0, gt=0)
@@ -136,7 +156,10 @@ class TiltSeriesPlan(Plan):
         check_limits(self.p.scheme.to_scheme(), em.tilt_limits)
         if self.p.eucentric is not None:
             em.tilt_limits.check(self.p.eucentric.tilt_deg)
-        for area in (self.p.track_area, self.p.record_area):
+        areas = [self.p.track_area, self.p.record_area]
+        if self.p.focusing and self.p.autofocus_every > 0:
+            areas.append(self.p.focus_area)
+        for area in areas:
             if area not in em.low_dose:
                 raise LimitViolation(f"low-dose area {area.name} is not configured (em.low_dose)")
         for t in self.p.targets:
@@ -266,54 +289,87 @@ class TiltSeriesPlan(Plan):
             predicted = np.asarray(first["image_shift_um"]) + offset
         em.set_image_shift(float(predicted[0]), float(predicted[1]))
         record_settings = em.low_dose[p.record_area]
-        height_error = model.height_error_um - t.height_um if len(prior) >= 3 else 0.0
-        focus_correction = height_error if p.focusing else 0.0
-        em.set_defocus(p.target_defocus_um - record_settings.defocus_offset_um + focus_correction)
+        lens = p.target_defocus_um - record_settings.defocus_offset_um
+        last_focus = ok[-1].get("focus", {}) if ok else {}
+        em.set_defocus(lens + float(last_focus.get("correction_um", 0.0)))
         result: StepResult = {"status": "ok", "index": step.index, "tilt_deg": step.tilt_deg,
                               "predicted_image_shift_um": [float(v) for v in predicted],
                               "epoch_offset_um": list(offset), "stage_um": stage,
-                              "model": {"a": model.a, "k": model.k, "b": model.b, "c": model.c},
-                              "focus_correction_um": focus_correction}
+                              "model": {"a": model.a, "k": model.k, "b": model.b, "c": model.c}}
         final = np.asarray(predicted, float)
         if p.tracking:
-            trial = acquire_with(em, p.track_area, None if p.track_settings is None
-                                 else p.track_settings.apply(em, p.track_area))
-            result["trial"] = save_frame(ctx.data_dir, f"{rel}_trial.mrc", trial)
-            h, w = trial.shape
-            centre = trial.pixel_to_stage_xy(np.array([(w - 1) / 2.0, (h - 1) / 2.0]))
-            if ref is not None:
-                ref_result = next(d for d in ok if d["index"] == ref.order)
-                ref_img = load_frame(ctx.data_dir, ref_result["trial"])
-                a, delta = track_to_reference(
-                    ref_img, ref, trial, step.tilt_deg, axis_deg=p.tilt_axis_deg,
-                    height_um=t.height_um, search_um=p.track_search_um, epoch_offset_um=offset)
-                applied = a.score >= p.track_min_score
-                if applied:
-                    final = final + delta
-                else:
-                    log.warning("em.tilt.weak_tracking", score=round(a.score, 3))
-                result["tracking"] = {"reference_tilt_deg": ref.angle_deg,
-                                      "correction_um": [float(v) for v in delta],
-                                      "score": round(a.score, 4), "applied": applied}
-                log.info("em.tilt.tracked", correction_um=[round(float(v), 4) for v in delta],
-                         score=round(a.score, 3), reference=ref.angle_deg)
-            anchor = centre + (final - predicted)
-            result["trial_anchor_um"] = [float(anchor[0]), float(anchor[1])]
-            em.set_image_shift(float(final[0]), float(final[1]))
+            final = self._track(ctx, em, t, step, ok, prior, predicted, offset, rel, result, log)
         result["image_shift_um"] = [float(final[0]), float(final[1])]
+        focus: dict[str, Any] = {"method": "off", "correction_um": 0.0}
+        if p.focusing:
+            # the target's film point: b across the axis, c - height above it (ShiftModel)
+            focus = focus_for_tilt(
+                em, index=step.index, tilt_deg=step.tilt_deg,
+                done=[d.get("focus", {}) for d in ok],
+                model=(partial(model_correction, model.b, model.height_error_um - t.height_um)
+                       if len(prior) >= 3 else None),
+                area=p.focus_area, every=p.autofocus_every,
+                max_failures=p.autofocus_max_failures, log=log)
+        result["focus"] = focus
+        em.set_defocus(lens + float(focus["correction_um"]))
         exposure = (step.dose_e_per_a2 / record_settings.dose_rate_e_per_a2_s
                     if record_settings.dose_rate_e_per_a2_s > 0 else record_settings.exposure_s)
         settings = record_settings if exposure <= 0 else _with_exposure(record_settings, exposure)
         marker.parent.mkdir(parents=True, exist_ok=True)
         write_text_atomic(marker, json.dumps({"tilt_deg": step.tilt_deg}))
-        record = acquire_with(em, p.record_area, settings)
+        record = em.acquire(p.record_area, settings)
         result["record"] = save_frame(ctx.data_dir, f"{rel}.mrc", record)
         result.update(dose_e_per_a2=record.dose_e_per_a2, defocus_um=record.defocus_um,
                       planned_dose_e_per_a2=step.dose_e_per_a2)
         write_text_atomic(sidecar, json.dumps(result))
         log.info("em.tilt.recorded", dose_e_per_a2=record.dose_e_per_a2,
-                 image_shift_um=result["image_shift_um"])
+                 image_shift_um=result["image_shift_um"], focus=focus["method"])
         return result
+
+    def _track(self, ctx: StepContext, em: ElectronMicroscope, t: TargetSpec, step: TiltStep,
+               ok: list[dict[str, Any]], prior: list[DoneTilt], predicted: FloatArray,
+               offset: tuple[float, float], rel: str, result: StepResult,
+               log: Any) -> FloatArray:
+        """Trial shot, aligned to the nearest tilt done and to an anchor; sets and returns the
+        image shift that centres the target, and records what each reference said."""
+        p = self.p
+        trial = em.acquire(p.track_area, None if p.track_settings is None
+                           else p.track_settings.apply(em, p.track_area))
+        result["trial"] = save_frame(ctx.data_dir, f"{rel}_trial.mrc", trial)
+        h, w = trial.shape
+        centre = trial.pixel_to_stage_xy(np.array([(w - 1) / 2.0, (h - 1) / 2.0]))
+        refs = references(prior, step.tilt_deg, p.track_anchor_step_deg)
+        measurements = []
+        for k, ref in enumerate(refs):
+            ref_result = next(d for d in ok if d["index"] == ref.order)
+            a, change = track_to_reference(
+                load_frame(ctx.data_dir, ref_result["trial"]), ref, trial, step.tilt_deg,
+                axis_deg=p.tilt_axis_deg, height_um=t.height_um, search_um=p.track_search_um,
+                epoch_offset_um=offset)
+            measurements.append(Measurement(ref.angle_deg, change, a.score,
+                                            anchor=k > 0 or len(refs) == 1))
+        final = np.asarray(predicted, float)
+        if measurements:
+            delta, used = combine(measurements, min_score=p.track_min_score,
+                                  max_disagreement_um=p.track_max_disagreement_um)
+            if delta is None:
+                log.warning("em.tilt.weak_tracking",
+                            scores=[round(m.score, 3) for m in measurements])
+            else:
+                final = final + delta
+            result["tracking"] = {
+                "references": [{"tilt_deg": m.reference_deg, "score": round(m.score, 4),
+                                "correction_um": [float(v) for v in m.delta_um],
+                                "used": u} for m, u in zip(measurements, used, strict=True)],
+                "correction_um": None if delta is None else [float(v) for v in delta],
+                "applied": delta is not None}
+            log.info("em.tilt.tracked", correction_um=None if delta is None
+                     else [round(float(v), 4) for v in delta],
+                     references=[m.reference_deg for m in measurements], used=used)
+        anchor = centre + (final - predicted)
+        result["trial_anchor_um"] = [float(anchor[0]), float(anchor[1])]
+        em.set_image_shift(float(final[0]), float(final[1]))
+        return final
 
     def _stack(self, t: TargetSpec) -> Action:
         def action(ctx: StepContext) -> StepResult:

@@ -1,7 +1,9 @@
 """Tilt series on the simulated TEM (stage error, runout and a ~7 um eucentric error on):
-tracking keeps the target within 50 nm of the centre at every tilt, without tracking it
-drifts away, files re-open with the right metadata, and bad tilt ranges are refused before
-anything moves."""
+tracking (neighbour and anchor references) keeps the target within 50 nm of the centre at
+every tilt, without tracking it drifts away, autofocus brings every record to the target
+defocus where the height model alone misses by microns (and a Focus area in an empty hole is
+given up after three tries), files re-open with the right metadata, and bad tilt ranges are
+refused before anything moves."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import mrcfile
+import numpy as np
 import pytest
 from em_sim import FINE_MAG_INDEX, MappedSquare, context, make_em, miss_nm
 
@@ -19,6 +22,7 @@ from protocols.mdoc import read_mdoc, read_tilt_angles
 from protocols.plan import run_plan
 from protocols.realign import RealignParams
 from protocols.tilt_series import TiltSeriesParams, TiltSeriesPlan, tilt_key
+from protocols.tilt_tracking import DoneTilt, Measurement, combine, references
 from simulators.specimen import Specimen
 
 FINE = SettingsOverride(mag_index=FINE_MAG_INDEX, dose_rate_e_per_a2_s=0.1,
@@ -77,6 +81,17 @@ def test_tracking_keeps_the_target_within_50nm_and_files_reopen(mapped: MappedSq
     assert all(r.defocus_um is not None and abs(r.defocus_um + 6.0) < 0.5 for r in records)
     assert all(r.target_defocus_um == -6.0 for r in records)
     assert len({r.image_shift_um for r in records}) == 21       # re-centred at every tilt
+    results = [ctx.result(tilt_key("t1", s.tilt_deg)) for s in plan.tilts.steps]
+    # every tilt after the first was aligned to its neighbour and, past 6 deg, to an anchor
+    for res in results[1:]:
+        refs = res["tracking"]["references"]
+        assert res["tracking"]["applied"] and refs[0]["used"]
+        if abs(res["tilt_deg"]) > 6:
+            assert len(refs) == 2 and abs(refs[1]["tilt_deg"]) < abs(res["tilt_deg"]) - 6
+    # this target's Focus area lies in an empty hole: three tries, then the height model
+    focus = [res["focus"] for res in results]
+    assert ["autofocus_failed" in f for f in focus] == [True] * 3 + [False] * 18
+    assert {f["method"] for f in focus[3:]} == {"model"}
 
 
 def test_without_tracking_the_target_drifts_with_tilt(mapped: MappedSquare) -> None:
@@ -121,3 +136,77 @@ def test_target_out_of_reach_is_refused_before_moving(spec: Specimen, tmp_path: 
     with pytest.raises(LimitViolation, match="target t1 refused before moving"):
         run_plan(TiltSeriesPlan(params((1700.0, 0.0))), context(em, tmp_path))
     assert em.clock.now() == 0.0
+
+
+def test_autofocus_brings_every_record_to_the_target_defocus(mapped: MappedSquare) -> None:
+    # no eucentric step: the film sits ~7 um above the tilt axis (small steps, so that
+    # tracking keeps up while the model learns the height)
+    nominal, _ = mapped.target((1.0, 1.0))      # its Focus area (2 um along the axis) sees film
+    scheme = {"kind": "bidirectional", "min_deg": -9, "max_deg": 9, "step_deg": 3}
+    errors: dict[int, list[float]] = {}
+    for every in (1, 3, 0):
+        plan = TiltSeriesPlan(params(nominal, eucentric=None, scheme=scheme,
+                                     autofocus_every=every,
+                                     targets=[{"id": f"f{every}", "x_um": float(nominal[0]),
+                                               "y_um": float(nominal[1]), "square_id": "m"}]))
+        ctx = context(mapped.em, mapped.data_dir, mapped.store)
+        run_plan(plan, ctx)
+        errors[every] = []
+        methods = []
+        for step in plan.tilts.steps:
+            res = ctx.result(tilt_key(f"f{every}", step.tilt_deg))
+            record = mapped.em.frame_record(load_frame(mapped.data_dir, res["record"]))
+            errors[every].append(record.defocus_um - plan.p.target_defocus_um)
+            methods.append(res["focus"]["method"])
+        print(f"autofocus every {every}: {methods}, record defocus error (um): "
+              f"{[round(e, 2) for e in errors[every]]}")
+        if every == 1:
+            assert set(methods) == {"autofocus"}
+        elif every == 3:    # measured at 0, 9, -6 deg; carried by the height model between
+            assert methods == ["autofocus" if i % 3 == 0 else "previous"
+                               for i in range(len(methods))]
+        else:
+            assert methods[:3] == ["none"] * 3 and set(methods[3:]) == {"model"}
+    assert max(abs(e) for e in errors[1]) < 0.3          # SerialEM-like 50-100 nm noise
+    assert max(abs(e) for e in errors[3]) < 0.6          # the target moves between measurements
+    assert max(abs(e) for e in errors[0]) > 3.0          # no measurement: the height error shows
+
+
+def _done(angle: float, order: int) -> DoneTilt:
+    return DoneTilt(angle, order, (0.0, 0.0), (0.0, 0.0), (0.0, 0.0))
+
+
+POSITIVE = [0.0, 3.0, 6.0, 9.0, 12.0, 15.0, 18.0, 21.0]
+
+
+@pytest.mark.parametrize(("done", "angle", "expected"), [
+    ([0.0], 3.0, [0.0]),                         # the neighbour is 0 deg: one reference
+    (POSITIVE[:4], 12.0, [9.0, 0.0]),            # within the first 15 deg: the anchor is 0
+    (POSITIVE, 24.0, [21.0, 9.0]),               # 15 deg back
+    ([*POSITIVE, -3.0, -6.0], -9.0, [-6.0, 0.0]),  # the other branch: its own side, or 0
+], ids=["first-step", "anchor-zero", "anchor-15-back", "negative-branch"])
+def test_references_are_the_neighbour_and_an_anchor_towards_zero(
+        done: list[float], angle: float, expected: list[float]) -> None:
+    tilts = [_done(a, i) for i, a in enumerate(done)]
+    assert [r.angle_deg for r in references(tilts, angle, 15.0)] == expected
+
+
+@pytest.mark.parametrize(("scores", "deltas", "expected", "used"), [
+    ((0.5, 0.5), ((0.01, 0.0), (0.03, 0.0)), (0.02, 0.0), [True, True]),
+    ((0.6, 0.2), ((0.01, 0.0), (0.03, 0.0)), (0.012, 0.0), [True, True]),
+    ((0.5, 0.5), ((0.10, 0.0), (0.01, 0.0)), (0.01, 0.0), [False, True]),
+    ((0.01, 0.5), ((0.10, 0.0), (0.02, 0.0)), (0.02, 0.0), [False, True]),
+    ((0.01, 0.02), ((0.10, 0.0), (0.02, 0.0)), None, [False, False]),
+], ids=["equal-weights", "score-squared", "disagree-keeps-anchor", "weak-neighbour",
+        "both-weak"])
+def test_estimates_combine_by_score_and_a_disagreement_keeps_the_anchor(
+        scores: tuple[float, float], deltas: tuple[tuple[float, float], ...],
+        expected: tuple[float, float] | None, used: list[bool]) -> None:
+    ms = [Measurement(3.0, np.asarray(deltas[0]), scores[0], anchor=False),
+          Measurement(0.0, np.asarray(deltas[1]), scores[1], anchor=True)]
+    out, flags = combine(ms, min_score=0.05, max_disagreement_um=0.03)
+    assert flags == used
+    if expected is None:
+        assert out is None
+    else:
+        assert out is not None and out == pytest.approx(np.asarray(expected), abs=1e-9)
