@@ -278,7 +278,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--squares-per-tier", type=int, default=30)
     ap.add_argument("--image-squares-per-tier", type=int, default=25,
                     help="squares per tier of the image benchmark (0 skips it)")
-    ap.add_argument("--atlases", type=int, default=8, help="simulated grids (0 skips them)")
+    ap.add_argument("--atlases", type=int, default=12, help="simulated grids (0 skips them)")
+    ap.add_argument("--synthetic-atlases", type=int, default=4,
+                    help="grids from tests/protocols/grid_render.py")
     ap.add_argument("--seed", type=int, default=20240611)
     args = ap.parse_args(argv)
     # stdout carries the one JSON object; the simulators' and detectors' logs go to stderr.
@@ -291,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.atlases > 0:
         from correlation_atlas import atlas_benchmark
 
-        out["atlas"] = atlas_benchmark(args.atlases, args.seed)
+        out["atlas"] = atlas_benchmark(args.atlases, args.seed, args.synthetic_atlases)
     out["elapsed_s"] = time.perf_counter() - t0
     print(json.dumps(out, indent=1))
     return 0

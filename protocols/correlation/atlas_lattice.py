@@ -48,12 +48,14 @@ def dark_mask(img: FloatArray) -> BoolArray:
 
 def lattice_angle_pitch(dark: BoolArray, work_um: float, min_pitch_um: float,
                         max_pitch_um: float) -> tuple[float, float]:
-    """(angle_deg mod 90, pitch_um) of the strongest periodicity of the mask's edges.
+    """(angle_deg mod 90, pitch_um) of the strongest periodicity of the metal mask.
 
-    Edges make harmonics strong (two edges per pitch): the fundamental is the lowest
-    sub-multiple of the peak frequency that still carries a clear peak.
+    The mask itself, not its edges: a bar profile's fundamental is its strongest harmonic
+    whatever the bar width (|sin(n x) / n| <= |sin x|), whereas two edges per pitch can
+    make the edges' third harmonic the strongest. A lower sub-multiple carrying at least
+    half the peak is still preferred (a pattern repeating every other bar).
     """
-    rep = ndimage.gaussian_gradient_magnitude(dark.astype(np.float64), 1.0)
+    rep = dark.astype(np.float64)
     rep -= rep.mean()
     h, w = rep.shape
     spec = np.abs(np.fft.fftshift(np.fft.fft2(rep * np.outer(np.hanning(h), np.hanning(w)))))
@@ -73,7 +75,7 @@ def lattice_angle_pitch(dark: BoolArray, work_um: float, min_pitch_um: float,
             break
         rn, cn = round(h // 2 + (pr - h // 2) / n), round(w // 2 + (pc - w // 2) / n)
         local = spec[max(rn - 1, 0):rn + 2, max(cn - 1, 0):cn + 2]
-        if local.size and float(local.max()) > 0.2 * top:
+        if local.size and float(local.max()) > 0.5 * top:
             n_best = n
     fxp, fyp = fxp / n_best, fyp / n_best
     return float(np.degrees(np.arctan2(fyp, fxp)) % 90.0), float(1.0 / np.hypot(fxp, fyp))

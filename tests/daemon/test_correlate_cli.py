@@ -256,18 +256,17 @@ def _atlas_argv(f: dict[str, Path]) -> list[str]:
             "--em-pixel-um", "5.5", "--points", str(f["points"]), "--out", str(f["out"])]
 
 
-def test_atlas_answers_right_or_refuses(atlas_files: dict[str, Path]) -> None:
-    """Exit 0 with points on the right squares, or 3 (not sure): never a wrong 'ok'."""
+def test_atlas_answers_right(atlas_files: dict[str, Path]) -> None:
+    """Exit 0 with points on the right squares and a margin reported in sigmas."""
     code = main(_atlas_argv(atlas_files))
     out = json.loads(atlas_files["out"].read_text())
-    assert code in (0, 3) and out["command"] == "atlas" and out["reason"]
-    assert len(out["pairs"]) >= 100  # square openings paired through the coarse answer
-    if code == 0:
-        got = np.array([[t["x"], t["y"]] for t in out["targets"]])
-        err_um = np.linalg.norm(got - np.load(atlas_files["truth"]), axis=1) * 5.5
-        assert np.all(err_um < 10.0), err_um
-    else:
-        assert out["status"] == "no_confident_match" and out["targets"] == []
+    assert code == 0 and out["command"] == "atlas" and out["status"] == "ok", out["reason"]
+    assert len(out["pairs"]) >= 100  # square openings paired under the chosen pose
+    assert out["transform"]["mirrored"] is True
+    assert out["transform"]["confidence_sigmas"] > 4.0
+    got = np.array([[t["x"], t["y"]] for t in out["targets"]])
+    err_um = np.linalg.norm(got - np.load(atlas_files["truth"]), axis=1) * 5.5
+    assert np.all(err_um < 10.0), err_um
 
 
 @pytest.mark.parametrize(("change", "needle"), [
