@@ -10,7 +10,14 @@ fields of view, tests/protocols/em_sim.py):
 - ``realign``: six targets picked on a 3 x 3 map; miss (nm) of the target from the centre of a
   39,000x record before (plain stage move) and after realign;
 - ``tracking``: a full bidirectional series (0 -> +60, -3 -> -60, 3 degree steps, 100 e/A^2) at
-  one target with tracking, and one without (no eucentric step): miss per tilt (nm);
+  one target with tracking (each tilt aligned to the nearest tilt and to an anchor 15 deg back
+  towards 0), and one without (no eucentric step): miss per tilt (nm); the miss at 0 deg is
+  realign's, the growth beyond it tracking's;
+- ``focus``: for the tracked series, the true record defocus against the target (um; the
+  simulator's defocus at the frame centre, which follows the height of the film point under
+  the beam at tilt), how each tilt was focused (autofocus at the Focus area, the previous
+  measurement, the height model), and the same error had the height model alone set the lens
+  (the lens enters the defocus linearly, so this needs no second series);
 - ``overhead``: for the tracked series, (modelled hardware time on the virtual clock + the
   protocol's own computing time, i.e. wall time not spent inside the simulator) / modelled
   hardware time. Also the hardware time a bare series would need (tilt moves and records
@@ -41,6 +48,7 @@ from em_sim import (
 from drivers.base import AcquisitionSettings, Image, LowDoseArea, Magnification
 from drivers.clock import VirtualClock
 from protocols.em_acquire import load_frame
+from protocols.em_focus import model_correction
 from protocols.em_montage import map_image
 from protocols.em_params import SettingsOverride
 from protocols.plan import run_plan
@@ -71,6 +79,10 @@ class TimedEM(SimulatedElectronMicroscope):
 
     def _do_acquire(self, area: LowDoseArea, settings: AcquisitionSettings) -> Image:
         out: Image = self._timed(super()._do_acquire, area, settings)
+        return out
+
+    def _do_autofocus(self, area: LowDoseArea, settings: AcquisitionSettings) -> float:
+        out: float = self._timed(super()._do_autofocus, area, settings)
         return out
 
     def _do_move_stage(self, x_um: float, y_um: float, z_um: float | None) -> None:
@@ -154,10 +166,19 @@ def _series(spec: Specimen, seed: int, d: Path, tracking: bool) -> dict[str, Any
     run_plan(plan, ctx)
     wall, hardware = time.perf_counter() - t0, em.clock.now() - v0
     compute = wall - em.inside_s
-    miss = {}
+    miss, focus_err, model_err, methods = {}, [], [], {}
     for step in plan.tilts.steps:
-        rec = ctx.result(tilt_key("t", step.tilt_deg))["record"]
-        miss[f"{step.tilt_deg:+.0f}"] = round(miss_nm(em, load_frame(d, rec), truth), 1)
+        res = ctx.result(tilt_key("t", step.tilt_deg))
+        img = load_frame(d, res["record"])
+        miss[f"{step.tilt_deg:+.0f}"] = round(miss_nm(em, img, truth), 1)
+        true_defocus = em.frame_record(img).defocus_um
+        focus_err.append(true_defocus - params.target_defocus_um)
+        method = res["focus"]["method"]
+        methods[method] = methods.get(method, 0) + 1
+        # the height model's correction (0 until 3 tilts are done), as the protocol computes it
+        model_corr = (model_correction(res["model"]["b"], res["model"]["c"], step.tilt_deg)
+                      if step.index >= 3 else 0.0)
+        model_err.append(focus_err[-1] - res["focus"]["correction_um"] + model_corr)
     t = em.config.timing
     record = em.low_dose[LowDoseArea.RECORD]
     n = len(plan.tilts.steps)
@@ -167,7 +188,17 @@ def _series(spec: Specimen, seed: int, d: Path, tracking: bool) -> dict[str, Any
     travel = sum(abs(b - a) for a, b in itertools.pairwise(angles))
     bare = n * (exposure + readout) + (n - 1) * t.tilt_settle_s + travel / t.tilt_speed_deg_s
     out: dict[str, Any] = {"miss_per_tilt_nm": miss, "max_nm": max(miss.values()),
-                           "median_nm": float(np.median(list(miss.values())))}
+                           "median_nm": float(np.median(list(miss.values()))),
+                           "growth_beyond_0deg_nm": round(max(abs(v - miss["+0"])
+                                                              for v in miss.values()), 1)}
+    if tracking:
+        out["focus"] = {
+            "methods": methods,
+            "record_defocus_error_um": {"max": round(float(np.max(np.abs(focus_err))), 3),
+                                        "median": round(float(np.median(np.abs(focus_err))), 3)},
+            "height_model_only_error_um": {
+                "max": round(float(np.max(np.abs(model_err))), 3),
+                "median": round(float(np.median(np.abs(model_err))), 3)}}
     if tracking:
         out["overhead"] = {"hardware_s": round(hardware, 1), "compute_s": round(compute, 2),
                            "ratio": round((hardware + compute) / hardware, 4),
@@ -194,6 +225,7 @@ def em_section(seeds: int) -> dict[str, Any]:
         "unit": {"map": "um", "realign": "nm", "tracking": "nm"},
         "criteria": {"square map": "< 1 um everywhere", "realign": "< 100 nm at 39,000x",
                      "tracking": "< 50 nm every tilt", "overhead": "<= 1.05"},
+        "unit_focus": "um",
         "summary": {
             "square_map_no_cells_worst_um": max(r["square_map"][0]["tile_error_um"]["max"]
                                                 for r in runs),
@@ -203,6 +235,12 @@ def em_section(seeds: int) -> dict[str, Any]:
                                                   for v in r["realign"]["miss_after_nm"]])),
             "realign_max_nm": max(r["realign"]["max_nm"] for r in runs),
             "tracking_max_nm": max(r["tracking_on"]["max_nm"] for r in runs),
+            "tracking_growth_beyond_0deg_max_nm": max(r["tracking_on"]["growth_beyond_0deg_nm"]
+                                                      for r in runs),
+            "focus_error_max_um": max(r["tracking_on"]["focus"]["record_defocus_error_um"]["max"]
+                                      for r in runs),
+            "focus_error_height_model_only_max_um": max(
+                r["tracking_on"]["focus"]["height_model_only_error_um"]["max"] for r in runs),
             "untracked_max_nm": max(r["tracking_off"]["max_nm"] for r in runs),
             "overhead_ratio_max": max(r["tracking_on"]["overhead"]["ratio"] for r in runs),
         },
