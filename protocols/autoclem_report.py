@@ -1,0 +1,274 @@
+"""The AutoCLEM session report: ``report/index.html`` and its PNGs, from committed results.
+
+What an operator needs the morning after (issue 7): the LM atlas with the chosen squares,
+the EM atlas with where they were found, the bead matches per square, the targets on the EM
+square maps, a row per target (predicted error, true error in simulation, tilt series
+written, or why not) and the time per stage against AutoCLEM's figures (10 min for the atlas
+correlation, 10 min per square for bead correlation and transfer).
+
+True error is for simulations only and never feeds a decision: the service's simulated
+world (or a test) puts a ``TruthProbe`` in ``ctx.params["truth_probe"]``; protocols never
+import simulators, so without a probe the column stays empty.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from protocols.autoclem_correlate import bead_image
+from protocols.autoclem_params import AutoCLEMParams
+from protocols.em_atlas import ATLAS_KEY
+from protocols.em_montage import map_image
+from protocols.lm_atlas import load_atlas
+from protocols.lm_io import artifact
+from protocols.plan import StepContext, StepResult
+from protocols.report import (
+    CYAN,
+    GREEN,
+    MAGENTA,
+    RED,
+    YELLOW,
+    Figure,
+    Link,
+    Marker,
+    ReportData,
+    StageTiming,
+    TargetRow,
+    draw,
+    save_png,
+    side_by_side,
+    to_display,
+    write_report,
+)
+from protocols.square_map import map_key
+
+__all__ = ["AUTOCLEM_ATLAS_S", "AUTOCLEM_SQUARE_S", "TruthProbe", "stage_of",
+           "stage_timings", "write_session_report"]
+
+#: AutoCLEM's times (docs/clem-workflow.md): square correlation 10 min, beads + transfer
+#: 10 min per square.
+AUTOCLEM_ATLAS_S = 600.0
+AUTOCLEM_SQUARE_S = 600.0
+REPORT_DIR = "report"
+
+
+class TruthProbe(Protocol):
+    """Simulation only: the true miss (nm) of a target at its tilt-series position.
+
+    Called with the target's LM stage position (um, as the session holds it) and the frame
+    metadata of its record closest to 0 degrees (protocols/em_acquire.py ``frame_meta``:
+    path, pixel_to_stage, shape, ``extra`` with the instrument's frame id). Returns None when
+    it cannot tell (a frame taken before the service restarted, say).
+    """
+
+    def __call__(self, target_lm_stage_um: tuple[float, float],
+                 record: Mapping[str, Any]) -> float | None: ...
+
+
+def stage_of(key: str, p: AutoCLEMParams) -> str | None:
+    """The report's stage of a step key (None: the operator checkpoint, the report)."""
+    sel = p.selection()
+    ext = p.extraction()
+    table = [
+        (f"{p.lm_atlas.prefix}/", "LM atlas"),
+        (f"{sel.prefix}/", "square selection and 100x inspection"),
+        (f"{sel.inspect_prefix}/", "square selection and 100x inspection"),
+        ("timelapse/", "live time-lapse and final bead set"),
+        (f"{ext.prefix}/p", "target extraction"),
+        ("em-atlas/", "EM atlas"),
+        ("correlate/atlas", "atlas correlation"),
+        ("correlate/square-", "bead correlation and target transfer"),
+        ("targets/transfer", "bead correlation and target transfer"),
+        ("em-navigator/", "navigator"),
+    ]
+    for prefix, stage in table:
+        if key.startswith(prefix):
+            return stage
+    if key.startswith("square-") and "/map/" in key:
+        return "square maps"
+    if key.startswith("target-"):
+        return "realign and tilt series"
+    return None
+
+
+def stage_timings(ctx: StepContext, p: AutoCLEMParams, keys: Sequence[str]
+                  ) -> list[StageTiming]:
+    """Compute and modelled instrument seconds per stage, in session order, with AutoCLEM's."""
+    order: list[str] = []
+    compute: dict[str, float] = {}
+    hardware: dict[str, float] = {}
+    squares = 0
+    for key in keys:
+        stage = stage_of(key, p)
+        r = ctx.store.get(key)
+        if stage is None or r is None:
+            continue
+        if stage not in compute:
+            order.append(stage)
+            compute[stage] = hardware[stage] = 0.0
+        timing = r.get("timing") or {}
+        compute[stage] += float(timing.get("compute_s", 0.0))
+        hardware[stage] += float(timing.get("hardware_s", 0.0))
+        squares += key.startswith("correlate/square-")
+    paper = {"atlas correlation": AUTOCLEM_ATLAS_S,
+             "bead correlation and target transfer": AUTOCLEM_SQUARE_S * max(squares, 1)}
+    return [StageTiming(s, compute[s], hardware[s], paper.get(s)) for s in order]
+
+
+def _record_near_zero(ctx: StepContext, target_id: str, keys: Sequence[str]
+                      ) -> dict[str, Any] | None:
+    best: dict[str, Any] | None = None
+    for key in keys:
+        if not key.startswith(f"target-{target_id}/tilt/"):
+            continue
+        r = ctx.store.get(key)
+        if r is None or r.get("status") != "ok":
+            continue
+        if best is None or abs(r["tilt_deg"]) < abs(best["tilt_deg"]):
+            best = r
+    return None if best is None else dict(best["record"])
+
+
+def target_rows(ctx: StepContext, keys: Sequence[str]) -> list[dict[str, Any]]:
+    """One row per target: where it went, errors, the tilt series written, or why not."""
+    probe: TruthProbe | None = ctx.params.get("truth_probe")
+    rows = []
+    for t in ctx.result("targets/transfer")["targets"]:
+        row = {"id": t["id"], "square": t.get("square") or "-", "em_stage_um": t.get(
+            "em_stage_um"), "predicted_error_um": t.get("predicted_error_um"),
+               "true_error_nm": None, "tilt_series": None, "status": t["status"],
+               "reason": t.get("reason", "")}
+        if t["status"] == "transferred":
+            stack = ctx.store.get(f"target-{t['id']}/stack")
+            skipped = next((r for r in (ctx.store.get(f"target-{t['id']}/{s}")
+                                        for s in ("eucentric", "realign"))
+                            if r is not None and r.get("status") == "skipped"), None)
+            if stack is not None:
+                row.update(tilt_series=stack["mrc"], status="collected",
+                           n_tilts=stack["n_tilts"], lost_tilts_deg=stack["lost_tilts_deg"])
+            elif skipped is not None:
+                row.update(status="skipped", reason=skipped["reason"])
+            record = _record_near_zero(ctx, t["id"], keys)
+            if probe is not None and record is not None:
+                xy = t["lm_stage_um"]
+                row["true_error_nm"] = probe((float(xy[0]), float(xy[1])), record)
+                row["record_0deg"] = record["path"]
+        rows.append(row)
+    return rows
+
+
+def _marker_radius(size_um: float, pixel_um: float, scale: float) -> int:
+    return max(4, round(size_um / pixel_um * scale / 2))
+
+
+def _atlas_figures(ctx: StepContext, p: AutoCLEMParams, out: Path) -> list[Figure]:
+    atlas = ctx.result("correlate/atlas")
+    opening = p.square_selection.pitch_um - p.square_selection.bar_width_um
+    planes, _ = load_atlas(ctx, ctx.result(f"{p.lm_atlas.prefix}/stitch"))
+    lm = next((im for im in planes if im.channel == p.correlation.atlas_channel), planes[0])
+    pic, s = to_display(lm.data)
+    r = _marker_radius(opening, lm.pixel_size_um, s)
+    marks = [Marker(sq["lm_atlas_px"][0], sq["lm_atlas_px"][1], sq["key"], GREEN, r, "square")
+             for sq in atlas["squares"]]
+    save_png(draw(pic, s, marks), out / "lm_atlas.png")
+    em = map_image(ctx.result(ATLAS_KEY), ctx.data_dir)
+    pic, s = to_display(em.data)
+    r = _marker_radius(opening, em.pixel_size_um, s)
+    marks = [Marker(sq["em_atlas_px"][0], sq["em_atlas_px"][1],
+                    f"{sq['key']} +-{sq['predicted_error_um']:.1f} um", GREEN, r, "square")
+             for sq in atlas["squares"] if "em_atlas_px" in sq]
+    save_png(draw(pic, s, marks), out / "em_atlas.png")
+    return [Figure("LM atlas with the chosen squares", "lm_atlas.png",
+                   "green: squares chosen after the 100x inspection"),
+            Figure("EM atlas with the squares found by atlas correlation", "em_atlas.png",
+                   f"atlas correlation: {atlas['status']} ({atlas['reason']}); labels give "
+                   "each centre's predicted error")]
+
+
+def _bead_figure(ctx: StepContext, p: AutoCLEMParams, corr: StepResult, position: int,
+                 out: Path) -> Figure:
+    lm, _, _ = bead_image(ctx, position, p.correlation.bead_channel)
+    em = map_image(ctx.result(map_key(corr["id"])), ctx.data_dir)
+    lpic, ls = to_display(lm, 700)
+    epic, es = to_display(em.data, 700)
+    lb, eb = np.asarray(corr["lm_beads_px"]).reshape(-1, 2), np.asarray(
+        corr["em_beads_px"]).reshape(-1, 2)
+    lpic = draw(lpic, ls, [Marker(x, y, "", CYAN, 6) for x, y in lb])
+    epic = draw(epic, es, [Marker(x, y, "", CYAN, 6) for x, y in eb])
+    canvas, dx = side_by_side(lpic, epic)
+    links = [Link(lb[i, 0] * ls, lb[i, 1] * ls, eb[j, 0] * es + dx, eb[j, 1] * es, YELLOW)
+             for i, j in corr["pairs"]]
+    name = f"beads-{corr['id']}.png"
+    save_png(draw(canvas, 1.0, links=links), out / name)
+    return Figure(f"Bead matches, square {corr['square']}", name,
+                  f"left: fLM final {p.correlation.bead_channel} (max projection), right: EM "
+                  f"square map; cyan: beads found, yellow: {len(corr['pairs'])} matched pairs; "
+                  f"{corr['status']}: {corr['reason']}")
+
+
+def _targets_figure(ctx: StepContext, corr: StepResult, rows: list[dict[str, Any]],
+                    out: Path) -> Figure:
+    em = map_image(ctx.result(map_key(corr["id"])), ctx.data_dir)
+    pic, s = to_display(em.data)
+    by_id = {r["id"]: r for r in rows}
+    marks = []
+    for t in corr["targets"]:
+        if "em_px" not in t:
+            continue
+        ok = by_id.get(t["id"], {}).get("status") == "collected"
+        marks.append(Marker(t["em_px"][0], t["em_px"][1], t["id"], MAGENTA if ok else RED, 10,
+                            "cross"))
+    name = f"targets-{corr['id']}.png"
+    save_png(draw(pic, s, marks), out / name)
+    return Figure(f"Targets on the EM map of square {corr['square']}", name,
+                  "magenta: tilt series collected; red: skipped (see the table)")
+
+
+def write_session_report(ctx: StepContext, p: AutoCLEMParams, keys: Sequence[str]
+                         ) -> StepResult:
+    """Write the report from the committed results of ``keys`` (the session's steps)."""
+    out = ctx.data_dir / REPORT_DIR
+    out.mkdir(parents=True, exist_ok=True)
+    rows = target_rows(ctx, keys)
+    figures = _atlas_figures(ctx, p, out)
+    atlas = ctx.result("correlate/atlas")
+    positions = {sq["id"]: int(sq["position"]) for sq in atlas["squares"]}
+    corrs = [ctx.result(k) for k in keys if k.startswith("correlate/square-")]
+    for corr in corrs:
+        if "pairs" in corr:
+            figures.append(_bead_figure(ctx, p, corr, positions[corr["id"]], out))
+        figures.append(_targets_figure(ctx, corr, rows, out))
+    timings = stage_timings(ctx, p, keys)
+    table = [TargetRow(r["id"], r["square"], None if r["em_stage_um"] is None else (
+        float(r["em_stage_um"][0]), float(r["em_stage_um"][1])),
+        None if r["predicted_error_um"] is None else r["predicted_error_um"] * 1e3,
+        r["true_error_nm"], r["tilt_series"],
+        r["status"] if r["status"] == "collected" else f"{r['status']}: {r['reason']}")
+        for r in rows]
+    collected = [r for r in rows if r["status"] == "collected"]
+    true = [r["true_error_nm"] for r in collected if r["true_error_nm"] is not None]
+    summary = [("squares chosen", str(len(atlas["squares"]))),
+               ("squares placed in the EM", str(sum(s["status"] == "ok"
+                                                    for s in atlas["squares"]))),
+               ("targets", f"{len(collected)} collected of {len(rows)}"),
+               ("compute (s)", f"{sum(t.compute_s for t in timings):.1f}"),
+               ("instrument time, modelled (s)", f"{sum(t.hardware_s for t in timings):.0f}")]
+    if true:
+        summary.append(("within 100 nm (simulation)",
+                        f"{sum(e <= 100.0 for e in true)} / {len(true)}"))
+    notes = [f"square {s['key']}: {s['reason']}" for s in atlas["squares"]
+             if s["status"] != "ok"]
+    data = ReportData(session_id=ctx.data_dir.name, title="AutoCLEM session", summary=summary,
+                      figures=figures, targets=table, timings=timings, notes=notes)
+    page = write_report(data, out)
+    pngs = [f"{REPORT_DIR}/{f.png}" for f in figures]
+    ctx.log.info("autoclem.report", path=str(page), targets=len(rows), collected=len(collected))
+    return {"html": f"{REPORT_DIR}/index.html", "pngs": pngs, "targets": rows,
+            "timings": [{"stage": t.stage, "compute_s": t.compute_s, "hardware_s": t.hardware_s,
+                         "autoclem_s": t.autoclem_s} for t in timings],
+            "artifacts": [artifact(f"{REPORT_DIR}/index.html", "report"),
+                          *(artifact(png, "report_figure") for png in pngs)]}
