@@ -22,22 +22,17 @@ Positions are sub-pixel Gaussian fits in the full-resolution density image; (x, 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
+import cv2
 import numpy as np
 import structlog
 from numpy.typing import ArrayLike, NDArray
 from scipy import ndimage
 
 from protocols.correlation.beads_lm import BeadDetections, check_image, check_pixel_size
-from protocols.correlation.spots import (
-    SpotFit,
-    blob_response,
-    edge_ratio,
-    fit_spot,
-    local_noise,
-    local_peaks,
-)
+from protocols.correlation.spot_fit import SpotFit, fit_spots
+from protocols.correlation.spots import blob_response, edge_ratio, local_noise, local_peaks
 
 FloatArray = NDArray[np.float64]
 _log = structlog.get_logger(__name__)
@@ -100,10 +95,13 @@ def _valid_mask(image: FloatArray, radius_px: float, dark_fraction: float) -> ND
 
 
 def _bin(image: FloatArray, f: int) -> FloatArray:
+    """Mean of f x f blocks (whole blocks only), via OpenCV's area resampling."""
     if f <= 1:
         return image
     h, w = (image.shape[0] // f) * f, (image.shape[1] // f) * f
-    return image[:h, :w].reshape(h // f, f, w // f, f).mean(axis=(1, 3))
+    small = cv2.resize(np.ascontiguousarray(image[:h, :w], dtype=np.float32), (w // f, h // f),
+                       interpolation=cv2.INTER_AREA)
+    return np.asarray(small, np.float64)
 
 
 def detect_em_beads(image: ArrayLike, pixel_um: float,
@@ -132,19 +130,13 @@ def detect_em_beads(image: ArrayLike, pixel_um: float,
     peaks, ratio = peaks[ratio >= cfg.min_edge_ratio], ratio[ratio >= cfg.min_edge_ratio]
     sigma_fit = max(radius_px * SPHERE_SIGMA_PER_RADIUS, 0.7)
     half = max(3, int(np.ceil(2.5 * max(radius_px, 1.5))))
+    centres = (peaks * f + (f - 1) // 2).astype(np.intp)
     fits: list[SpotFit] = []
     ratios: list[float] = []
-    for (r, c), er in zip(peaks, ratio):
-        row, col = int(r * f + (f - 1) // 2), int(c * f + (f - 1) // 2)
-        if row - half < 0 or col - half < 0 or row + half >= img.shape[0] \
-                or col + half >= img.shape[1]:
-            continue
-        crop = to_od(img[row - half:row + half + 1, col - half:col + half + 1])
-        fit = fit_spot(crop, half, half, sigma_fit, half)
-        if fit is None:
-            continue
-        fits.append(replace(fit, x=fit.x + col - half, y=fit.y + row - half))
-        ratios.append(float(er))
+    for fit, er in zip(fit_spots(img, centres, sigma_fit, half, convert=to_od), ratio):
+        if fit is not None:
+            fits.append(fit)
+            ratios.append(float(er))
     empty = BeadDetections(np.zeros((0, 2)), np.zeros(0), np.zeros(0), np.zeros(0))
     if not fits:
         _log.info("beads_em.none", candidates=len(peaks))

@@ -18,14 +18,8 @@ import structlog
 from numpy.typing import ArrayLike, NDArray
 
 from protocols.correlation.errors import CorrelationInputError
-from protocols.correlation.spots import (
-    SpotFit,
-    blob_response,
-    fit_spot,
-    local_noise,
-    local_peaks,
-    robust_sd,
-)
+from protocols.correlation.spot_fit import SpotFit, fit_spots
+from protocols.correlation.spots import blob_response, local_noise, local_peaks, robust_sd
 
 FloatArray = NDArray[np.float64]
 _log = structlog.get_logger(__name__)
@@ -154,8 +148,7 @@ def detect_lm_beads(image: ArrayLike, pixel_um: float,
     noise: list[float] = []
     saturated: list[bool] = []
     half = max(3, int(np.ceil(3.0 * sigma_px)))
-    for r, c in peaks:
-        fit = fit_spot(img, int(r), int(c), sigma_px, half)
+    for (r, c), fit in zip(peaks, fit_spots(img, peaks, sigma_px, half)):
         if fit is None:
             continue
         fits.append(fit)

@@ -285,32 +285,40 @@ def _vote_peaks(lm: FloatArray, em: FloatArray, w_lm: FloatArray, w_em: FloatArr
     return out
 
 
-def _density_per_um2(em: FloatArray, radius_um: float) -> float:
-    """EM points per um^2 where they are: the larger of the bounding-box average and the
-    nearest-neighbour estimate (clustered beads are locally much denser than on average)."""
-    span = np.ptp(em, axis=0) + 2 * radius_um
-    box = len(em) / float(span[0] * span[1])
-    if len(em) < 3:
-        return box
-    nn = cKDTree(em).query(em, k=2)[0][:, 1]
-    return max(box, 0.25 / max(float(np.median(nn)), radius_um) ** 2)
+def _local_density_per_um2(em: FloatArray, at: FloatArray, box_density: float,
+                           radius_um: float = 10.0) -> float:
+    """Mean EM density (points per um^2) around the matched EM beads ``at``.
+
+    Each matched bead's neighbours within ``radius_um`` (itself excluded), never below the
+    set's average: clustered beads are locally much denser than on average, and a chance
+    alignment inside a cluster is that much likelier.
+    """
+    if len(at) == 0:
+        return box_density
+    counts = np.array([len(n) - 1 for n in cKDTree(em).query_ball_point(at, radius_um)])
+    return max(box_density, float(np.mean(counts)) / (np.pi * radius_um ** 2))
 
 
-def _nfa(n_inliers: int, affine: bool, n_lm: int, n_em: int, density: float,
-         radius_um: float) -> float:
+def _nfa(residuals_um: FloatArray, affine: bool, n_lm: int, n_em: int, density: float,
+         max_radius_um: float) -> float:
     """Expected number of hypotheses this good between unrelated point sets (a contrario).
 
-    Two pairs fix a similarity (three an affine); each further LM point lands within
-    ``radius_um`` of some EM point by chance with probability ``density * pi * r^2``.
-    The number of tests is the number of ordered pair-to-pair hypotheses in both mirror
-    states.
+    Two pairs fix a similarity (three an affine); each further LM point lands within r of
+    some EM point by chance with probability ``density * pi * r^2``. Tested at every
+    accuracy the match offers (r = its k-th smallest residual, k >= free + 1, up to
+    ``max_radius_um``) and the best kept, as in ORSA: a true match of a few beads is
+    improbable because its residuals are small, not because there are many of them. The
+    number of tests counts ordered pair-to-pair hypotheses in both mirror states and the
+    accuracies tried.
     """
     free = 3 if affine else 2
-    p = min(1.0, density * np.pi * radius_um ** 2)
-    n_tests = float(n_lm * (n_lm - 1) * n_em * (n_em - 1))
-    if n_inliers <= free:
-        return n_tests
-    return n_tests * float(binom.sf(n_inliers - free - 1, max(n_lm - free, 0), p))
+    r = np.sort(residuals_um[residuals_um <= max_radius_um])
+    n_tests = 2.0 * float(n_lm * (n_lm - 1) * n_em * (n_em - 1)) * max(len(r) - free, 1)
+    best = n_tests
+    for k in range(free + 1, len(r) + 1):
+        p = min(1.0, density * np.pi * float(r[k - 1]) ** 2)
+        best = min(best, n_tests * float(binom.sf(k - free - 1, max(n_lm - free, 0), p)))
+    return best
 
 
 def _prior_matrix(prior: ArrayLike | None) -> FloatArray | None:
@@ -438,8 +446,9 @@ def _gate(ranked: list[Hypothesis], lm: FloatArray, em: FloatArray, cfg: MatchCo
     k_best = best.count_within(radius)
     k_next = max(2, runner.count_within(radius) if runner else 0,
                  _best_shifted_count(best, lm, em, radius, cfg.distinct_um))
-    nfa = _nfa(k_best, k_best >= cfg.affine_from, len(lm), len(em),
-               _density_per_um2(em, radius), radius)
+    span = np.ptp(em, axis=0) + 2 * radius
+    density = _local_density_per_um2(em, em[best.pairs[:, 1]], len(em) / float(span[0] * span[1]))
+    nfa = _nfa(best.residuals_um, k_best >= cfg.affine_from, len(lm), len(em), density, radius)
 
     def result(status: MatchStatus, reason: str) -> MatchResult:
         return MatchResult(status, reason, best, runner, len(ranked), nfa, radius)

@@ -5,17 +5,15 @@ in as an inverted optical-density image). Both need the same three things: candi
 a scale-normalised Laplacian of Gaussian at the expected spot size (the matched filter of
 a blurred disk), a blob-versus-edge test on the Hessian (edges of holes, bars and cells
 give strong responses that are long, not round), and a sub-pixel position from a Gaussian
-fit, never a rounded pixel. Pixel (x, y) = (column, row).
+fit, never a rounded pixel (protocols/correlation/spot_fit.py). Pixel (x, y) = (column, row).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
+import cv2
 import numpy as np
 from numpy.typing import NDArray
 from scipy import ndimage
-from scipy.optimize import least_squares
 
 FloatArray = NDArray[np.float64]
 
@@ -28,10 +26,21 @@ def robust_sd(values: NDArray[np.floating]) -> float:
     return float(1.4826 * np.median(np.abs(v - np.median(v))))
 
 
+def _blurred(image: NDArray[np.floating], sigma_px: float) -> NDArray[np.float32]:
+    img = np.ascontiguousarray(image, dtype=np.float32)
+    return np.asarray(cv2.GaussianBlur(img, (0, 0), sigma_px, borderType=cv2.BORDER_REPLICATE),
+                      np.float32)
+
+
 def blob_response(image: NDArray[np.floating], sigma_px: float) -> FloatArray:
-    """Scale-normalised negative LoG: positive and largest at bright blobs of ``sigma_px``."""
-    img = np.asarray(image, dtype=np.float64)
-    return -(sigma_px ** 2) * ndimage.gaussian_laplace(img, sigma_px, mode="nearest")
+    """Scale-normalised negative LoG: positive and largest at bright blobs of ``sigma_px``.
+
+    Gaussian blur, then the 3x3 Laplacian (OpenCV, float32): the same filter as SciPy's
+    ``gaussian_laplace`` to within the discretisation, several times faster on 4k maps.
+    """
+    lap = cv2.Laplacian(_blurred(image, sigma_px), cv2.CV_32F, ksize=1,
+                        borderType=cv2.BORDER_REPLICATE)
+    return np.asarray(-(sigma_px ** 2) * lap, np.float64)
 
 
 def local_noise(response: FloatArray, block_px: int = 64) -> FloatArray:
@@ -57,7 +66,9 @@ def local_peaks(response: FloatArray, threshold: float | FloatArray, min_distanc
                 ) -> NDArray[np.intp]:
     """(row, col) of local maxima above ``threshold``, strongest first."""
     size = 2 * max(1, int(min_distance_px)) + 1
-    is_max = (response == ndimage.maximum_filter(response, size=size, mode="nearest"))
+    resp32 = np.ascontiguousarray(response, dtype=np.float32)
+    is_max = resp32 == cv2.dilate(resp32, np.ones((size, size), np.uint8),
+                                  borderType=cv2.BORDER_REPLICATE)
     is_max &= response > threshold
     if valid is not None:
         is_max &= valid
@@ -72,97 +83,21 @@ def edge_ratio(image: NDArray[np.floating], sigma_px: float, rc: NDArray[np.intp
 
     About 1 for a round blob, near 0 along an edge or a ridge (SIFT's edge test): lets
     the detectors drop the ring-like responses of hole and bar edges without knowing where
-    holes and bars are. Computed on a window around each point only.
+    holes and bars are.
     """
-    img = np.asarray(image, dtype=np.float64)
-    h, w = img.shape
-    half = int(np.ceil(4 * sigma_px)) + 2
-    out = np.zeros(len(rc))
-    for k, (r, c) in enumerate(rc):
-        r0, r1 = max(0, r - half), min(h, r + half + 1)
-        c0, c1 = max(0, c - half), min(w, c + half + 1)
-        win = img[r0:r1, c0:c1]
-        rr, cc = r - r0, c - c0
-        a = ndimage.gaussian_filter(win, sigma_px, order=(0, 2), mode="nearest")[rr, cc]
-        b = ndimage.gaussian_filter(win, sigma_px, order=(2, 0), mode="nearest")[rr, cc]
-        d = ndimage.gaussian_filter(win, sigma_px, order=(1, 1), mode="nearest")[rr, cc]
-        half_tr = 0.5 * (a + b)
-        disc = float(np.sqrt(max(0.25 * (a - b) ** 2 + d ** 2, 0.0)))
-        l1, l2 = half_tr + disc, half_tr - disc
-        if l1 * l2 > 0:
-            out[k] = min(abs(l1), abs(l2)) / max(abs(l1), abs(l2), 1e-12)
-    return out
-
-
-@dataclass(frozen=True)
-class SpotFit:
-    """A symmetric 2D Gaussian fitted to one spot; lengths in pixels, (x, y) = (col, row).
-
-    ``elongation`` is the ratio of the principal second moments of the background-free
-    patch (1 for a round spot; a clump of two beads or a rod is longer), ``rms`` the fit's
-    residual RMS in image units.
-    """
-
-    x: float
-    y: float
-    sigma: float
-    amplitude: float
-    background: float
-    rms: float
-    elongation: float
-
-
-def fit_spot(image: NDArray[np.floating], row: int, col: int, sigma_px: float,
-             half_px: int | None = None) -> SpotFit | None:
-    """Least-squares Gaussian (x, y, sigma, amplitude, background) around (row, col).
-
-    Returns None when the window is cut by the image border or the fit leaves it (the
-    position would be extrapolated, not measured).
-    """
-    img = np.asarray(image, dtype=np.float64)
-    half = int(half_px if half_px is not None else max(3, int(np.ceil(3.0 * sigma_px))))
-    h, w = img.shape
-    if row - half < 0 or col - half < 0 or row + half >= h or col + half >= w:
-        return None
-    patch = img[row - half:row + half + 1, col - half:col + half + 1]
-    yy, xx = np.mgrid[-half:half + 1, -half:half + 1].astype(np.float64)
-    bg0 = float(np.median(np.concatenate([patch[0], patch[-1], patch[:, 0], patch[:, -1]])))
-    amp0 = float(patch[half, half] - bg0)
-    if amp0 <= 0:
-        return None
-
-    def resid(p: FloatArray) -> FloatArray:
-        x0, y0, s, a, b, bx, by = p
-        g = np.exp(-((xx - x0) ** 2 + (yy - y0) ** 2) / (2.0 * s * s))
-        return (a * g + b + bx * xx + by * yy - patch).ravel()
-
-    # A sloped background and a soft-L1 loss: a hole edge, a fringe or a neighbour in the
-    # window must not pull the centre.
-    edge = np.concatenate([patch[0], patch[-1], patch[:, 0], patch[:, -1]])
-    scale = max(1.4826 * float(np.median(np.abs(edge - bg0))), 1e-3 * max(abs(amp0), 1e-12))
-    p0 = np.array([0.0, 0.0, sigma_px, amp0, bg0, 0.0, 0.0])
-    lo = np.array([-half, -half, 0.3, 0.0, -np.inf, -np.inf, -np.inf])
-    hi = np.array([half, half, 3.0 * half, np.inf, np.inf, np.inf, np.inf])
-    try:
-        sol = least_squares(resid, p0, bounds=(lo, hi), x_scale="jac", max_nfev=200)
-        sol = least_squares(resid, sol.x, bounds=(lo, hi), x_scale="jac", max_nfev=100,
-                            loss="soft_l1", f_scale=3.0 * scale)
-    except ValueError:  # non-finite pixels in the window
-        return None
-    x0, y0, s, a, b, bx, by = (float(v) for v in sol.x)
-    if abs(x0) > half - 1 or abs(y0) > half - 1 or a <= 0:
-        return None
-    wgt = np.clip(patch - b - bx * xx - by * yy, 0.0, None)
-    wgt = np.where(np.hypot(xx - x0, yy - y0) <= 2.5 * s, wgt, 0.0)
-    total = float(wgt.sum())
-    if total <= 0:
-        return None
-    mx, my = float((wgt * xx).sum() / total), float((wgt * yy).sum() / total)
-    cxx = float((wgt * (xx - mx) ** 2).sum() / total)
-    cyy = float((wgt * (yy - my) ** 2).sum() / total)
-    cxy = float((wgt * (xx - mx) * (yy - my)).sum() / total)
-    ev = np.linalg.eigvalsh(np.array([[cxx, cxy], [cxy, cyy]]))
-    elong = float(np.sqrt(max(ev[1], 1e-12) / max(ev[0], 1e-12)))
-    fitted = resid(sol.x)
-    return SpotFit(x=col + x0, y=row + y0, sigma=s, amplitude=a, background=b,
-                   rms=float(np.sqrt(np.mean(fitted ** 2))), elongation=elong)
+    rc = np.asarray(rc, dtype=np.intp).reshape(-1, 2)
+    if len(rc) == 0:
+        return np.zeros(0)
+    g = _blurred(image, sigma_px)
+    r, c = rc[:, 0], rc[:, 1]
+    # Sobel second-derivative kernels carry the same factor 4 in all three: ratios are exact.
+    a = cv2.Sobel(g, cv2.CV_32F, 2, 0, ksize=3, borderType=cv2.BORDER_REPLICATE)[r, c]
+    b = cv2.Sobel(g, cv2.CV_32F, 0, 2, ksize=3, borderType=cv2.BORDER_REPLICATE)[r, c]
+    d = cv2.Sobel(g, cv2.CV_32F, 1, 1, ksize=3, borderType=cv2.BORDER_REPLICATE)[r, c]
+    half_tr = 0.5 * (a + b).astype(np.float64)
+    disc = np.sqrt(np.maximum(0.25 * (a - b).astype(np.float64) ** 2 + d.astype(np.float64) ** 2,
+                              0.0))
+    l1, l2 = half_tr + disc, half_tr - disc
+    ratio = np.minimum(np.abs(l1), np.abs(l2)) / np.maximum(np.maximum(np.abs(l1), np.abs(l2)),
+                                                           1e-12)
+    return np.where(l1 * l2 > 0, ratio, 0.0)
