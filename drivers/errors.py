@@ -70,5 +70,14 @@ class HardwareFault(ClemdError):
     """The instrument reported an error it cannot recover from by itself (script error, fault)."""
 
 
+class AutofocusFailed(ClemdError):
+    """Autofocus measured nothing usable: the focus area held no contrast to correlate (an
+    empty hole, a grid bar, a dark beam) or SerialEM reported the autofocus failed/aborted.
+
+    Not retryable: the same area gives the same images. A protocol keeps the defocus it has
+    (or its height model) and says so; the lens is left as it was.
+    """
+
+
 class Aborted(ClemdError):
     """The operation was cancelled by an abort request or by the operator pressing STOP."""

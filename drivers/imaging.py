@@ -56,9 +56,18 @@ def invert_affine(matrix: ArrayLike) -> NDArray[np.float64]:
 class Image:
     """One acquired frame and its acquisition metadata.
 
-    Units are in the field names. ``instrument`` is ``"lm"`` or ``"em"``. ``extra`` keeps
-    backend-specific metadata (Micro-Manager tags, SerialEM buffer info) without widening
-    this type for every backend.
+    Units are in the field names. ``instrument`` is ``"lm"`` or ``"em"``.
+
+    ``defocus_um`` (EM only) is the defocus the frame was taken at as the instrument reports
+    it: the objective-lens defocus plus the low-dose area's (or the one-shot settings')
+    ``defocus_offset_um``. Sign as SerialEM's ``ReportDefocus``: **negative = underfocus**
+    (the usual cryo-EM record defocus of -2 to -6 um is negative; View at -50 um offset is
+    strongly underfocused). It is the commanded value, not a measurement: the defocus the
+    specimen really had differs by the specimen's height error (autofocus measures that
+    difference, with the same sign convention). None for LM frames and where unknown.
+
+    ``extra`` keeps backend-specific metadata (Micro-Manager tags, SerialEM buffer info)
+    without widening this type for every backend.
     """
 
     data: NDArray[Any]
