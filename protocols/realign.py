@@ -8,10 +8,20 @@ it to the map by cross-correlation and corrects with image shift before acquirin
 How: approach the target from the same side as the map's tiles were approached (same
 backlash), image at the map's preset (View, 4,700x), align to the map rendered through both
 affines (protocols/em_align.py), shift the beam by the measured offset (or move the stage when
-the offset exceeds ``max_image_shift_um``), then repeat at an intermediate magnification
-(``fine``, e.g. 11,500x) until the estimate changes by less than ``tolerance_um``. Every
-image measures the whole offset (the affines include the image shift), so the change between
-the last two estimates is the residual estimate (None after a single iteration).
+the offset exceeds ``max_image_shift_um``), then repeat until the estimate changes by less
+than ``tolerance_um``. Every image measures the whole offset (the affines include the image
+shift), so the change between the last two estimates is the residual estimate (None after a
+single iteration).
+
+Why every iteration at the map's own preset by default: an image taken as the map's tiles were
+(same magnification, defocus, binning) looks like the map, so the correlation has nothing to
+explain but the shift. On the simulated TEM (benchmarks/protocols.py, em section, 5 seeds x 6
+targets) that lands the target 3 nm (median) and 6 nm (worst) from the centre of a 39,000x
+frame; later iterations at 11,500x aligned to the map gave 10 nm and 126 nm, and a 39,000x
+or 11,500x shot aligned to the last View image was no better (tens to 200 nm: a 1 um field
+holds little of what a 19 nm-pixel image shows). ``fine`` (another magnification for the
+later iterations) remains for columns whose image-shift calibration is the larger error; it
+needs a map-like image at that magnification to help, and should be measured before use.
 
 Raises ``RealignError`` when the map and the image do not match well enough to trust
 (score under ``min_score``): better no tilt series than one of the wrong place.
@@ -42,7 +52,8 @@ class RealignParams(FrozenParams):
     """How to realign (areas, search radii in um).
 
     ``coarse``/``fine`` override the area's settings for the first and the later iterations
-    (None: the area as configured). ``search_um`` bounds the first search: keep it under half
+    (None: the area as configured; keep ``fine`` None so that every image matches the map's
+    imaging conditions, see the module docstring). ``search_um`` bounds the first search: keep it under half
     the hole pitch (2 um) so that the lattice cannot alias; ``fine_search_um`` the later ones,
     around the estimate so far. A later iteration scoring under ``min_fine_score`` (its field
     held too little of the map) is reported and ignored.

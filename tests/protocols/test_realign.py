@@ -1,5 +1,6 @@
-"""Realign on the simulated TEM with stage error on: the target lands within 100 nm of the
-centre of a 39,000x frame, where a plain stage move misses by hundreds of nanometres."""
+"""Realign on the simulated TEM with stage error on: the target lands within 100 nm (the
+issue's bound; in fact within 20 nm) of the centre of a 39,000x frame, where a plain stage
+move misses by hundreds of nanometres."""
 
 from __future__ import annotations
 
@@ -7,17 +8,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from em_sim import FINE_MAG_INDEX, MappedSquare, make_em, miss_nm
+from em_sim import MappedSquare, make_em, miss_nm
 
 from drivers.base import LowDoseArea
 from protocols.em_align import AlignmentError
 from protocols.em_montage import map_image
-from protocols.em_params import SettingsOverride
 from protocols.realign import RealignParams, realign
 from simulators.specimen import Specimen
 
-FINE = SettingsOverride(mag_index=FINE_MAG_INDEX, dose_rate_e_per_a2_s=0.1,
-                        defocus_offset_um=-10.0)
 OFFSETS = [(3.0, 2.0), (-4.0, 1.0), (0.0, -5.0), (6.0, 6.0), (-7.0, -3.0), (8.0, -8.0)]
 
 
@@ -37,13 +35,13 @@ def test_realign_brings_targets_within_100nm_at_39000x(mapped: MappedSquare) -> 
         em.move_stage(nominal[0] - 40 + 10 * k, nominal[1] + 30)
         em.move_stage(*nominal)
         before.append(miss_nm(em, em.acquire(LowDoseArea.RECORD), truth))
-        res = realign(em, (float(nominal[0]), float(nominal[1])), reference,
-                      RealignParams(fine=FINE))
+        res = realign(em, (float(nominal[0]), float(nominal[1])), reference, RealignParams())
         after.append(miss_nm(em, em.acquire(LowDoseArea.RECORD), truth))
         assert em.image_shift() == pytest.approx(res.image_shift_um)
-        assert res.residual_um is None or res.residual_um < 0.1   # None: fine match rejected
-    print(f"realign miss before {np.round(before)} nm, after {np.round(after)} nm")
-    assert max(after) < 100.0
+        assert res.residual_um is not None and res.residual_um < 0.02   # converged
+    print(f"realign miss before {np.round(before)} nm, after {np.round(after, 1)} nm")
+    # every iteration at the map's own View preset: a few nm (benchmark: 3 nm median, 6 max)
+    assert max(after) < 20.0 and np.median(after) < 10.0
     assert np.median(before) > 300.0
 
 

@@ -17,7 +17,6 @@ from em_sim import FINE_MAG_INDEX, MappedSquare, context, make_em, miss_nm
 
 from drivers.base import LimitViolation
 from protocols.em_acquire import load_frame
-from protocols.em_params import SettingsOverride
 from protocols.mdoc import read_mdoc, read_tilt_angles
 from protocols.plan import run_plan
 from protocols.realign import RealignParams
@@ -25,8 +24,6 @@ from protocols.tilt_series import TiltSeriesParams, TiltSeriesPlan, tilt_key
 from protocols.tilt_tracking import DoneTilt, Measurement, combine, references
 from simulators.specimen import Specimen
 
-FINE = SettingsOverride(mag_index=FINE_MAG_INDEX, dose_rate_e_per_a2_s=0.1,
-                        defocus_offset_um=-10.0)
 TRACK = {"mag_index": FINE_MAG_INDEX, "dose_rate_e_per_a2_s": 1.0, "defocus_offset_um": -30.0}
 
 
@@ -44,7 +41,7 @@ def params(target: Any, **changes: Any) -> TiltSeriesParams:
     base: dict[str, Any] = {
         "targets": [{"id": "t1", "x_um": float(target[0]), "y_um": float(target[1]),
                      "square_id": "m"}],
-        "realign": RealignParams(fine=FINE), "track_settings": TRACK,
+        "realign": RealignParams(), "track_settings": TRACK,
         "scheme": {"kind": "bidirectional", "min_deg": -60, "max_deg": 60, "step_deg": 6}}
     return TiltSeriesParams.model_validate({**base, **changes})
 
