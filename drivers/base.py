@@ -29,6 +29,7 @@ from numpy.typing import NDArray
 from drivers.clock import Clock, RealClock, VirtualClock
 from drivers.errors import (
     Aborted,
+    AutofocusFailed,
     ClemdError,
     ConfigError,
     ConnectionLost,
@@ -402,15 +403,6 @@ def sharpness(data: NDArray[Any]) -> float:
 
 
 # --------------------------------------------------------------------------- electron microscope
-
-
-class AutofocusFailed(ClemdError):
-    """Autofocus measured nothing usable: the focus area held no contrast to correlate (an
-    empty hole, a grid bar, a dark beam) or SerialEM reported the autofocus failed/aborted.
-
-    Not retryable: the same area gives the same images. A protocol keeps the defocus it has
-    (or its height model) and says so; the lens is left as it was.
-    """
 
 
 class LowDoseArea(str, Enum):
