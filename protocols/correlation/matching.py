@@ -60,7 +60,7 @@ class MatchConfig:
     min_inliers: int = 4
     min_margin: int = 2
     max_runner_up_fraction: float = 0.6
-    max_nfa: float = 1e-2
+    max_nfa: float = 0.1
     distinct_um: float = 3.0
     gate_rms_factor: float = 3.0
     gate_floor_um: float = 0.15

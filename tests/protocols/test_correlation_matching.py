@@ -114,3 +114,26 @@ def test_few_beads_answer_no_match_rather_than_error() -> None:
     lm = np.array([[0.0, 0.0], [10.0, 0.0], [0.0, 20.0]])
     res = correlate_points(lm, lm + 5.0, [[1.0, 1.0]])
     assert res.status == "no_confident_match" and res.targets_um is None
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_six_shared_beads_among_spurious_are_matched(beads: MakeBeads, seed: int) -> None:
+    """The issue's floor: 6 beads seen in both, a few more lost and spurious on each side,
+    localisation noise and slight anisotropy. The a-contrario test judges the match by its
+    own residuals, so 6 accurate pairs are not 'chance'."""
+    b = beads(300 + seed, n=8, lost=0.1, spurious=5, mirrored=bool(seed % 2), aniso=0.01,
+              noise_lm=0.03, noise_em=0.01)
+    if len(b.pairs) < 6:
+        pytest.skip("draw left fewer than 6 shared beads")
+    res = match_points(b.lm, b.em)
+    assert res.status == "ok", res.reason
+    assert _pair_set(res.pairs) <= _pair_set(b.pairs) and len(res.pairs) >= 6
+    assert res.nfa < 1e-3, res.nfa
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_six_unrelated_beads_are_refused(seed: int) -> None:
+    rng = np.random.default_rng(1000 + seed)
+    lm = rng.uniform(0, 90, (int(rng.integers(6, 9)), 2))
+    em = rng.uniform(0, 90, (int(rng.integers(6, 9)), 2))
+    assert match_points(lm, em).status == "no_confident_match"
