@@ -67,6 +67,7 @@ class AtlasResult:
     ``score``/``runner_up`` are the content correlations of the chosen pose and of the best
     other mesh-consistent one; ``confidence`` is their gap in robust sigmas of all
     hypotheses' scores (``z_best``: the best's height above their median).
+    ``rotation_deg`` is that of the fitted transform (0 when too few squares paired to fit).
     """
 
     status: str
@@ -173,7 +174,7 @@ def register_atlas(lm_image: ArrayLike, lm_pixel_um: float, em_image: ArrayLike,
     elif len(pairs_lm) < cfg.min_squares:
         status, reason = "no_confident_match", (f"{len(pairs_lm)} squares matched, need "
                                                 f"{cfg.min_squares}")
-    transform, resid, mirrored, rotation = None, np.zeros(0), decision.pose.mirrored, float("nan")
+    transform, resid, mirrored, rotation = None, np.zeros(0), decision.pose.mirrored, 0.0
     if len(pairs_lm) >= 4:
         transform, keep = _robust_affine(lm_sq_px * lm_px, em_sq_px * em_px, p_em)
         lm_sq_px, em_sq_px = lm_sq_px[keep], em_sq_px[keep]
