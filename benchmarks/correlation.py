@@ -20,23 +20,23 @@ import os
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # "per square on one core": no BLAS threads
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Any  # noqa: E402
+import argparse
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
-import numpy as np  # noqa: E402
-import structlog  # noqa: E402
-from numpy.typing import NDArray  # noqa: E402
+import numpy as np
+import structlog
+from numpy.typing import NDArray
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.append(str(Path(__file__).resolve().parent))  # after the repo: benchmarks/ may shadow
-from protocols.correlation.errors import CorrelationInputError  # noqa: E402
-from protocols.correlation.points import correlate_points  # noqa: E402
-from protocols.correlation.transforms import fit_transform  # noqa: E402
+from protocols.correlation.errors import CorrelationInputError
+from protocols.correlation.points import correlate_points
+from protocols.correlation.transforms import fit_transform
 
 FloatArray = NDArray[np.float64]
 CORRECT_NM = 250.0
@@ -140,7 +140,7 @@ def make_point_square(rng: np.random.Generator, spec: PointSquareSpec) -> PointS
     half = spec.square_um / 2
 
     def spurious(count_true: int, frac: float) -> int:
-        return int(round(frac / (1 - frac) * count_true)) if frac < 1 else 0
+        return round(frac / (1 - frac) * count_true) if frac < 1 else 0
     n_sl = spurious(int(keep_lm.sum()), spec.spurious_lm)
     n_se = spurious(int(keep_em.sum()), spec.spurious_em)
     lm_all = np.concatenate([lm[keep_lm], rng.uniform(-half, half, (n_sl, 2)) + off_lm])

@@ -11,6 +11,7 @@ import argparse
 import time
 import zlib
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 from numpy.typing import NDArray
@@ -96,11 +97,12 @@ def run_atlas(args: argparse.Namespace, started: float, ids: list[str],
     res = register_atlas(read_image(args.lm, "LM"), lm_px, read_image(args.em, "EM"), em_px,
                          points_px)
     t = res.transform
-    ok = res.status == "ok" and t is not None and res.points_em_px is not None \
-        and res.points_error_um is not None
+    pts, errs = res.points_em_px, res.points_error_um
+    ok = res.status == "ok" and t is not None and pts is not None and errs is not None
     targets = [TargetOut(id=i, x=float(p[0]), y=float(p[1]), predicted_error_um=float(e),
                          reliable=bool(e <= 0.25 * res.pitch_um))
-               for i, p, e in zip(ids, res.points_em_px, res.points_error_um)] if ok else []
+               for i, p, e in zip(ids, pts, errs)] if ok and pts is not None \
+        and errs is not None else []
     pairs = [PairOut(lm_index=k, em_index=k, lm_x=float(a[0]), lm_y=float(a[1]),
                      em_x=float(b[0]), em_y=float(b[1]), residual_um=float(r), loo_error_um=None)
              for k, (a, b, r) in enumerate(zip(res.lm_squares_px, res.em_squares_px,
@@ -112,7 +114,7 @@ def run_atlas(args: argparse.Namespace, started: float, ids: list[str],
                                         "confidence_sigmas": res.confidence,
                                         "z_best_sigmas": res.z_best, "score": res.score,
                                         "runner_up_score": res.runner_up}
-    status = "ok" if ok else "no_confident_match"
+    status: Literal["ok", "no_confident_match"] = "ok" if ok else "no_confident_match"
     return CorrelateOutput(command="atlas", status=status, reason=res.reason, units="px",
                            targets=targets, transform=transform, pairs=pairs,
                            leave_one_out_errors_um=[], match=match,

@@ -92,7 +92,7 @@ def openings(dark: BoolArray, pitch_px: float) -> FloatArray:
     com = np.array(ndimage.center_of_mass(ones, lab, idx)).reshape(-1, 2)
     nominal = (0.72 * pitch_px) ** 2
     ok = (area > 0.35 * nominal) & (area < 1.6 * nominal)
-    return com[ok][:, ::-1]
+    return np.asarray(com[ok][:, ::-1], np.float64)
 
 
 @dataclass(frozen=True)

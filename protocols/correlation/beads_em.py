@@ -124,7 +124,7 @@ def detect_em_beads(image: ArrayLike, pixel_um: float,
     sigma_det = max(r_small / np.sqrt(2.0), 0.7)
     resp = blob_response(od_small, sigma_det)
     noise = local_noise(np.where(valid, resp, 0.0))
-    peaks = local_peaks(resp, cfg.threshold_sigmas * noise, max(2, int(round(r_small))),
+    peaks = local_peaks(resp, cfg.threshold_sigmas * noise, max(2, round(r_small)),
                         valid=valid, max_peaks=cfg.max_candidates)
     ratio = edge_ratio(od_small, sigma_det, peaks) if len(peaks) else np.zeros(0)
     peaks, ratio = peaks[ratio >= cfg.min_edge_ratio], ratio[ratio >= cfg.min_edge_ratio]

@@ -103,7 +103,7 @@ def _saturation_level(image: FloatArray) -> float:
 def _pixel_noise(img: FloatArray, row: int, col: int, half: int) -> float:
     """Pixel noise around a spot from neighbour differences (robust to the spot itself)."""
     win = img[max(0, row - half):row + half + 1, max(0, col - half):col + half + 1]
-    return max(robust_sd(np.diff(win, axis=1)) / np.sqrt(2), 1e-9)
+    return max(robust_sd(np.diff(win, axis=1)) / float(np.sqrt(2)), 1e-9)
 
 
 def _score(fits: list[SpotFit], sigma_px: float, noise: FloatArray, saturated: NDArray[np.bool_],
@@ -142,7 +142,7 @@ def detect_lm_beads(image: ArrayLike, pixel_um: float,
     resp = blob_response(img, max(sigma_px, 0.8))
     noise_map = local_noise(resp)
     peaks = local_peaks(resp, cfg.threshold_sigmas * noise_map,
-                        max(2, int(round(2 * sigma_px))), max_peaks=cfg.max_candidates)
+                        max(2, round(2 * sigma_px)), max_peaks=cfg.max_candidates)
     sat_level = _saturation_level(img)
     fits: list[SpotFit] = []
     noise: list[float] = []

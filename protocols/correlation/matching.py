@@ -199,6 +199,8 @@ def _refine(matrix: FloatArray, mirrored: bool, lm: FloatArray, em: FloatArray,
                           len(core) >= cfg.affine_from, cfg)
         if mat is None:
             return None
+    if mat is None:
+        return None
     pairs = _assign(lm @ mat[:, :2].T + mat[:, 2], em, cfg.verify_radius_um)
     if len(pairs) < 2:
         return None
@@ -253,7 +255,7 @@ def _vote_peaks(lm: FloatArray, em: FloatArray, w_lm: FloatArray, w_em: FloatArr
     ty = qm[:, 1] - s * (sin * pm[:, 0] + cos * pm[:, 1])
     weight = w_lm[i[a]] * w_lm[j[a]] * w_em[k[b]] * w_em[l[b]]
 
-    n_theta = int(round(360.0 / cfg.angle_bin_deg))
+    n_theta = round(360.0 / cfg.angle_bin_deg)
     half = float(np.max(np.abs(q))) + cfg.scale_range[1] * float(np.max(np.abs(p))) + 1.0
     step = max(cfg.shift_bin_um, 2 * half / 300.0)
     n_t = int(np.ceil(2 * half / step)) + 1
@@ -392,7 +394,7 @@ def _weights(w: ArrayLike | None, n: int, name: str) -> FloatArray:
     arr = np.asarray(w, dtype=np.float64).reshape(-1)
     if arr.shape != (n,) or not np.all(np.isfinite(arr)) or np.any(arr <= 0):
         raise CorrelationInputError(f"{name}: need {n} finite positive values")
-    return arr / arr.max()
+    return np.asarray(arr / arr.max(), np.float64)
 
 
 def _best_shifted_count(best: Hypothesis, lm: FloatArray, em: FloatArray, radius: float,

@@ -13,8 +13,8 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 from scipy.spatial import ConvexHull, QhullError
 
-from protocols.correlation.matching import MatchConfig, MatchResult, MatchStatus, match_points
 from protocols.correlation.errors import CorrelationInputError
+from protocols.correlation.matching import MatchConfig, MatchResult, MatchStatus, match_points
 from protocols.correlation.transforms import (
     Transform2D,
     as_points,
@@ -112,12 +112,13 @@ def hull_excess_um(points: FloatArray, hull_of: FloatArray) -> FloatArray:
         return np.zeros(0)
     nearest = np.min(np.linalg.norm(points[:, None] - hull_of[None], axis=2), axis=1)
     if len(hull_of) < 3:
-        return nearest
+        return np.asarray(nearest, np.float64)
     try:
         eq = ConvexHull(hull_of).equations
     except QhullError:
-        return nearest
-    return np.maximum(0.0, np.max(points @ eq[:, :2].T + eq[:, 2], axis=1))
+        return np.asarray(nearest, np.float64)
+    return np.asarray(np.maximum(0.0, np.max(points @ eq[:, :2].T + eq[:, 2], axis=1)),
+                      np.float64)
 
 
 def _transfer_refusal(errors: FloatArray, outside: FloatArray) -> str:

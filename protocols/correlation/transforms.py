@@ -74,10 +74,18 @@ def as_points(points: ArrayLike, name: str, min_count: int = 1) -> FloatArray:
     return arr
 
 
+def _none_for_nan(values: FloatArray) -> list[Any]:
+    """Nested list with None where a value is undefined (JSON has no NaN)."""
+    out = np.asarray(values, dtype=object)
+    out[~np.isfinite(np.asarray(values, dtype=np.float64))] = None
+    result: list[Any] = out.tolist()
+    return result
+
+
 def _kernel(a: FloatArray, b: FloatArray, length: float) -> FloatArray:
     """Unit-variance squared-exponential covariance between rows of a and b."""
     r2 = np.sum((a[:, None, :] - b[None, :, :]) ** 2, axis=2)
-    return np.exp(-0.5 * r2 / length ** 2)
+    return np.asarray(np.exp(-0.5 * r2 / length ** 2), np.float64)
 
 
 def _mean_design(model: str, u: FloatArray, mirrored: bool) -> FloatArray:
@@ -194,7 +202,7 @@ class Transform2D:
         if self.model == "similarity":
             dist = np.linalg.norm(np.asarray(points, float).reshape(-1, 2) - self.origin, axis=1)
             var = var + (SIMILARITY_MODEL_SD * dist) ** 2
-        return np.sqrt(var)
+        return np.asarray(np.sqrt(var), np.float64)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready description; :meth:`from_dict` restores an identical transform."""
@@ -210,9 +218,8 @@ class Transform2D:
                            "length": self.length, "signal_ratio": self.signal_ratio},
             "pred_cov": self.pred_cov.tolist(), "sigma_um": self.sigma_um,
             "residuals_um": self.residuals_um.tolist(),
-            "loo_errors_um": np.where(np.isfinite(self.loo_errors_um), self.loo_errors_um,
-                                      None).tolist(),
-            "loo_sd_um": np.where(np.isfinite(self.loo_sd_um), self.loo_sd_um, None).tolist(),
+            "loo_errors_um": _none_for_nan(self.loo_errors_um),
+            "loo_sd_um": _none_for_nan(self.loo_sd_um),
             "loo_log_density": self.loo_lpd if np.isfinite(self.loo_lpd) else None,
             "rms_residual_um": float(np.sqrt(np.mean(res ** 2))) if res.size else 0.0,
             "rms_loo_error_um": float(np.sqrt(np.mean(finite ** 2))) if finite.size else None,
