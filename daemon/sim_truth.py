@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import structlog
@@ -27,7 +27,11 @@ from drivers.base import Image, InvalidState
 from simulators.electron import SimulatedElectronMicroscope
 from simulators.specimen import Specimen
 
-__all__ = ["SimulatedTruthProbe", "VirusMatch", "nearest_virus", "record_centre_true_um"]
+if TYPE_CHECKING:
+    from daemon.instruments import Instruments
+
+__all__ = ["SimulatedTruthProbe", "VirusMatch", "nearest_virus", "probe_for",
+           "record_centre_true_um"]
 
 log = structlog.get_logger(__name__)
 
@@ -101,3 +105,14 @@ class SimulatedTruthProbe:
             log.info("sim_truth.unknown_frame", path=record.get("path"), reason=str(err))
             return None
         return float(np.hypot(*(reached - match.em_stage_um)) * 1e3)
+
+
+def probe_for(instruments: Instruments) -> SimulatedTruthProbe | None:
+    """The probe of a simulated world (a simulated EM and the specimen the simulators share),
+    else None: real instruments have no truth to report. The service puts it in each
+    session's ``StepContext.params["truth_probe"]``."""
+    specimen = instruments.extra.get("specimen")
+    if isinstance(instruments.em, SimulatedElectronMicroscope) and isinstance(specimen,
+                                                                              Specimen):
+        return SimulatedTruthProbe(specimen, instruments.em)
+    return None

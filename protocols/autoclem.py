@@ -59,7 +59,7 @@ from protocols.tilt_series import TargetSpec, TiltSeriesPlan
 from protocols.time_lapse import StagePositionUm, TimeLapsePlan
 
 __all__ = ["ATLAS_CORRELATION_KEY", "CHECKPOINT_KEY", "REPORT_KEY", "AutoCLEMPlan",
-           "ClientTargets"]
+           "ClientTargets", "clemd_templates"]
 
 log = structlog.get_logger(__name__)
 
@@ -197,8 +197,8 @@ class AutoCLEMPlan(Plan):
         guarded = {f"target-{spec.id}/eucentric", f"target-{spec.id}/realign"}
         for step in plan.steps(ctx):
             if step.key in guarded:
-                yield dataclasses.replace(step, action=_stamped(_skippable(step.action,
-                                                                           spec.id)))
+                yield dataclasses.replace(step, action=_stamped(_skippable(
+                    step.action, spec.id, self.p.max_realign_change_um)))
                 if ctx.result(step.key).get("status") == "skipped":
                     return
             else:
@@ -212,16 +212,24 @@ def _square_action(p: AutoCLEMParams, square: dict[str, Any]
     return run
 
 
-def _skippable(action: Callable[[StepContext], StepResult], target_id: str
-               ) -> Callable[[StepContext], StepResult]:
-    """Run ``action``; a realignment that cannot find its map becomes a committed skip."""
+def _skippable(action: Callable[[StepContext], StepResult], target_id: str,
+               max_change_um: float) -> Callable[[StepContext], StepResult]:
+    """Run ``action``; a realignment that cannot find its map, or whose last iteration still
+    moved by more than ``max_change_um`` (not converged), becomes a committed skip."""
     def run(ctx: StepContext) -> StepResult:
         try:
-            return action(ctx)
+            result = action(ctx)
         except SKIPPABLE as err:
             ctx.log.warning("autoclem.target_skipped", target=target_id, reason=str(err),
                             error_type=type(err).__name__)
             return {"status": "skipped", "reason": f"{type(err).__name__}: {err}"}
+        change = result.get("residual_um")
+        if "iterations" in result and change is not None and change > max_change_um:
+            reason = (f"realign did not converge: last change {change * 1e3:.0f} nm > "
+                      f"{max_change_um * 1e3:.0f} nm (max_realign_change_um)")
+            ctx.log.warning("autoclem.target_skipped", target=target_id, reason=reason)
+            return {**result, "status": "skipped", "reason": reason}
+        return result
     return run
 
 
@@ -243,3 +251,15 @@ def _stamped(action: Callable[[StepContext], StepResult]) -> Callable[[StepConte
         timing = {"compute_s": time.perf_counter() - t0, "hardware_s": ctx.clock.now() - c0}
         return {**result, "timing": timing}
     return run
+
+
+def _factory(params: AutoCLEMParams, env: Any) -> Plan:
+    """The service's factory: the session's submitted targets come from its environment."""
+    return AutoCLEMPlan(params, env.targets)
+
+
+def clemd_templates() -> list[tuple[Any, ...]]:
+    """The ``autoclem`` template for daemon/templates.py (through protocols/templates.py)."""
+    return [("autoclem", AutoCLEMParams, _factory, frozenset({"lm", "em"}),
+             ("the AutoCLEM session: LM atlas, squares, live time-lapse, targets, operator "
+              "checkpoint 'freeze and load', EM atlas, correlations, tilt series, report"))]

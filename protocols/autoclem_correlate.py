@@ -264,10 +264,12 @@ def transfer_targets(ctx: StepContext, p: AutoCLEMParams) -> StepResult:
         x, y = mine["em_px"]
         if not (0 <= x <= w - 1 and 0 <= y <= h - 1):
             row["reason"] = f"outside the square map at pixel ({x:.0f}, {y:.0f})"
-        elif not mine["reliable"] or mine["predicted_error_um"] > limit:
+        elif mine["predicted_error_um"] > limit:
             row["reason"] = (f"predicted error {mine['predicted_error_um'] * 1e3:.0f} nm over "
-                             f"{limit * 1e3:.0f} nm (correlation.max_target_error_um) or far "
-                             "outside the matched beads")
+                             f"{limit * 1e3:.0f} nm (correlation.max_target_error_um)")
+        elif not mine["reliable"]:
+            row["reason"] = ("far outside the matched beads (extrapolated; predicted error "
+                             f"{mine['predicted_error_um'] * 1e3:.0f} nm not trusted)")
         else:
             xy = apply_affine(np.asarray(map_res["pixel_to_stage"], float), np.array([x, y]))
             row.update(status="transferred", em_px=[x, y],

@@ -159,6 +159,9 @@ class AutoCLEMParams(_Frozen):
     correlation: CorrelationSettings = Field(default_factory=lambda: CorrelationSettings.model_validate({}))
     tilt_series: dict[str, Any] = Field(default_factory=dict)
     navigator_file: str = Field(default="clemd.nav", pattern=r"^[\w.+-]+\.nav$")
+    #: A realignment whose last iteration still moved the estimate by more than this has not
+    #: converged: the target's position is unknown at that level, so it is skipped.
+    max_realign_change_um: float = Field(0.05, gt=0, le=5)
 
     @field_validator("tilt_series")
     @classmethod
@@ -166,19 +169,18 @@ class AutoCLEMParams(_Frozen):
         return _tilt_series_check(v)
 
     @model_validator(mode="after")
-    def _once(self) -> AutoCLEMParams:
-        twice = [("square_selection.select", "n_squares",
-                  "select" in self.square_selection.model_fields_set
-                  and self.square_selection.select != self.n_squares),
-                 ("target_extraction.max_targets", "max_targets_per_square",
-                  "max_targets" in self.target_extraction.model_fields_set
-                  and self.target_extraction.max_targets != self.max_targets_per_square),
-                 ("target_extraction.static_only", "static_only",
-                  "static_only" in self.target_extraction.model_fields_set
-                  and self.target_extraction.static_only != self.static_only)]
-        for nested, top, clash in twice:
-            if clash:
-                raise ValueError(f"{nested} disagrees with {top}: give it once, as {top}")
+    def _consistent(self) -> AutoCLEMParams:
+        """Copy the top-level numbers into the nested models (a nested value given and
+        different is refused), so that a dumped model validates again to itself."""
+        for nested, key, top in (("square_selection", "select", "n_squares"),
+                                 ("target_extraction", "max_targets", "max_targets_per_square"),
+                                 ("target_extraction", "static_only", "static_only")):
+            inner, value = getattr(self, nested), getattr(self, top)
+            if key in inner.model_fields_set and getattr(inner, key) != value:
+                raise ValueError(f"{nested}.{key} ({getattr(inner, key)!r}) disagrees with "
+                                 f"{top} ({value!r}): give it once, as {top}")
+            # validated just above; the frozen model is still being built
+            object.__setattr__(self, nested, _replace(inner, **{key: value}))
         if self.target_extraction.timelapse_prefix != "timelapse":
             raise ValueError("target_extraction.timelapse_prefix: the session's time-lapse "
                              "is always under 'timelapse'")
@@ -190,12 +192,12 @@ class AutoCLEMParams(_Frozen):
     # -- the sub-plans' params, with the session's own choices filled in --------------------
 
     def selection(self) -> SquareSelectionParams:
-        return _replace(self.square_selection, select=self.n_squares,
+        """Square selection, inspecting at least as many squares as are to be chosen."""
+        return _replace(self.square_selection,
                         inspect=max(self.square_selection.inspect, self.n_squares))
 
     def extraction(self) -> TargetExtractionParams:
-        return _replace(self.target_extraction, max_targets=self.max_targets_per_square,
-                        static_only=self.static_only)
+        return self.target_extraction
 
     def tilts(self, targets: tuple[TargetSpec, ...]) -> TiltSeriesParams:
         return TiltSeriesParams.model_validate({**self.tilt_series, "targets": targets,

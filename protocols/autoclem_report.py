@@ -24,7 +24,7 @@ from protocols.autoclem_params import AutoCLEMParams
 from protocols.em_atlas import ATLAS_KEY
 from protocols.em_montage import map_image
 from protocols.lm_atlas import load_atlas
-from protocols.lm_io import artifact
+from protocols.lm_io import artifact, write_json
 from protocols.plan import StepContext, StepResult
 from protocols.report import (
     CYAN,
@@ -138,8 +138,9 @@ def target_rows(ctx: StepContext, keys: Sequence[str]) -> list[dict[str, Any]]:
     probe: TruthProbe | None = ctx.params.get("truth_probe")
     rows = []
     for t in ctx.result("targets/transfer")["targets"]:
-        row = {"id": t["id"], "square": t.get("square") or "-", "em_stage_um": t.get(
-            "em_stage_um"), "predicted_error_um": t.get("predicted_error_um"),
+        row = {"id": t["id"], "square": t.get("square") or "-",
+               "lm_stage_um": t.get("lm_stage_um"), "em_stage_um": t.get("em_stage_um"),
+               "predicted_error_um": t.get("predicted_error_um"),
                "true_error_nm": None, "tilt_series": None, "status": t["status"],
                "reason": t.get("reason", "")}
         if t["status"] == "transferred":
@@ -266,9 +267,13 @@ def write_session_report(ctx: StepContext, p: AutoCLEMParams, keys: Sequence[str
                       figures=figures, targets=table, timings=timings, notes=notes)
     page = write_report(data, out)
     pngs = [f"{REPORT_DIR}/{f.png}" for f in figures]
+    timing_rows = [{"stage": t.stage, "compute_s": t.compute_s, "hardware_s": t.hardware_s,
+                    "autoclem_s": t.autoclem_s} for t in timings]
+    summary_art = write_json(ctx, f"{REPORT_DIR}/summary.json",
+                             {"targets": rows, "timings": timing_rows,
+                              "summary": dict(summary)}, "report_summary")
     ctx.log.info("autoclem.report", path=str(page), targets=len(rows), collected=len(collected))
     return {"html": f"{REPORT_DIR}/index.html", "pngs": pngs, "targets": rows,
-            "timings": [{"stage": t.stage, "compute_s": t.compute_s, "hardware_s": t.hardware_s,
-                         "autoclem_s": t.autoclem_s} for t in timings],
-            "artifacts": [artifact(f"{REPORT_DIR}/index.html", "report"),
+            "timings": timing_rows,
+            "artifacts": [artifact(f"{REPORT_DIR}/index.html", "report"), summary_art,
                           *(artifact(png, "report_figure") for png in pngs)]}

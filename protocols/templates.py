@@ -8,10 +8,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from protocols import em_templates, lm_templates
+from protocols import autoclem, em_templates, lm_templates
 
 __all__ = ["clemd_templates"]
 
 
 def clemd_templates() -> list[tuple[Any, ...]]:
-    return [*lm_templates.clemd_templates(), *em_templates.clemd_templates()]
+    return [*lm_templates.clemd_templates(), *em_templates.clemd_templates(),
+            *autoclem.clemd_templates()]

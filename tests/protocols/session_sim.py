@@ -5,7 +5,8 @@ marks), but every camera is small and the magnifications are chosen so that few 
 it: the LM atlas at 5x (1.3 um pixels, 1024 px camera), the 100x field binned to 0.1 um
 pixels so that one frame covers a square as the paper's 2048 px camera does, the EM atlas at
 62x binned 8 (1.4 um pixels), square maps of 5 x 5 tiles at 1,600x binned 4 (27 nm pixels,
-beads visible, ~115 um across), tilt series at the real 39,000x binned 8. The time-lapse has
+beads visible, ~115 um across), realign refined at 4,700x, tilt series at the real 39,000x
+binned 8. The time-lapse has
 three time points 5 min apart with three planes, the tilt series five tilts from -6 to +6
 degrees. Only tests and benchmarks import this module.
 """
@@ -38,10 +39,10 @@ EM_LOW_DOSE: dict[str, Any] = {
     "view": {"mag_index": mag_index_of(1600), "exposure_s": 1.0, "binning": 4,
              "dose_rate_e_per_a2_s": 0.02, "defocus_offset_um": -50.0},
 }
-#: Magnifications calibrated exactly (the simulator draws a pixel-size and rotation error per
-#: magnification otherwise; calibrating them is SerialEM's business, not the session's).
-EM_OPTICS = {"pixel_size_error_rms": 0.0, "rotation_error_rms_deg": 0.0}
-FINE = {"mag_index": FINE_MAG_INDEX, "dose_rate_e_per_a2_s": 0.1, "defocus_offset_um": -10.0}
+#: Realign's second look at 4,700x (the paper's map magnification, 9.5 um field): at 11,500x
+#: a 3.9 um field beside a bar holds too little of a 1,600x map to refine it.
+FINE = {"mag_index": mag_index_of(4700), "binning": 8, "dose_rate_e_per_a2_s": 0.02,
+        "defocus_offset_um": -50.0}
 TRACK = {"mag_index": FINE_MAG_INDEX, "dose_rate_e_per_a2_s": 1.0, "defocus_offset_um": -30.0}
 
 
@@ -56,7 +57,7 @@ def light(spec: Specimen, clock: VirtualClock, seed: int) -> SimulatedLightMicro
 
 def electron(spec: Specimen, clock: VirtualClock, seed: int) -> SimulatedElectronMicroscope:
     return SimulatedElectronMicroscope.for_tests(spec, clock, camera=(4096, 4096), seed=seed,
-                                                 low_dose=EM_LOW_DOSE, optics=EM_OPTICS)
+                                                 low_dose=EM_LOW_DOSE)
 
 
 def params(spec: Specimen, **changes: Any) -> AutoCLEMParams:
