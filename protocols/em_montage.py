@@ -5,6 +5,10 @@ the middle must cost one tile, not the montage. Each tile step moves, exposes, w
 tile as MRC and commits its path and nominal affine; the stitch step rebuilds the tiles from
 their files (protocols/em_acquire.py), stitches them (protocols/stitching.py) and writes the
 mosaic MRC with a JSON sidecar holding its pixel-to-stage affine and the overlap report.
+With an overview (``layout.overview``, square maps) an ``overview`` step first images the
+whole montage at a lower magnification; the stitch step matches every tile against it and
+uses the matches as absolute constraints (protocols/em_overview.py), which places tiles whose
+overlaps show nothing (thick cell bodies).
 
 On a real SerialEM the plan can instead run one ``montage`` step (``acquisition="montage"``):
 SerialEM's own montage, one journal entry for all tiles.
@@ -27,6 +31,7 @@ from drivers.base import AcquisitionSettings, ElectronMicroscope, Image, LowDose
 from drivers.errors import LimitViolation
 from protocols.atomic_write import write_text_atomic
 from protocols.em_acquire import approach, load_frame, save_frame
+from protocols.em_overview import match_tiles
 from protocols.mrc_io import write_mrc
 from protocols.plan import Step, StepContext, StepResult
 from protocols.stitching import Mosaic, StitchSettings, stitch
@@ -58,6 +63,8 @@ class MontageLayout:
     stitch: StitchSettings
     approach_um: float
     acquisition: Acquisition = "tiles"
+    overview: AcquisitionSettings | None = None
+    overview_sigma_px: float = 1.0
 
     @property
     def tile_keys(self) -> list[str]:
@@ -68,6 +75,10 @@ class MontageLayout:
     @property
     def stitch_key(self) -> str:
         return f"{self.prefix}/stitch"
+
+    @property
+    def overview_key(self) -> str:
+        return f"{self.prefix}/overview"
 
     def estimate_tile_s(self) -> float:
         """Exposure plus a typical move and readout (for progress bars only)."""
@@ -99,7 +110,12 @@ def montage_steps(layout: MontageLayout, ctx: StepContext,
     """Yield the tile steps and the stitch step of ``layout``.
 
     ``extra`` adds fields to the sidecar JSON and stitch result (e.g. the square's id).
+    With ``layout.overview`` an overview step comes first (protocols/em_overview.py).
     """
+    if layout.overview is not None:
+        yield Step(layout.overview_key, _overview_action(layout),
+                   title=f"{layout.title}: overview at mag index {layout.overview.mag_index}",
+                   estimate_s=layout.overview.exposure_s + 5.0, instrument="em")
     if layout.acquisition == "montage":
         yield Step(layout.tile_keys[0], _montage_action(layout),
                    title=f"{layout.title}: SerialEM montage of {len(layout.positions)} tiles",
@@ -125,6 +141,17 @@ def _tile_action(layout: MontageLayout, k: int) -> Callable[[StepContext], StepR
         img = em.acquire(layout.area, layout.settings if layout.override else None)
         meta = save_frame(ctx.data_dir, f"{layout.stem}/tile-{k:03d}.mrc", img)
         return {**meta, "index": k, "nominal_um": [x, y]}
+    return action
+
+
+def _overview_action(layout: MontageLayout) -> Callable[[StepContext], StepResult]:
+    def action(ctx: StepContext) -> StepResult:
+        em = ctx.require_em()
+        assert layout.overview is not None
+        x, y = layout.centre_um
+        approach(em, x, y, from_um=layout.approach_um, force=True)
+        img = em.acquire(layout.area, layout.overview)
+        return save_frame(ctx.data_dir, f"{layout.stem}/overview.mrc", img)
     return action
 
 
@@ -161,7 +188,13 @@ def _stitch_action(layout: MontageLayout, extra: Callable[[StepContext], dict[st
         metas = tile_metas(layout, ctx)
         tiles = [replace(load_frame(ctx.data_dir, m), index={"tile": int(m["index"])})
                  for m in metas]
-        mosaic = stitch(tiles, layout.stitch)
+        anchors, overview_meta = [], None
+        if layout.overview is not None:
+            overview_meta = ctx.result(layout.overview_key)
+            anchors = match_tiles(tiles, load_frame(ctx.data_dir, overview_meta),
+                                  2.0 * layout.stitch.max_stage_error_um,
+                                  layout.overview_sigma_px)
+        mosaic = stitch(tiles, layout.stitch, anchors=anchors)
         mrc_rel, json_rel = f"{layout.stem}.mrc", f"{layout.stem}.json"
         write_mrc(ctx.data_dir / mrc_rel, mosaic.data.astype(np.float32), mosaic.pixel_size_um,
                   labels=(f"clemd {layout.title}"[:80],))
@@ -181,13 +214,25 @@ def _stitch_action(layout: MontageLayout, extra: Callable[[StepContext], dict[st
             "tiles_xy": list(layout.tiles_xy), "n_tiles": len(tiles),
             "stats": {k: float(v) for k, v in mosaic.stats.items()},
             "flagged_tiles": [{"index": t.index, "reason": t.reason,
-                               "correction_um": list(t.correction_um)}
+                               "correction_um": list(t.correction_um),
+                               "expected_error_um": round(t.expected_error_um, 3)}
                               for t in mosaic.tiles if t.flagged],
+            "overview": None if overview_meta is None else {
+                "path": overview_meta["path"], "mag_index": overview_meta["mag_index"],
+                "pixel_size_um": overview_meta["pixel_size_um"],
+                "anchors_used": sum(a.status == "used" for a in mosaic.anchors),
+                "anchors": len(mosaic.anchors)},
         }
         if extra is not None:
             result.update(extra(ctx))
         sidecar = {**result, "kind": "em_map", "overlaps": _overlap_report(mosaic),
-                   "tile_corrections_um": [list(t.correction_um) for t in mosaic.tiles]}
+                   "anchors": [{"tile": a.tile, "status": a.status, "ncc": round(a.ncc, 4),
+                                "z_score": round(a.z_score, 2), "ambiguous": a.ambiguous,
+                                "residual_um": round(a.residual_um, 4)}
+                               for a in mosaic.anchors],
+                   "tile_corrections_um": [list(t.correction_um) for t in mosaic.tiles],
+                   "tile_expected_error_um": [round(t.expected_error_um, 3)
+                                              for t in mosaic.tiles]}
         write_text_atomic(ctx.data_dir / json_rel, json.dumps(sidecar, indent=1))
         ctx.log.info("em.montage.stitched", plan=layout.prefix, shape=[h, w],
                      flagged=len(result["flagged_tiles"]), **mosaic.stats)

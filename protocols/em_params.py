@@ -64,10 +64,12 @@ class StitchParams(FrozenParams):
     ``max_stage_error_um`` bounds a tile's miss per axis. At 4,700x the R2/2 hole lattice
     (4 um pitch) makes every overlap periodic, so twice the bound must stay below 2 um: 1.0 um
     works because the montage approaches every tile from the same side (no backlash between
-    neighbours). The atlas (bars 125 um apart) can use a wide bound.
+    neighbours). The atlas (bars 125 um apart) can use a wide bound. ``stage_rms_um`` (2D
+    rms, ~1 um on a TEM stage) is the expected error reported for tiles nothing placed.
     """
 
     max_stage_error_um: PositiveFloat = 1.0
+    stage_rms_um: PositiveFloat = 1.0
     smoothing_sigma_px: PositiveFloat = 1.5
     min_ncc: float = Field(default=0.25, gt=0, lt=1)
     output_pixel_um: PositiveFloat | None = None

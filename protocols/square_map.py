@@ -6,7 +6,13 @@ for correlation and what every target is realigned to, so their pixel-to-stage a
 hold to well under a micrometre: the tiles are approached from one side (no backlash between
 neighbours) and stitched by their overlaps (protocols/stitching.py).
 
-Steps per square: ``square-{id}/map/tile-NNN``, then ``square-{id}/map/stitch``, which writes
+Why an overview first: over a square with cells, tiles over thick cell bodies have no usable
+overlap; one image of the whole map at a lower magnification (the highest whose field holds
+it) anchors every tile that shows anything (protocols/em_overview.py), and tiles with neither
+overlap nor overview match are flagged with their expected error (the stage's).
+
+Steps per square: ``square-{id}/map/overview`` (unless ``overview`` is None),
+``square-{id}/map/tile-NNN``, then ``square-{id}/map/stitch``, which writes
 ``square-{id}-map.mrc`` and ``square-{id}-map.json`` (affine, overlap report). Squares are
 visited in the order given; every tile of every square is checked against the stage limits
 before anything moves.
@@ -22,6 +28,7 @@ from pydantic import Field, field_validator
 from drivers.base import ElectronMicroscope, LowDoseArea
 from protocols.em_acquire import APPROACH_UM
 from protocols.em_montage import MontageLayout, check_positions, grid_positions, montage_steps
+from protocols.em_overview import OverviewParams, montage_corners, overview_settings
 from protocols.em_params import FrozenParams, SettingsOverride, StitchParams
 from protocols.plan import Plan, Step, StepContext
 from protocols.stitching import StitchSettings
@@ -63,6 +70,7 @@ class SquareMapParams(FrozenParams):
     stitch: StitchParams = StitchParams()
     approach_um: float = Field(default=APPROACH_UM, ge=0, le=50)
     acquisition: Literal["tiles", "montage"] = "tiles"
+    overview: OverviewParams | None = OverviewParams()
 
     @field_validator("tiles_xy")
     @classmethod
@@ -94,6 +102,8 @@ class SquareMapPlan(Plan):
         centre = (square.x_um, square.y_um)
         positions = grid_positions(em, centre, p.tiles_xy, p.overlap, settings)
         s = p.stitch
+        overview = None if p.overview is None else overview_settings(
+            em, settings, montage_corners(em, positions, settings), p.overview)
         return MontageLayout(
             prefix=f"square-{square.id}/map", stem=f"square-{square.id}-map",
             title=f"square {square.id} map", area=p.area, settings=settings,
@@ -101,8 +111,11 @@ class SquareMapPlan(Plan):
             overlap=p.overlap, positions=tuple(positions),
             stitch=StitchSettings(max_stage_error_um=s.max_stage_error_um,
                                   smoothing_sigma_px=s.smoothing_sigma_px, min_ncc=s.min_ncc,
-                                  output_pixel_um=s.output_pixel_um),
-            approach_um=p.approach_um, acquisition=p.acquisition)
+                                  output_pixel_um=s.output_pixel_um,
+                                  stage_rms_um=s.stage_rms_um, dark_fraction=0.01),
+            approach_um=p.approach_um, acquisition=p.acquisition, overview=overview,
+            overview_sigma_px=(1.0 if p.overview is None
+                               else p.overview.smoothing_sigma_px))
 
     def validate(self, ctx: StepContext) -> None:
         em = ctx.require_em()
@@ -112,7 +125,8 @@ class SquareMapPlan(Plan):
 
     def total_steps(self, ctx: StepContext) -> int | None:
         em = ctx.require_em()
-        return sum(len(self.layout(em, s).tile_keys) + 1 for s in self.p.squares)
+        return sum(len(self.layout(em, s).tile_keys) + 1 + int(self.p.overview is not None)
+                   for s in self.p.squares)
 
     def steps(self, ctx: StepContext) -> Iterator[Step]:
         em = ctx.require_em()

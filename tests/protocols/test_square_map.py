@@ -24,12 +24,13 @@ def spec() -> Specimen:
     return Specimen.generate(seed=4)
 
 
-@pytest.mark.parametrize("square", [1, 3], ids=["square-a", "square-b"])
+@pytest.mark.parametrize(("cells", "square"), [(False, 1), (False, 3), (True, 1), (True, 4)],
+                         ids=["plain-a", "plain-b", "cells-a", "cells-b"])
 def test_square_map_is_within_1um_of_truth_everywhere(spec: Specimen, tmp_path: Path,
-                                                      square: int) -> None:
+                                                      cells: bool, square: int) -> None:
     em = make_em(spec, seed=square)
     ctx = context(em, tmp_path)
-    c = em_xy(spec, good_squares(spec, cells=False)[square].centre_um)
+    c = em_xy(spec, good_squares(spec, cells=cells)[square].centre_um)
     run_plan(SquareMapPlan(SquareMapParams(squares=({"id": "s1", "x_um": c[0], "y_um": c[1]},),
                                            tiles_xy=(4, 4))), ctx)
     result = ctx.result(map_key("s1"))
@@ -43,15 +44,39 @@ def test_square_map_is_within_1um_of_truth_everywhere(spec: Specimen, tmp_path: 
     # every map pixel comes from a tile placed this well: the whole map is within the bound
     errors = tile_errors_um(em, tiles, placed)
     nominal = tile_errors_um(em, tiles, [t.pixel_to_stage for t in tiles])
-    print(f"square map tile errors: max {errors.max():.2f} um, nominal {nominal.max():.2f} um")
+    flagged = {f["index"]: f for f in result["flagged_tiles"]}
+    print(f"square map tile errors: max {errors.max():.2f} um, nominal {nominal.max():.2f} um, "
+          f"flagged {sorted(flagged)}")
     assert errors.max() < 1.0
     assert errors.max() < nominal.max()             # stitching did better than the stage
+    # the overview anchored the map; a tile nothing placed (opaque, or showing only a sliver
+    # of cell edge) is flagged with the stage's error, and is mostly dark
+    assert result["overview"]["anchors_used"] >= 8
+    median = float(np.median([np.mean(t.data) for t in tiles]))
+    for k, f in flagged.items():
+        assert f["reason"].startswith(("opaque", "no usable overlap and no overview match"))
+        assert f["expected_error_um"] >= 0.9, f
+        assert float(np.mean(tiles[k].data)) < 0.25 * median, f   # mostly cell body
+    assert len(flagged) <= (5 if cells else 0)
     with mrcfile.open(tmp_path / result["mrc"]) as mrc:
         assert float(mrc.voxel_size.x) == pytest.approx(result["pixel_size_um"] * 1e4, rel=1e-5)
         assert mrc.data.shape == tuple(result["shape"])
     # the map affine puts the map's centre pixel on the square's centre, within stage error
     assert np.hypot(*(np.array(result["centre_um"]) - c)) < 1.5
     assert result["magnification"] == 4700.0 and result["square_id"] == "s1"
+
+
+def test_without_overview_cell_tiles_keep_the_stage_error(spec: Specimen, tmp_path: Path) -> None:
+    """The overview is what places the cell tiles: without it (overlaps only) the same square
+    has tiles flagged as unplaced or placed only within their own group."""
+    em = make_em(spec, seed=1)
+    ctx = context(em, tmp_path)
+    c = em_xy(spec, good_squares(spec, cells=True)[1].centre_um)
+    run_plan(SquareMapPlan(SquareMapParams(squares=({"id": "s1", "x_um": c[0], "y_um": c[1]},),
+                                           tiles_xy=(4, 4), overview=None)), ctx)
+    result = ctx.result(map_key("s1"))
+    assert result["overview"] is None
+    assert sum(not f["reason"].startswith("opaque") for f in result["flagged_tiles"]) >= 4
 
 
 def test_square_outside_stage_limits_refuses_before_moving(spec: Specimen, tmp_path: Path) -> None:
