@@ -7,10 +7,12 @@ difficulty tiers. Each square is correlated with :func:`correlate_points` and ju
 ground truth: correct (ok and median target error < 250 nm), no confident match,
 confidently wrong (ok but not correct), target errors, the oracle ratio (our error over the
 error of the same model fitted to the true correspondences) and whether the predicted error
-tracks the true one. An image-based benchmark (simulated fLM and EM images) is meant to sit
-beside ``point_benchmark`` with its own generator.
+tracks the true one. The image part (benchmarks/correlation_images.py: simulated fLM and EM
+images of squares) and the atlas part (benchmarks/correlation_atlas.py: whole-grid
+overviews from the simulators and from tests/protocols/grid_render.py) follow.
 
-Run: ``.venv/bin/python benchmarks/correlation.py [--squares-per-tier N] [--seed S]``
+Run from the repository root: ``.venv/bin/python -m benchmarks.correlation [--squares-per-tier N]
+[--image-squares-per-tier N] [--atlases N] [--synthetic-atlases N] [--seed S]``
 """
 
 from __future__ import annotations
