@@ -36,22 +36,13 @@ from numpy.typing import NDArray
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from drivers.base import LightMicroscope, LimitViolation
-from drivers.imaging import Image, affine_from, invert_affine
-from protocols.lm_flat_field import estimate_flat_field
-from protocols.lm_io import (
-    affine_from_json,
-    affine_json,
-    image_record,
-    load_images,
-    save_images,
-    write_json,
-)
-from protocols.mosaic_blend import blend_tiles, plan_canvas
+from drivers.imaging import Image, affine_from
+from protocols.lm_atlas_stitch import edge_json, load_atlas, register_neighbours, stitch_atlas
+from protocols.lm_io import affine_json, image_record, load_images, save_images
 from protocols.plan import Plan, Step, StepContext, StepResult
-from protocols.stitching import Mosaic, StitchSettings, stitch
 
 __all__ = ["FocusPlaneFit", "LMAtlasParams", "LMAtlasPlan", "TileSpec", "fit_focus_plane",
-           "focus_points", "tile_layout"]
+           "focus_points", "load_atlas", "tile_layout"]
 
 log = structlog.get_logger(__name__)
 
@@ -197,6 +188,10 @@ class LMAtlasPlan(Plan):
 
     def __init__(self, params: LMAtlasParams) -> None:
         self.p = params
+        # first-channel frames of recent tiles, for their later neighbours' overlaps (a
+        # resumed plan re-reads them from their files); bounded to about two rows
+        self._recent: dict[str, Image] = {}
+        self._keep = 2
 
     # -- geometry ------------------------------------------------------------------------------
 
@@ -269,14 +264,20 @@ class LMAtlasPlan(Plan):
         tiles = self.tiles(lm)
         exposure = sum(lm.channels[c].exposure_s for c in p.channels)
         prev_key: str | None = None
-        for t in tiles:
+        where = {(t.row, t.col): k for k, t in enumerate(tiles)}
+        # serpentine order: the tile above is at most two rows back
+        self._keep = 2 * (max((t.col for t in tiles), default=0) + 1) + 2
+        for index, t in enumerate(tiles):
+            earlier = [(where[rc], self.key(tiles[where[rc]].name))
+                       for rc in ((t.row, t.col - 1), (t.row, t.col + 1), (t.row - 1, t.col))
+                       if rc in where and where[rc] < index]
             if plane is not None:
                 z_plan: float | None = plane.z_at(t.x_um, t.y_um)
             elif p.focus == "fixed":
                 z_plan = p.start_z_um
             else:   # per tile: refine around the previous tile's focus
                 z_plan = None if prev_key is None else float(ctx.result(prev_key)["z_um"])
-            yield Step(self.key(t.name), self._tile_action(t, z_plan, plane),
+            yield Step(self.key(t.name), self._tile_action(t, z_plan, plane, index, earlier),
                        title=f"atlas {t.name}", estimate_s=0.3 + exposure, instrument="lm")
             prev_key = self.key(t.name)
         yield Step(self.key("stitch"), self._stitch_action([self.key(t.name) for t in tiles]),
@@ -293,8 +294,20 @@ class LMAtlasPlan(Plan):
             return {"xy_um": [xy[0], xy[1]], "z_um": float(z)}
         return action
 
-    def _tile_action(self, t: TileSpec, z_plan: float | None, plane: FocusPlaneFit | None
-                     ) -> Any:
+    def _neighbour(self, ctx: StepContext, key: str) -> Image:
+        img = self._recent.get(key)
+        if img is None:     # resumed: the neighbour's step ran in an earlier process
+            img = next(im for im in load_images(ctx, ctx.result(key)["path"])
+                       if im.channel == self.p.channels[0])
+        return img
+
+    def _remember(self, key: str, img: Image, keep: int) -> None:
+        self._recent[key] = img
+        while len(self._recent) > keep:
+            self._recent.pop(next(iter(self._recent)))
+
+    def _tile_action(self, t: TileSpec, z_plan: float | None, plane: FocusPlaneFit | None,
+                     index: int, earlier: list[tuple[int, str]]) -> Any:
         def action(ctx: StepContext) -> StepResult:
             lm = ctx.require_lm()
             p = self.p
@@ -311,7 +324,14 @@ class LMAtlasPlan(Plan):
             art = save_images(ctx, rel, images, "lm_atlas_tile", name=t.name,
                               row=t.row, col=t.col)
             transmitted = {ch: lm.channels[ch].excitation_nm is None for ch in p.channels}
+            # this tile's overlaps with the neighbours already acquired, committed with it
+            first = images[0]
+            pairs = register_neighbours(first, index, [(i, self._neighbour(ctx, k))
+                                                       for i, k in earlier],
+                                        p.max_stage_error_um)
+            self._remember(self.key(t.name), first, keep=self._keep)
             return {"row": t.row, "col": t.col, "path": rel, "artifacts": [art],
+                    "pairs": [edge_json(e) for e in pairs],
                     "z_um": float(z), "stage_um": [t.x_um, t.y_um, float(z)],
                     "pixel_to_stage": affine_json(images[0].pixel_to_stage),
                     "transmitted": transmitted,
@@ -333,94 +353,3 @@ def replace_index(img: Image) -> Image:
     return img.with_data(img.data, index={"t": 0, "z": 0})
 
 
-def atlas_pixel_um(p: LMAtlasParams, tiles: list[Image], positions: NDArray[np.float64]
-                   ) -> float | None:
-    """Output pixel: ``atlas_pixel_um`` if set, else full resolution if it fits
-    ``max_atlas_pixels``, else the smallest pixel that does (None = full resolution)."""
-    if p.atlas_pixel_um is not None:
-        return p.atlas_pixel_um
-    px = tiles[0].pixel_size_um
-    canvas = plan_canvas(positions, [t.shape for t in tiles], 1.0)
-    n = canvas.shape[0] * canvas.shape[1]
-    if n <= p.max_atlas_pixels:
-        return None
-    return float(px * math.sqrt(n / p.max_atlas_pixels) * 1.01)
-
-
-def _offsets_px(affines: list[NDArray[np.float64]], reference: NDArray[np.float64]
-                ) -> NDArray[np.float64]:
-    """(x, y) of each tile's pixel (0, 0) in the pixel frame of ``reference`` (stitching's
-    common frame is tile 0's nominal affine)."""
-    inv = invert_affine(reference)[:, :2]
-    return np.array([inv @ (np.asarray(a)[:, 2] - reference[:, 2]) for a in affines])
-
-
-def stitch_atlas(ctx: StepContext, p: LMAtlasParams, tile_keys: list[str]) -> StepResult:
-    """Read the tiles back, stitch the first channel, blend the rest, write atlas + report."""
-    per_tile = [load_images(ctx, ctx.result(k)["path"]) for k in tile_keys]
-    channels = list(p.channels)
-    by_channel = {ch: [next(im for im in planes if im.channel == ch) for planes in per_tile]
-                  for ch in channels}
-    transmitted = ctx.result(tile_keys[0])["transmitted"] if tile_keys else {}
-    flat: dict[str, list[float]] = {}
-    for ch in channels:
-        field = estimate_flat_field([im.data for im in by_channel[ch]]) if (
-            p.flat_field and transmitted.get(ch, False)) else None
-        if field is not None:
-            by_channel[ch] = [im.with_data(np.asarray(im.data, np.float32) / field)
-                              for im in by_channel[ch]]
-            flat[ch] = [float(field.min()), float(field.max())]
-    reg = by_channel[channels[0]]
-    nominal = _offsets_px([im.pixel_to_stage for im in reg], reg[0].pixel_to_stage)
-    out_px = atlas_pixel_um(p, reg, nominal)
-    settings = StitchSettings(max_stage_error_um=p.max_stage_error_um, output_pixel_um=out_px)
-    mosaic = stitch(reg, settings)
-    positions = _offsets_px([t.pixel_to_stage for t in mosaic.tiles], reg[0].pixel_to_stage)
-    factor = 1.0 if out_px is None else out_px / reg[0].pixel_size_um
-    canvas = plan_canvas(positions, [t.shape for t in reg], factor)
-    planes = [mosaic.as_image(reg[0])]
-    for ch in channels[1:]:
-        data = blend_tiles([im.data for im in by_channel[ch]], positions, canvas)
-        planes.append(mosaic.as_image(by_channel[ch][0]).with_data(data))
-    planes = [im.with_data(im.data, index={"t": 0, "z": 0}, extra={}) for im in planes]
-    rel = f"{p.prefix}/atlas.ome.tif"
-    arts = [save_images(ctx, rel, planes, "lm_atlas", name="LM atlas",
-                        pixel_size_um=mosaic.pixel_size_um)]
-    report = atlas_report(mosaic, tile_keys, channels)
-    report["flat_field_range"] = flat
-    arts.append(write_json(ctx, f"{p.prefix}/atlas.json", report, "lm_atlas_report"))
-    flagged = [r for r in report["tiles"] if r["flagged"]]
-    ctx.log.info("lm_atlas.stitched", tiles=len(tile_keys), flagged=len(flagged),
-                 shape=list(mosaic.data.shape), **mosaic.stats)
-    return {"path": rel, "report": f"{p.prefix}/atlas.json", "artifacts": arts,
-            "pixel_to_stage": report["pixel_to_stage"], "pixel_size_um": mosaic.pixel_size_um,
-            "shape": list(mosaic.data.shape), "channels": channels, "stats": report["stats"],
-            "flagged_tiles": [r["key"] for r in flagged], "tile_keys": list(tile_keys)}
-
-
-def atlas_report(mosaic: Mosaic, tile_keys: list[str], channels: list[str]) -> dict[str, Any]:
-    """The atlas's affine and the evidence for it, as strict JSON."""
-    return {
-        "pixel_to_stage": affine_json(mosaic.pixel_to_stage),
-        "pixel_size_um": mosaic.pixel_size_um, "shape": list(mosaic.data.shape),
-        "channels": channels, "stats": {k: float(v) for k, v in mosaic.stats.items()},
-        "stitch_s": mosaic.elapsed_s,
-        "tiles": [{"key": tile_keys[t.index], "pixel_to_stage": affine_json(t.pixel_to_stage),
-                   "correction_um": list(t.correction_um), "overlaps_used": t.n_overlaps_used,
-                   "flagged": t.flagged, "reason": t.reason} for t in mosaic.tiles],
-        "overlaps": [{"a": tile_keys[o.i], "b": tile_keys[o.j], "status": o.status,
-                      "ncc": float(o.ncc), "peak_ratio": _finite(o.peak_ratio),
-                      "ambiguous": o.ambiguous, "residual_um": o.residual_um,
-                      "correction_um": o.correction_um,
-                      "nominal_shift_px": list(o.nominal_shift_px),
-                      "measured_shift_px": list(o.measured_shift_px)} for o in mosaic.overlaps],
-    }
-
-
-def _finite(v: float) -> float | None:
-    return float(v) if math.isfinite(v) else None
-
-
-def load_atlas(ctx: StepContext, result: StepResult) -> tuple[list[Image], NDArray[np.float64]]:
-    """The atlas planes written by the stitch step and its pixel-to-stage affine."""
-    return load_images(ctx, result["path"]), affine_from_json(result["pixel_to_stage"])

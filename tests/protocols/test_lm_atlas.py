@@ -92,6 +92,24 @@ def test_atlas_tiles_within_1um_of_truth(atlas_run: Any) -> None:
     assert len(used) >= 20 and max(o["residual_um"] for o in used) < 0.3
 
 
+def test_overlaps_are_registered_in_the_tile_steps(atlas_run: Any) -> None:
+    """Each tile step commits its overlaps with the neighbours acquired before it (left or
+    right in the serpentine, and above); the stitch step solves with exactly those."""
+    _spec, _lm, ctx = atlas_run
+    stitch = ctx.result("lm-atlas/stitch")
+    committed = {}
+    for j, key in enumerate(stitch["tile_keys"]):
+        for e in ctx.result(key)["pairs"]:
+            assert e["j"] == j and e["i"] < j       # only with tiles acquired earlier
+            committed[(e["i"], e["j"])] = e["measured"]
+    report = json.loads((ctx.data_dir / stitch["report"]).read_text())
+    keys = stitch["tile_keys"]
+    reported = {(keys.index(o["a"]), keys.index(o["b"])): o["measured_shift_px"]
+                for o in report["overlaps"]}
+    assert len(committed) == 24                     # 4 x 4 tiles: 12 + 12 edge neighbours
+    assert reported == committed
+
+
 def _render_truth(lm: SimulatedLightMicroscope, spec: Specimen, affine: np.ndarray,
                   origin_px: tuple[int, int], size: int) -> np.ndarray:
     """The specimen as a perfect in-focus camera would see it through ``affine``."""
