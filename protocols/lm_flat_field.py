@@ -57,12 +57,21 @@ def estimate_flat_field(tiles: Sequence[NDArray[np.generic]], *, samples: int = 
         return None
     x, y = np.concatenate(rows_x), np.concatenate(rows_y)
     v, t = np.concatenate(vals), np.concatenate(tile_of)
-    design = np.hstack([_basis(x, y), np.eye(used)[t]])
+    basis = _basis(x, y)
     keep = np.ones(len(v), dtype=bool)
-    coef: NDArray[np.float64] = np.zeros(design.shape[1])
+    coef: NDArray[np.float64] = np.zeros(5)
     for _ in range(trim_iterations + 1):
-        coef = np.asarray(np.linalg.lstsq(design[keep], v[keep], rcond=None)[0], dtype=np.float64)
-        res = np.abs(design @ coef - v)
+        # the per-tile offsets are eliminated by centring each tile's kept rows (the same
+        # least-squares solution as with one column per tile, at a fifth of the cost)
+        n = np.maximum(np.bincount(t[keep], minlength=used), 1)
+        mean_v = np.bincount(t[keep], v[keep], minlength=used) / n
+        mean_b = np.column_stack([np.bincount(t[keep], basis[keep, k], minlength=used) / n
+                                  for k in range(5)])
+        coef = np.asarray(np.linalg.lstsq(basis[keep] - mean_b[t[keep]],
+                                          v[keep] - mean_v[t[keep]], rcond=None)[0],
+                          dtype=np.float64)
+        offsets = mean_v - mean_b @ coef
+        res = np.abs(basis @ coef + offsets[t] - v)
         keep = res <= max(3.0 * 1.4826 * float(np.median(res[keep])), 1e-4)
     xf = ((np.arange(w) - (w - 1) / 2) / ((w - 1) / 2))[None, :]
     yf = ((np.arange(h) - (h - 1) / 2) / ((h - 1) / 2))[:, None]
