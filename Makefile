@@ -22,7 +22,7 @@ test: $(STAMP) system-deps
 	$(PY) -m pytest -q
 
 # Benchmarks run as modules from the root, so benchmarks/drivers.py cannot shadow `drivers`.
-BENCHMARKS := simulators correlation drivers protocols service
+BENCHMARKS := simulators correlation drivers protocols service session
 
 bench: $(STAMP)
 	@mkdir -p benchmarks/out

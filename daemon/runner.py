@@ -347,10 +347,16 @@ class SessionRunner:
         folder.mkdir(parents=True, exist_ok=True)
         env = SessionEnv(row.id, folder, lambda: self.targets_of(row.id))
         plan = tpl.factory(params, env)
+        step_params: dict[str, Any] = params.model_dump(mode="json")
+        if "specimen" in self.instruments.extra:
+            # Simulation only: the report's "true error" column; never used for decisions.
+            from daemon.sim_truth import probe_for
+            if (probe := probe_for(self.instruments)) is not None:
+                step_params["truth_probe"] = probe
         ctx = StepContext(clock=self.instruments.clock, data_dir=folder,
                           store=JournalStepStore(self.bus, row.id, folder),
                           lm=self.instruments.lm, em=self.instruments.em,
-                          params=params.model_dump(mode="json"), log=log.bind(session=row.id))
+                          params=step_params, log=log.bind(session=row.id))
         hooks = Hooks(step_started=self._hook(row.id, self._events.step_started),
                       progress=self._hook(row.id, self._events.progress),
                       retrying=self._hook(row.id, self._events.retrying))
