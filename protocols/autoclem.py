@@ -7,8 +7,9 @@ committed, whichever protocol it belongs to:
 
 - LM: ``lm-atlas/...``, ``squares/find``, ``lm-inspect/<square>``, ``squares/select``,
   ``timelapse/pK/tTT`` and ``timelapse/pK/final`` (position K = the K-th chosen square, at
-  the focus its inspection found), ``timelapse/summary``, ``targets/pK`` (target extraction
-  with the stage's misses between visits registered out: protocols/autoclem_targets.py);
+  the focus its inspection found), ``timelapse/summary``, ``targets/pK`` (target extraction,
+  protocols/target_extraction.py: visits registered to each other, static viruses, targets
+  inside the beads first, positions in the final bead set's pixels);
 - ``checkpoint/freeze-and-load``: an operator checkpoint (plunge-freeze, load into the EM);
   its action, run once confirmed, fixes the session's target list: the proposals plus the
   targets clients submitted until then (the grid is frozen, LM targets can no longer change);
@@ -45,7 +46,6 @@ from protocols.autoclem_correlate import (
 )
 from protocols.autoclem_params import AutoCLEMParams
 from protocols.autoclem_report import write_session_report
-from protocols.autoclem_targets import extraction_steps
 from protocols.em_align import AlignmentError
 from protocols.em_atlas import EMAtlasPlan
 from protocols.em_navigator import EMNavigatorParams, EMNavigatorPlan
@@ -54,6 +54,7 @@ from protocols.plan import InvalidStep, Plan, Step, StepContext, StepResult
 from protocols.realign import RealignError
 from protocols.square_map import SquareMapPlan, SquareSpec
 from protocols.square_selection import SquareSelectionPlan
+from protocols.target_extraction import TargetExtractionPlan
 from protocols.tilt_schemes import check_limits
 from protocols.tilt_series import TargetSpec, TiltSeriesPlan
 from protocols.time_lapse import StagePositionUm, TimeLapsePlan
@@ -146,7 +147,7 @@ class AutoCLEMPlan(Plan):
         lapse = TimeLapsePlan(p.live.to_params(positions))
         lapse.validate(ctx)
         yield from _timed(lapse.steps(ctx))
-        yield from _timed(extraction_steps(ctx, p.extraction(), p.live.register_channel))
+        yield from _timed(TargetExtractionPlan(p.extraction()).steps(ctx))
         yield Step(CHECKPOINT_KEY, _stamped(lambda c: freeze_and_load(c, p,
                                                                       self.client_targets)),
                    title="Plunge-freeze the grid and load it into the EM; confirm when loaded",

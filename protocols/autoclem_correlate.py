@@ -5,10 +5,11 @@ images and results, call the correlation functions (register_atlas, correlate_be
 and record what they answered, including refusals. A square the atlas or its beads cannot
 place is not an error of the session: its targets are skipped with the reason, the rest go on.
 
-Frames: targets are kept in LM stage um until the square's bead correlation carries them
-from pixels of the final 405 image (the same stage pose as the last time point, so the same
-pixels the virus was found in) to pixels of the EM square map, whose stitched affine gives the
-EM stage position the tilt series realigns to.
+Frames: every target is fixed at the checkpoint in pixels of its square's final set
+(``lm_px``: target extraction registered the last time point, where the virus was found, to
+the final set, another visit of the stage), with its LM stage um for people and navigators.
+The square's bead correlation carries those pixels to pixels of the EM square map, whose
+stitched affine gives the EM stage position the tilt series realigns to.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ from numpy.typing import NDArray
 from drivers.base import LimitViolation
 from drivers.imaging import apply_affine, invert_affine
 from protocols.autoclem_params import AutoCLEMParams
-from protocols.autoclem_targets import visit_offset_px
 from protocols.correlation.atlas import AtlasConfig, register_atlas
 from protocols.correlation.bead_images import correlate_bead_images
 from protocols.correlation.errors import CorrelationInputError
@@ -72,12 +72,19 @@ def freeze_and_load(ctx: StepContext, p: AutoCLEMParams,
     """
     chosen = _chosen(ctx, p)
     ext = p.extraction()
+    extracted = [ctx.result(f"{ext.prefix}/p{k}") for k in range(len(chosen))]
     targets: list[dict[str, Any]] = []
     for k, square in enumerate(chosen):
-        for t in ctx.result(f"{ext.prefix}/p{k}")["targets"]:
+        final = extracted[k]["final"]
+        if final is None:
+            raise InvalidStep(f"targets/p{k} has no final set to place its targets in (the "
+                              "bead correlation needs them in the final set's pixels)")
+        for t in extracted[k]["targets"]:
             targets.append({"id": t["id"], "source": "auto", "square": square["key"],
                             "position": k, "lm_stage_um": [t["x"], t["y"]], "z_um": t["z"],
-                            "score": t["score"]})
+                            "score": t["score"], "lm_px": [t["final_x_px"], t["final_y_px"]],
+                            "lm_frame": final["frame"],
+                            "outside_beads_um": t["outside_beads_um"]})
     frames = [_final_frame(ctx, k) for k in range(len(chosen))]
     taken = {t["id"] for t in targets}
     skipped: list[dict[str, Any]] = []
@@ -94,10 +101,16 @@ def freeze_and_load(ctx: StepContext, p: AutoCLEMParams,
                             "outside the field of every time-lapse position"})
             continue
         taken.add(tid)
+        # picked in the last time point's frame, as the proposals were; moved into the
+        # final set's pixels by the same registered offset
+        got = extracted[at]
+        px = (apply_affine(np.asarray(got["stage_to_pixel"], float), xy)
+              + np.asarray(got["final"]["offset_px"], float))
         targets.append({"id": tid, "client_id": c["id"], "source": "client",
                         "square": chosen[at]["key"], "position": at,
                         "lm_stage_um": [float(xy[0]), float(xy[1])], "z_um": c.get("z"),
-                        "score": None})
+                        "score": None, "lm_px": [float(px[0]), float(px[1])],
+                        "lm_frame": got["final"]["frame"], "outside_beads_um": None})
     ctx.log.info("autoclem.targets_fixed", targets=len(targets), skipped=len(skipped),
                  client=sum(t["source"] == "client" for t in targets))
     art = write_json(ctx, "targets/session-targets.json",
@@ -201,15 +214,9 @@ def correlate_square(ctx: StepContext, p: AutoCLEMParams, square: dict[str, Any]
     targets = [t for t in ctx.result(CHECKPOINT)["targets"] if t["square"] == square["key"]]
     lm, lm_px, _ = bead_image(ctx, pos, p.correlation.bead_channel)
     em = map_image(ctx.result(map_key(square["id"])), ctx.data_dir)
-    # targets were found in the last time point; the final set is another visit (stage miss)
-    last = load_images(ctx, ctx.result(f"{p.extraction().prefix}/p{pos}")["source"])
-    final = load_images(ctx, ctx.result(f"timelapse/p{pos}/final")["path"])
-    offset = visit_offset_px(final, last, p.live.register_channel)
-    a_last = np.asarray(last[0].pixel_to_stage, dtype=float)
-    t_px = (apply_affine(invert_affine(a_last), np.array([t["lm_stage_um"] for t in targets]))
-            .reshape(-1, 2) + offset if targets else np.zeros((0, 2)))
+    t_px = np.array([t["lm_px"] for t in targets], dtype=float).reshape(-1, 2)
     out: dict[str, Any] = {"square": square["key"], "id": square["id"], "lm_pixel_um": lm_px,
-                           "em_pixel_um": em.pixel_size_um, "visit_offset_px": offset.tolist()}
+                           "em_pixel_um": em.pixel_size_um}
     try:
         res = correlate_bead_images(lm, lm_px, em.data, em.pixel_size_um, t_px)
     except CorrelationInputError as err:

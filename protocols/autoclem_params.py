@@ -49,8 +49,7 @@ class _Frozen(BaseModel):
 class LiveImagingSettings(_Frozen):
     """The live time-lapse at every chosen square (TimeLapseParams without positions, which
     are the chosen squares' centres at the 100x focus the inspection found; ``refocus``
-    focuses each again first). ``register_channel`` is the channel whose projections align
-    one visit of a position with another (protocols/autoclem_targets.py)."""
+    focuses each again first)."""
 
     objective: str = Field("100x", min_length=1)
     channels: tuple[str, ...] = Field(("488", "640"), min_length=1)
@@ -65,19 +64,10 @@ class LiveImagingSettings(_Frozen):
     late_policy: LatePolicy = "acquire"
     late_tolerance_s: float = Field(5.0, ge=0)
     refocus: bool = False
-    register_channel: str = Field("640", min_length=1)
-
-    @model_validator(mode="after")
-    def _register(self) -> LiveImagingSettings:
-        if self.register_channel not in self.channels or \
-                self.register_channel not in self.final_channels:
-            raise ValueError(f"register_channel {self.register_channel!r} must be imaged at "
-                             "every time point and in the final set (channels, final_channels)")
-        return self
 
     def to_params(self, positions: tuple[StagePositionUm, ...]) -> TimeLapseParams:
         """The time-lapse of ``positions`` (z None: focused by the time-lapse itself)."""
-        values = self.model_dump(exclude={"refocus", "register_channel"})
+        values = self.model_dump(exclude={"refocus"})
         return TimeLapseParams.model_validate({**values, "positions": positions})
 
 
@@ -181,6 +171,12 @@ class AutoCLEMParams(_Frozen):
                                  f"{top} ({value!r}): give it once, as {top}")
             # validated just above; the frozen model is still being built
             object.__setattr__(self, nested, _replace(inner, **{key: value}))
+        reg = self.target_extraction.register_channel
+        if reg is None or reg not in self.live.channels or reg not in self.live.final_channels:
+            raise ValueError(f"target_extraction.register_channel {reg!r} must be imaged at "
+                             "every time point and in the final set (live.channels, "
+                             "live.final_channels): the visits of a square are registered "
+                             "on it, since the stage lands ~1 um elsewhere at each")
         if self.target_extraction.timelapse_prefix != "timelapse":
             raise ValueError("target_extraction.timelapse_prefix: the session's time-lapse "
                              "is always under 'timelapse'")

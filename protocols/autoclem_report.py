@@ -19,6 +19,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from protocols.autoclem_correlate import CHECKPOINT as CHECKPOINT_KEY
 from protocols.autoclem_correlate import bead_image
 from protocols.autoclem_params import AutoCLEMParams
 from protocols.em_atlas import ATLAS_KEY
@@ -59,14 +60,15 @@ REPORT_DIR = "report"
 class TruthProbe(Protocol):
     """Simulation only: the true miss (nm) of a target at its tilt-series position.
 
-    Called with the target's LM stage position (um, as the session holds it) and the frame
-    metadata of its record closest to 0 degrees (protocols/em_acquire.py ``frame_meta``:
-    path, pixel_to_stage, shape, ``extra`` with the instrument's frame id). Returns None when
-    it cannot tell (a frame taken before the service restarted, say).
+    Called with the session's record of the target as the checkpoint fixed it (``id``,
+    ``lm_stage_um``, ``lm_px`` in its ``lm_frame``) and the frame metadata of its record
+    closest to 0 degrees (protocols/em_acquire.py ``frame_meta``: path, pixel_to_stage,
+    shape, ``extra`` with the instrument's frame id). Returns None when it cannot tell (a
+    frame taken before the service restarted, say).
     """
 
-    def __call__(self, target_lm_stage_um: tuple[float, float],
-                 record: Mapping[str, Any]) -> float | None: ...
+    def __call__(self, target: Mapping[str, Any], record: Mapping[str, Any]
+                 ) -> float | None: ...
 
 
 def stage_of(key: str, p: AutoCLEMParams) -> str | None:
@@ -136,6 +138,7 @@ def _record_near_zero(ctx: StepContext, target_id: str, keys: Sequence[str]
 def target_rows(ctx: StepContext, keys: Sequence[str]) -> list[dict[str, Any]]:
     """One row per target: where it went, errors, the tilt series written, or why not."""
     probe: TruthProbe | None = ctx.params.get("truth_probe")
+    fixed = {t["id"]: t for t in ctx.result(CHECKPOINT_KEY)["targets"]}
     rows = []
     for t in ctx.result("targets/transfer")["targets"]:
         row = {"id": t["id"], "square": t.get("square") or "-",
@@ -155,8 +158,7 @@ def target_rows(ctx: StepContext, keys: Sequence[str]) -> list[dict[str, Any]]:
                 row.update(status="skipped", reason=skipped["reason"])
             record = _record_near_zero(ctx, t["id"], keys)
             if probe is not None and record is not None:
-                xy = t["lm_stage_um"]
-                row["true_error_nm"] = probe((float(xy[0]), float(xy[1])), record)
+                row["true_error_nm"] = probe(fixed.get(t["id"], t), record)
                 row["record_0deg"] = record["path"]
         rows.append(row)
     return rows

@@ -9,7 +9,7 @@ cells are; beads (200 nm) and the periphery only show at 100x. One step per squa
 centre of the search), acquire the same z-stack in each channel, write one OME-TIFF, and
 measure:
 
-- beads: LoG spots in the 405 maximum projection (protocols/target_extraction.py's
+- beads: LoG spots in the 405 maximum projection (protocols/lm_features.py's
   detector), counted inside the field;
 - cells: the 640 projection above background; the number of separate cells, the fraction
   of a disc around the square centre covered by cell, and by *thin* cell (the periphery,
@@ -30,10 +30,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from scipy import ndimage
 
 from drivers.base import Image, LightMicroscope
+from protocols.lm_features import cell_masks, detect_spots, max_projection
 from protocols.lm_focus import focus_scan
 from protocols.lm_io import image_record, save_images
 from protocols.plan import StepContext, StepResult
-from protocols.target_extraction import detect_spots, max_projection
 
 __all__ = ["InspectionParams", "InspectionScores", "film_lattice_ratio", "inspect_square",
            "score_inspection"]
@@ -96,19 +96,6 @@ def film_lattice_ratio(dic: FloatArray, pixel_um: float, hole_pitch_um: float) -
     return float(f[ring].max() / max(float(np.median(f[beside])) * 10.0, 1e-30))
 
 
-def _cell_masks(mip: FloatArray, pixel_um: float) -> tuple[NDArray[np.bool_], NDArray[np.bool_]]:
-    """Cell (above background) and thin-cell (periphery) masks of a 640 projection."""
-    sm = ndimage.gaussian_filter(mip, max(1.0, 0.5 / pixel_um))
-    bg = float(np.percentile(sm, 5))
-    noise = float(1.4826 * np.median(np.abs(mip - np.median(mip)))) or 1.0
-    top = float(np.percentile(sm, 99.5))
-    level = bg + max(0.1 * (top - bg), 6 * noise / max(1.0, 0.5 / pixel_um))
-    cell = sm > level
-    cell = ndimage.binary_opening(cell, iterations=2)
-    thin = cell & (sm < bg + 0.5 * (top - bg))
-    return cell, thin
-
-
 def score_inspection(images: Sequence[Image], p: InspectionParams, centre_px: tuple[float, float],
                      focus_z_um: float) -> InspectionScores:
     """Beads, cells and film from one square's planes (see the module docstring)."""
@@ -117,7 +104,7 @@ def score_inspection(images: Sequence[Image], p: InspectionParams, centre_px: tu
     spots = detect_spots(beads_mip, p.bead_sigma_um / px, p.bead_threshold_sigmas,
                          0.5 / px, edge_margin_px=4)
     cells_mip, _, _ = max_projection(images, p.cell_channel)
-    cell, thin = _cell_masks(cells_mip, px)
+    cell, thin = cell_masks(cells_mip, px)
     labels, n = ndimage.label(cell)
     min_area_px = 50.0 / (px * px)
     sizes = ndimage.sum(cell, labels, index=np.arange(1, n + 1)) if n else np.zeros(0)

@@ -3,28 +3,39 @@
 AutoCLEM (docs/clem-workflow.md, step 4) projects the 488 z-stack of the last time point
 (3D -> 2D maximum-intensity projection: the EM sees a projection too) and picks virus
 particles in it; most extracellular particles sit still, and only those that stayed still
-are worth transferring, since the grid is frozen minutes later. Here:
+are worth transferring, since the grid is frozen minutes later. One step per time-lapse
+position (``targets/pP``):
 
-1. maximum-intensity projection of the virus channel, and per pixel the z of the maximum;
-2. Laplacian-of-Gaussian candidates sized to a diffraction-limited spot (the 100 nm particle
-   is far below the PSF), local maxima above ``threshold_sigmas`` robust noise levels;
-3. sub-pixel centroids by a Gaussian fitted through the log-intensity of each peak and its
-   neighbours along x and y (exact for a Gaussian spot, never rounded pixels), score =
-   LoG response / noise;
-4. optionally keep only particles that stayed still: spots of every earlier time point are
-   linked backwards by nearest neighbour within ``link_radius_um`` (stage um, so the track
-   survives a re-centred stage), and a particle whose largest distance from its last
-   position exceeds ``static_threshold_um`` is dropped (kept in the report with the reason).
+1. spots in the virus channel's projection of the last time point
+   (protocols/lm_features.py: LoG, sub-pixel centres, score = response / noise);
+2. the visits registered to each other. With two or more positions the stage leaves and
+   comes back at every time point and lands ~1-2 um elsewhere each time, while the images
+   carry the commanded position; the final set (405 added for the beads) is yet another
+   visit. Linking spots through nominal stage coordinates would measure the stage's miss,
+   not the particle's motion, and reject every static virus. So every earlier time point
+   and the final set are registered to the last time point on ``register_channel`` (the
+   cell tracker's projections, which do not change in minutes; lm_features.register_visits,
+   misses up to ``max_visit_shift_um``), and a visit whose projections do not agree once
+   aligned (``min_register_score``) is not used;
+3. optionally only particles that stayed still: spots of every registered earlier time
+   point, moved into the last time point's pixels, are linked backwards by nearest
+   neighbour within ``link_radius_um``; a particle whose largest distance from its last
+   position exceeds ``static_threshold_um`` is dropped (kept in the report with the reason);
+4. targets ranked for the bead correlation that will carry them to the EM: beads of the
+   final set's ``bead_channel`` that lie off the cell (beads under a cell are hidden in the
+   EM map) bound where the correlation interpolates; a target more than ``hull_margin_um``
+   outside their hull gets an extrapolated, large predicted error and would likely be
+   skipped, so targets inside come first, then the others by distance outside; then by score.
 
-Targets carry ids (``p0-t001``), LM stage um, pixels of the projection, z and score.
-Clients may add or remove targets through the service; ``merge_targets`` applies those edits
-to the proposals. (The LoG detector is a minimal one of its own: protocols/correlation's
-spot finder was not committed when this was written.)
+Targets carry ids (``p0-t001``), LM stage um (the last time point's nominal frame), pixels of
+the last time point and of the final set (``final_x_px``, what the bead correlation uses), z,
+score, displacement and distance outside the beads. Clients may add or remove targets through
+the service; ``merge_targets`` applies those edits to the proposals.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -32,21 +43,30 @@ import numpy as np
 import structlog
 from numpy.typing import NDArray
 from pydantic import BaseModel, ConfigDict, Field
-from scipy import ndimage
 
 from drivers.imaging import Image, apply_affine, invert_affine
-from protocols.lm_io import load_images, write_json
+from protocols.lm_features import (
+    Spots,
+    beads_off_cell,
+    cell_masks,
+    detect_spots,
+    max_projection,
+    outside_hull_um,
+    register_visits,
+)
+from protocols.lm_io import image_record, load_images, write_json
 from protocols.plan import InvalidStep, Plan, Step, StepContext, StepResult
 
 __all__ = ["Spots", "Target", "TargetExtractionParams", "TargetExtractionPlan",
-           "detect_spots", "link_static", "max_projection", "merge_targets"]
+           "detect_spots", "extract_targets", "link_static", "max_projection",
+           "merge_targets"]
 
 log = structlog.get_logger(__name__)
 FloatArray = NDArray[np.float64]
 
 
 class TargetExtractionParams(BaseModel):
-    """Where the time-lapse is, which channel shows the virus, and the static filter."""
+    """Where the time-lapse is, which channels show what, the static filter and ranking."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -62,19 +82,19 @@ class TargetExtractionParams(BaseModel):
     min_track_fraction: float = Field(0.8, ge=0, le=1)
     edge_margin_px: int = Field(4, ge=2)
     max_targets: int = Field(200, ge=1, le=10000)
+    #: Channel whose projections register the visits of a position; None trusts the stage.
+    register_channel: str | None = Field("640", min_length=1)
+    min_register_score: float = Field(0.5, ge=-1, le=1)
+    max_visit_shift_um: float = Field(5.0, gt=0, le=50)
+    #: The final set's bead channel (None: no ranking by beads) and the cell channel whose
+    #: mask hides beads from the EM.
+    bead_channel: str | None = Field("405", min_length=1)
+    cell_channel: str = Field("640", min_length=1)
+    bead_sigma_um: float = Field(0.1, gt=0)
+    bead_threshold_sigmas: float = Field(10.0, gt=0)
+    bead_cell_margin_um: float = Field(1.0, ge=0)
+    hull_margin_um: float = Field(5.0, ge=0)
     prefix: str = Field("targets", pattern=r"^[a-z0-9][a-z0-9_/-]*$")
-
-
-@dataclass(frozen=True)
-class Spots:
-    """Detected spots: ``xy_px`` (N, 2) as (column, row) sub-pixel, strongest first."""
-
-    xy_px: FloatArray
-    score: FloatArray
-    amplitude: FloatArray
-
-    def __len__(self) -> int:
-        return int(self.xy_px.shape[0])
 
 
 @dataclass(frozen=True)
@@ -91,66 +111,21 @@ class Target:
     score: float
     source: Literal["auto", "client"] = "auto"
     displacement_um: float | None = None
+    final_x_px: float | None = None
+    final_y_px: float | None = None
+    outside_beads_um: float | None = None
 
     def as_json(self) -> dict[str, Any]:
         return {"id": self.id, "position": self.position, "frame": "lm_stage",
                 "x": self.x_um, "y": self.y_um, "z": self.z_um, "x_px": self.x_px,
                 "y_px": self.y_px, "score": self.score, "source": self.source,
-                "displacement_um": self.displacement_um}
+                "displacement_um": self.displacement_um, "final_x_px": self.final_x_px,
+                "final_y_px": self.final_y_px,
+                "outside_beads_um": _finite_or_none(self.outside_beads_um)}
 
 
-def max_projection(images: Sequence[Image], channel: str
-                   ) -> tuple[FloatArray, NDArray[np.float64], Image]:
-    """MIP of one channel's z planes, the z (um) of each pixel's maximum, and one plane."""
-    planes = [im for im in images if im.channel == channel]
-    if not planes:
-        raise InvalidStep(f"no {channel!r} planes to project (channels: "
-                          f"{sorted({im.channel or '' for im in images})})")
-    stack = np.stack([np.asarray(im.data, dtype=np.float64) for im in planes])
-    arg = np.argmax(stack, axis=0)
-    zs = np.array([np.nan if im.z_um is None else float(im.z_um) for im in planes])
-    return stack.max(axis=0), zs[arg], planes[0]
-
-
-def _robust_sd(values: FloatArray) -> float:
-    v = values.ravel()
-    return float(1.4826 * np.median(np.abs(v - np.median(v))))
-
-
-def detect_spots(image: FloatArray, sigma_px: float, threshold_sigmas: float,
-                 min_separation_px: float, edge_margin_px: int = 4) -> Spots:
-    """LoG spots with sub-pixel centres (see the module docstring)."""
-    img = np.asarray(image, dtype=np.float64)
-    resp = -(sigma_px ** 2) * ndimage.gaussian_laplace(img, sigma_px, mode="nearest")
-    noise = _robust_sd(resp) or 1e-12
-    size = 2 * max(1, round(min_separation_px)) + 1
-    peaks = (resp == ndimage.maximum_filter(resp, size=size, mode="nearest"))
-    peaks &= resp > threshold_sigmas * noise
-    m = max(2, edge_margin_px)
-    peaks[:m], peaks[-m:], peaks[:, :m], peaks[:, -m:] = False, False, False, False
-    rc = np.argwhere(peaks)
-    smooth = ndimage.gaussian_filter(img, 0.5)
-    background = float(np.median(img))
-    xy, score, amp = [], [], []
-    for r, c in rc:
-        dx = _log_parabola(smooth[r, c - 1:c + 2] - background)
-        dy = _log_parabola(smooth[r - 1:r + 2, c] - background)
-        xy.append((c + dx, r + dy))
-        score.append(resp[r, c] / noise)
-        amp.append(img[r, c] - background)
-    if not xy:
-        return Spots(np.zeros((0, 2)), np.zeros(0), np.zeros(0))
-    order = np.argsort(-np.asarray(score), kind="stable")
-    return Spots(np.asarray(xy)[order], np.asarray(score)[order], np.asarray(amp)[order])
-
-
-def _log_parabola(v: FloatArray) -> float:
-    """Offset of a Gaussian's peak from the middle of three samples (in samples)."""
-    a = np.log(np.clip(v, 1e-6, None))
-    denom = a[0] - 2 * a[1] + a[2]
-    if denom >= 0:
-        return 0.0
-    return float(np.clip(0.5 * (a[0] - a[2]) / denom, -0.5, 0.5))
+def _finite_or_none(v: float | None) -> float | None:
+    return None if v is None or not np.isfinite(v) else float(v)
 
 
 def link_static(last_um: FloatArray, earlier_um: Sequence[FloatArray], link_radius_um: float
@@ -215,61 +190,173 @@ class TargetExtractionPlan(Plan):
             yield Step(f"{self.p.prefix}/p{pos}", self._action(int(pos), summary),
                        title=f"virus targets at position {pos}", estimate_s=2.0)
 
-    def _action(self, pos: int, summary: dict[str, Any]) -> Any:
+    def _action(self, pos: int, summary: dict[str, Any]
+                ) -> Callable[[StepContext], StepResult]:
         def action(ctx: StepContext) -> StepResult:
             rows = [r for r in summary["per_time_point"]
                     if r["p"] == pos and r["status"] == "acquired"]
             if not rows:
                 raise InvalidStep(f"position {pos}: no acquired time point to take targets from")
             keys = [f"{self.p.timelapse_prefix}/p{pos}/t{r['t']:02d}" for r in rows]
-            return extract_targets(ctx, self.p, pos, [ctx.result(k)["path"] for k in keys])
+            final = ctx.store.get(f"{self.p.timelapse_prefix}/p{pos}/final")
+            return extract_targets(ctx, self.p, pos, [ctx.result(k)["path"] for k in keys],
+                                   final)
         return action
 
 
-def _spots_um(images: Sequence[Image], p: TargetExtractionParams
-              ) -> tuple[Spots, FloatArray, Image, FloatArray]:
-    mip, zmap, ref = max_projection(images, p.channel)
+def _spots(images: Sequence[Image], p: TargetExtractionParams) -> Spots:
+    mip, _, ref = max_projection(images, p.channel)
     px = ref.pixel_size_um
-    spots = detect_spots(mip, p.spot_sigma_um / px, p.threshold_sigmas,
-                         p.min_separation_um / px, p.edge_margin_px)
-    return spots, apply_affine(ref.pixel_to_stage, spots.xy_px).reshape(-1, 2), ref, zmap
+    return detect_spots(mip, p.spot_sigma_um / px, p.threshold_sigmas,
+                        p.min_separation_um / px, p.edge_margin_px)
+
+
+def _register(reference: Sequence[Image], moving: Sequence[Image], p: TargetExtractionParams,
+              by_stage: bool = False) -> dict[str, Any]:
+    """Offset (px) from ``moving`` into ``reference`` and whether it is trusted; without a
+    register channel (or ``by_stage``), the nominal stage difference (the stage trusted)."""
+    if p.register_channel is None or by_stage:
+        a_ref, a_mov = reference[0].pixel_to_stage, moving[0].pixel_to_stage
+        off = apply_affine(invert_affine(a_ref), apply_affine(a_mov, np.zeros(2)))
+        return {"offset_px": [float(v) for v in off], "score": None, "used": True,
+                "how": "nominal stage"}
+    reg = register_visits(max_projection(reference, p.register_channel)[0],
+                          max_projection(moving, p.register_channel)[0],
+                          reference[0].pixel_size_um, p.max_visit_shift_um)
+    return {"offset_px": [float(v) for v in reg.offset_px], "score": reg.score,
+            "used": bool(reg.score >= p.min_register_score),
+            "how": f"registered on {p.register_channel}"}
+
+
+@dataclass(frozen=True)
+class _Stillness:
+    reasons: list[str]              # per last-time-point spot; '' = static
+    displacement_um: FloatArray
+    visits: list[dict[str, Any]]
+
+
+def _static_filter(ctx: StepContext, p: TargetExtractionParams, last_images: Sequence[Image],
+                   last_um: FloatArray, earlier: Sequence[str]) -> _Stillness:
+    """Link the last spots back through every registered earlier time point (latest first)."""
+    to_stage = last_images[0].pixel_to_stage
+    visits, pts = [], []
+    for path in earlier:
+        images = load_images(ctx, path)
+        reg = _register(last_images, images, p)
+        visits.append({"time_point": path, **reg})
+        if reg["used"]:
+            moved = _spots(images, p).xy_px + np.asarray(reg["offset_px"])
+            pts.append(apply_affine(to_stage, moved).reshape(-1, 2))
+        else:
+            ctx.log.warning("targets.visit_not_registered", time_point=path,
+                            score=reg["score"], min_score=p.min_register_score)
+    disp, found = link_static(last_um, pts, p.link_radius_um)
+    reasons = []
+    for k in range(len(last_um)):
+        if not pts:
+            reasons.append(f"stillness unknown: none of {len(earlier)} earlier time points "
+                           "registered (min_register_score)")
+        elif found[k] < p.min_track_fraction * len(pts):
+            reasons.append(f"tracked in {found[k]}/{len(pts)} earlier time points")
+        elif disp[k] > p.static_threshold_um:
+            reasons.append(f"moved {disp[k]:.2f} um > {p.static_threshold_um:g} um")
+        else:
+            reasons.append("")
+    return _Stillness(reasons, disp, visits)
+
+
+def _final_frame(ctx: StepContext, p: TargetExtractionParams, last_images: Sequence[Image],
+                 final_step: StepResult | None) -> tuple[list[Image], dict[str, Any]] | None:
+    """The final set and the offset from the last time point into its pixels. A final set
+    that does not register is placed by the nominal stage (flagged: beads then meet targets
+    with the stage's miss between them)."""
+    if final_step is None:
+        return None
+    final_path = str(final_step["path"])
+    final = load_images(ctx, final_path)
+    reg = _register(final, last_images, p)
+    if not reg["used"]:
+        ctx.log.warning("targets.final_not_registered", path=final_path, score=reg["score"],
+                        min_score=p.min_register_score)
+        reg = {**_register(final, last_images, p, by_stage=True), "score": reg["score"],
+               "used": False}
+    # the step's own record of the frame keeps the instrument's frame id; the file does not
+    return final, {"path": final_path, **reg,
+                   "frame": final_step.get("frame") or image_record(final[0])}
+
+
+def _beads_outside(final: Sequence[Image], p: TargetExtractionParams, targets_px: FloatArray
+                   ) -> tuple[FloatArray, dict[str, Any]]:
+    """Distance (um) of each target outside the hull of the final set's beads off the cell."""
+    channels = {im.channel for im in final}
+    if p.bead_channel is None or p.bead_channel not in channels:
+        return np.full(len(targets_px), np.nan), {"channel": p.bead_channel, "beads_px": []}
+    mip, _, ref = max_projection(final, p.bead_channel)
+    px = ref.pixel_size_um
+    beads = detect_spots(mip, p.bead_sigma_um / px, p.bead_threshold_sigmas, 0.5 / px)
+    off = np.ones(len(beads), dtype=bool)
+    if p.cell_channel in channels:
+        cell, _ = cell_masks(max_projection(final, p.cell_channel)[0], px)
+        off = beads_off_cell(beads.xy_px, cell, p.bead_cell_margin_um / px)
+    outside = outside_hull_um(targets_px, beads.xy_px[off], px)
+    return outside, {"channel": p.bead_channel, "beads_px": beads.xy_px.tolist(),
+                     "off_cell": off.tolist()}
 
 
 def extract_targets(ctx: StepContext, p: TargetExtractionParams, pos: int,
-                    paths: Sequence[str]) -> StepResult:
-    """Targets of one position from its time points' files (the last one gives the targets)."""
-    last, last_um, ref, zmap = _spots_um(load_images(ctx, paths[-1]), p)
-    disp = np.zeros(len(last))
-    found = np.zeros(len(last), dtype=int)
-    earlier = paths[:-1][::-1]
-    if p.static_only and earlier:
-        pts = [_spots_um(load_images(ctx, path), p)[1] for path in earlier]
-        disp, found = link_static(last_um, pts, p.link_radius_um)
-    targets: list[Target] = []
+                    paths: Sequence[str], final: StepResult | None = None) -> StepResult:
+    """Targets of one position from its time points' files (the last one gives the targets)
+    and, if given, its final set's step result (see the module docstring)."""
+    last_images = load_images(ctx, paths[-1])
+    last = _spots(last_images, p)
+    _, zmap, ref = max_projection(last_images, p.channel)
+    to_stage = ref.pixel_to_stage
+    last_um = apply_affine(to_stage, last.xy_px).reshape(-1, 2)
+    earlier = list(paths[:-1][::-1])
+    still = (_static_filter(ctx, p, last_images, last_um, earlier)
+             if p.static_only and earlier else None)
+    placed = _final_frame(ctx, p, last_images, final)
+    final_px = last.xy_px + np.asarray(placed[1]["offset_px"]) if placed else None
+    outside, beads = (_beads_outside(placed[0], p, final_px) if placed and final_px is not None
+                      else (np.full(len(last), np.nan), {"channel": None, "beads_px": []}))
+    kept: list[Target] = []
     rejected: list[dict[str, Any]] = []
     for k in range(len(last)):
         x_px, y_px = (float(v) for v in last.xy_px[k])
-        reason = ""
-        if p.static_only and earlier:
-            if found[k] < p.min_track_fraction * len(earlier):
-                reason = f"tracked in {found[k]}/{len(earlier)} earlier time points"
-            elif disp[k] > p.static_threshold_um:
-                reason = f"moved {disp[k]:.2f} um > {p.static_threshold_um:g} um"
         z = zmap[round(y_px), round(x_px)]
         t = Target(id=f"p{pos}-t{k + 1:03d}", position=pos, x_um=float(last_um[k, 0]),
                    y_um=float(last_um[k, 1]), z_um=None if np.isnan(z) else float(z),
                    x_px=x_px, y_px=y_px, score=float(last.score[k]),
-                   displacement_um=float(disp[k]) if p.static_only and earlier else None)
-        if reason:
-            rejected.append({**t.as_json(), "reason": reason})
-        elif len(targets) < p.max_targets:
-            targets.append(t)
+                   displacement_um=None if still is None else float(still.displacement_um[k]),
+                   final_x_px=None if final_px is None else float(final_px[k, 0]),
+                   final_y_px=None if final_px is None else float(final_px[k, 1]),
+                   outside_beads_um=None if np.isnan(outside[k]) else float(outside[k]))
+        if still is not None and still.reasons[k]:
+            rejected.append({**t.as_json(), "reason": still.reasons[k]})
+        else:
+            kept.append(t)
+    kept.sort(key=lambda t: _rank(t, p.hull_margin_um))
+    for t in kept[p.max_targets:]:
+        rejected.append({**t.as_json(), "reason": f"beyond max_targets ({p.max_targets})"})
+    targets = kept[:p.max_targets]
     report = {"position": pos, "source": paths[-1], "time_points": list(paths),
-              "pixel_to_stage": [[float(v) for v in row] for row in ref.pixel_to_stage],
-              "stage_to_pixel": [[float(v) for v in row]
-                                 for row in invert_affine(ref.pixel_to_stage)],
+              "pixel_to_stage": [[float(v) for v in row] for row in to_stage],
+              "stage_to_pixel": [[float(v) for v in row] for row in invert_affine(to_stage)],
+              "frame": image_record(ref), "visits": [] if still is None else still.visits,
+              "final": None if placed is None else placed[1], "beads": beads,
               "targets": [t.as_json() for t in targets], "rejected": rejected}
     art = write_json(ctx, f"{p.prefix}/p{pos}.json", report, "lm_targets", position=pos)
     ctx.log.info("targets.extracted", position=pos, spots=len(last), targets=len(targets),
-                 rejected=len(rejected))
+                 rejected=len(rejected),
+                 offsets_px=[] if still is None else [v["offset_px"] for v in still.visits],
+                 final_offset_px=None if placed is None else placed[1]["offset_px"])
     return {**report, "artifacts": [art]}
+
+
+def _rank(t: Target, margin_um: float) -> tuple[int, float, float]:
+    """Inside the beads (within the margin, or unknown) first by score; then the rest by
+    how far outside they lie."""
+    out = t.outside_beads_um
+    if out is None or out <= margin_um:
+        return (0, -t.score, 0.0)
+    return (1, out, -t.score)

@@ -348,7 +348,8 @@ class TimeLapsePlan(Plan):
                     "channels": sorted({im.channel or "" for im in images}),
                     "z_um": sorted({float(im.z_um) for im in images if im.z_um is not None}),
                     "stage_um": list(images[0].stage_um),
-                    "pixel_to_stage": image_record(images[0])["pixel_to_stage"]}
+                    "pixel_to_stage": image_record(images[0])["pixel_to_stage"],
+                    "frame": image_record(images[0])}
         return action
 
     def _final_action(self, last: EventGroup) -> Any:
@@ -365,7 +366,8 @@ class TimeLapsePlan(Plan):
                     "channels": list(self.p.final_channels),
                     "z_um": sorted({float(im.z_um) for im in images if im.z_um is not None}),
                     "stage_um": list(images[0].stage_um),
-                    "pixel_to_stage": image_record(images[0])["pixel_to_stage"]}
+                    "pixel_to_stage": image_record(images[0])["pixel_to_stage"],
+                    "frame": image_record(images[0])}
         return action
 
     def _summary_action(self, groups: list[EventGroup], positions: list[int]) -> Any:

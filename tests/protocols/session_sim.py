@@ -88,7 +88,7 @@ class World:
     em: SimulatedElectronMicroscope
 
     def context(self, data_dir: Path, store: StepStore) -> StepContext:
-        probe = SimulatedTruthProbe(self.spec, self.em)
+        probe = SimulatedTruthProbe(self.spec, self.em, self.lm)
         return StepContext(clock=self.clock, data_dir=data_dir, store=store, lm=self.lm,
                            em=self.em, params={"truth_probe": probe})
 

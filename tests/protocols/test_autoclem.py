@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 from session_sim import World, params, specimen, world
 
-from daemon.sim_truth import nearest_virus, record_centre_true_um
+from daemon.sim_truth import match_target, record_centre_true_um
 from drivers.base import InvalidState
 from drivers.serialem.navigator import read as read_nav
 from protocols.autoclem import CHECKPOINT_KEY, REPORT_KEY, AutoCLEMPlan
@@ -130,12 +130,15 @@ def finished(base: Base, tmp_path_factory: pytest.TempPathFactory) -> Finished:
     return Finished(base.params, ctx, folder, [base.world.em], started)
 
 
-def _reached_nm(spec: Specimen, ems: list[SimulatedElectronMicroscope],
-                target: dict[str, Any], record: dict[str, Any]) -> tuple[float, Any]:
-    """Miss (nm) of the 0-degree record's centre from the target's virus, true positions."""
-    match = nearest_virus(spec, tuple(target["lm_stage_um"]))
-    assert match.distance_um < 3.0 and match.runner_up_um > 2 * match.distance_um, (
-        f"target {target['id']} matches no single virus: {match}")
+def _reached_nm(base: Base, ems: list[SimulatedElectronMicroscope], ctx: StepContext,
+                target_id: str, record: dict[str, Any]) -> tuple[float, Any]:
+    """Miss (nm) of the 0-degree record's centre from the target's virus, true positions
+    (the virus found through the LM simulator's true pose of the target's frame)."""
+    fixed = {t["id"]: t for t in ctx.result(CHECKPOINT_KEY)["targets"]}
+    match, how = match_target(base.spec, fixed[target_id], (base.world.lm,))
+    assert how == "frame"
+    assert match.distance_um < 0.5 and match.runner_up_um > 2 * match.distance_um, (
+        f"target {target_id} matches no single virus: {match}")
     for em in ems:      # the simulator that took the frame (before or after a restart)
         try:
             reached = record_centre_true_um(em, record)
@@ -180,7 +183,8 @@ def test_every_target_is_reached_within_150nm(base: Base, finished: Finished) ->
     assert len(collected) >= 2 and {t["id"] for t in collected} == {t["id"] for t in moved}
     misses = {}
     for t in moved:
-        miss, _ = _reached_nm(base.spec, finished.ems, t, _zero_record(finished.ctx, t["id"]))
+        miss, _ = _reached_nm(base, finished.ems, finished.ctx, t["id"],
+                              _zero_record(finished.ctx, t["id"]))
         misses[t["id"]] = round(miss)
     print(f"miss per target (nm): {misses}")
     assert max(misses.values()) < MAX_MISS_NM, misses
@@ -250,7 +254,7 @@ def test_killed_in_the_em_phase_and_restarted_repeats_no_tilt(base: Base,
                [e for e in second.em.dose.exposures if e.area == "R"])
     assert len(records[0]) == 1 and len(records[0]) + len(records[1]) == len(tilts)
     for t in collected:
-        miss, _ = _reached_nm(base.spec, [first.em, second.em], t,
+        miss, _ = _reached_nm(base, [first.em, second.em], ctx, t["id"],
                               _zero_record(ctx, t["id"]))
         assert miss < MAX_MISS_NM, (t["id"], miss)
     assert (folder / ctx.result(REPORT_KEY)["html"]).is_file()

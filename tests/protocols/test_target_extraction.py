@@ -7,8 +7,9 @@ from typing import Any
 
 import numpy as np
 import pytest
-from lm_sim import context, scope, small_grid, virus_site
+from lm_sim import context, scope, small_grid, true_affine, virus_site
 
+from drivers.clock import VirtualClock
 from drivers.imaging import apply_affine
 from protocols.plan import InvalidStep, StepContext, run_plan
 from protocols.target_extraction import (
@@ -117,3 +118,117 @@ def test_merge_client_edits() -> None:
         merge_targets(auto, [{"id": "a", "x": 0, "y": 0}, {"id": "a", "x": 1, "y": 1}], [])
     with pytest.raises(InvalidStep, match="not lm_stage"):
         merge_targets(auto, [{"id": "b", "x": 0, "y": 0, "frame": "em_stage"}], [])
+
+
+# -- two positions with the stage's error on: every visit lands elsewhere -------------------
+
+FIELD_100X = {"100x": {"pixel_size_um": 0.1}}
+
+
+def _virus_sites(spec: Specimen, n: int) -> list[tuple[float, float]]:
+    """LM stage positions of the middles of the first ``n`` squares with viruses."""
+    keys = np.array(spec.viruses.square_keys)
+    out = []
+    for key in list(dict.fromkeys(keys.tolist()))[:n]:
+        xy = spec.truth.grid_to_lm_stage(spec.viruses.at(0.0)[keys == key].mean(axis=0))
+        out.append((float(xy[0]), float(xy[1])))
+    return out
+
+
+@pytest.fixture(scope="module")
+def revisited(tmp_path_factory: pytest.TempPathFactory
+              ) -> Iterator[tuple[Specimen, SimulatedLightMicroscope, StepContext]]:
+    """Two positions, four time points 5 min apart and a final set with 405: the stage
+    leaves and returns at every time point, missing by ~1 um (repeatability + backlash)."""
+    spec = small_grid(seed=3)
+    # the session's 100x field: 1024 px of 0.1 um cover a square (beads around the cell)
+    lm = SimulatedLightMicroscope.with_small_camera(spec, VirtualClock(), shape=(1024, 1024),
+                                                    seed=1, objectives=FIELD_100X)
+    ctx = context(lm, tmp_path_factory.mktemp("revisited"))
+    positions = tuple(StagePositionUm(x_um=x, y_um=y, z_um=lm.focus_z_for((x, y),
+                                                                         objective="100x"))
+                      for x, y in _virus_sites(spec, 2))
+    assert len(positions) == 2
+    run_plan(TimeLapsePlan(TimeLapseParams(positions=positions, duration_s=900.0,
+                                           z_range_um=2.0)), ctx)
+    yield spec, lm, ctx
+    lm.close()
+
+
+def _true_static_px(spec: Specimen, lm: SimulatedLightMicroscope, ctx: StepContext,
+                    key: str) -> tuple[np.ndarray, np.ndarray]:
+    """Pixels (in the frame of step ``key``) of the viruses really in view, and their motion."""
+    frame = ctx.result(key)
+    a = true_affine(lm, frame["frame"])
+    truth = spec.truth.grid_to_lm_stage(spec.viruses.at(frame["first_frame_s"]))
+    pix = apply_affine(np.hstack([np.linalg.inv(a[:, :2]),
+                                  (-np.linalg.inv(a[:, :2]) @ a[:, 2])[:, None]]), truth)
+    inside = np.all((pix > 6) & (pix < 1017), axis=1)
+    return pix[inside], spec.viruses.motion[inside]
+
+
+@pytest.mark.parametrize("pos", [0, 1])
+def test_registered_visits_keep_static_viruses(revisited: Any, pos: int) -> None:
+    spec, lm, ctx = revisited
+    run_plan(TargetExtractionPlan(TargetExtractionParams()), ctx)
+    result = ctx.result(f"targets/p{pos}")
+    last_key = f"timelapse/p{pos}/t03"
+    assert result["source"] == ctx.result(last_key)["path"]
+    pix, motion = _true_static_px(spec, lm, ctx, last_key)
+    static = pix[motion == VirusMotion.STATIC]
+    assert len(static) >= 2
+    # the visits' offsets are the stage's true misses (to a tenth of a pixel)
+    last_true = true_affine(lm, ctx.result(last_key)["frame"])
+    for visit in result["visits"]:
+        assert visit["used"] and visit["score"] > 0.8
+        step = visit["time_point"].removesuffix(".ome.tif")
+        earlier = true_affine(lm, ctx.result(step)["frame"])
+        true_off = apply_affine(np.linalg.inv(np.vstack([last_true, [0, 0, 1]]))[:2],
+                                apply_affine(earlier, np.zeros(2)))
+        assert np.hypot(*(np.asarray(visit["offset_px"]) - true_off)) < 0.1, visit
+    misses = [np.hypot(*v["offset_px"]) for v in result["visits"]]
+    assert max(misses) > 5.0          # the stage really missed: > 0.3 um
+    # every static virus in view is a target, at its true place in the final set's pixels
+    final_true = true_affine(lm, result["final"]["frame"])
+    to_final = np.linalg.inv(np.vstack([final_true, [0, 0, 1]]))[:2]
+    for xy in static:
+        stage = apply_affine(last_true, xy)
+        want = apply_affine(to_final, stage)
+        best = min(result["targets"], key=lambda t: np.hypot(t["x_px"] - xy[0],
+                                                             t["y_px"] - xy[1]))
+        assert np.hypot(best["x_px"] - xy[0], best["y_px"] - xy[1]) < 1.0
+        got = np.array([best["final_x_px"], best["final_y_px"]])
+        assert np.hypot(*(got - want)) < 1.0, (got, want)
+        # what the registration added to the spot's own localisation error
+        moved = (got - [best["x_px"], best["y_px"]]) - (want - xy)
+        assert np.hypot(*moved) < 0.15, moved
+
+
+def test_without_registration_the_stage_miss_rejects_static_viruses(revisited: Any) -> None:
+    """The same data with the stage trusted: static viruses 'move' by the stage's miss."""
+    _, _, ctx = revisited
+    run_plan(TargetExtractionPlan(TargetExtractionParams(register_channel=None,
+                                                         prefix="unregistered")), ctx)
+    run_plan(TargetExtractionPlan(TargetExtractionParams(prefix="registered")), ctx)
+    kept = {p: [len(ctx.result(f"{prefix}/p{p}")["targets"]) for prefix in
+                ("unregistered", "registered")] for p in (0, 1)}
+    assert sum(k[0] for k in kept.values()) < sum(k[1] for k in kept.values()), kept
+    moved = [r for p in (0, 1) for r in ctx.result(f"unregistered/p{p}")["rejected"]]
+    assert any(r["reason"].startswith("moved") for r in moved)
+
+
+def test_targets_inside_the_beads_come_first(revisited: Any) -> None:
+    _, _, ctx = revisited
+    run_plan(TargetExtractionPlan(TargetExtractionParams(prefix="ranked")), ctx)
+    for p in (0, 1):
+        result = ctx.result(f"ranked/p{p}")
+        assert len(result["beads"]["beads_px"]) >= 3
+        outside = [t["outside_beads_um"] for t in result["targets"]]
+        inside = [o is not None and o <= 5.0 for o in outside]
+        assert inside == sorted(inside, reverse=True), outside   # inside first
+    capped = TargetExtractionParams(prefix="one", max_targets=1)
+    run_plan(TargetExtractionPlan(capped), ctx)
+    for p in (0, 1):
+        full, one = ctx.result(f"ranked/p{p}"), ctx.result(f"one/p{p}")
+        assert [t["id"] for t in one["targets"]] == [t["id"] for t in full["targets"][:1]]
+        assert any("max_targets" in r["reason"] for r in one["rejected"])
