@@ -15,7 +15,16 @@ measure:
   of a disc around the square centre covered by cell, and by *thin* cell (the periphery,
   below half the brightest level);
 - film: whether the R2/2 hole lattice shows in the in-focus DIC plane (a peak in the
-  radial power spectrum at the hole pitch); a torn film has no holes.
+  radial power spectrum at the hole pitch); a torn film has no holes;
+- metal: the opaque fraction of a disc of ``metal_radius_um`` around the centre in the
+  in-focus DIC plane (the finder grid's centre mark, debris; the finder codes on the bars
+  lie outside it). Metal blocks the beam at tilt and hides beads and targets;
+- beads around the cell: beads under a cell are seen here but hidden in the EM map by the
+  cell's mass, so what a bead correlation can use is the beads off the cell
+  (``beads_off_cell``); targets are viruses on and beside the cell, and a correlation
+  interpolates only inside the hull of its beads, so ``periphery_in_beads`` is the fraction
+  of the thin periphery near the centre (within ``metal_radius_um``) that lies inside the
+  hull of the beads off the cell (within ``hull_margin_um``).
 """
 
 from __future__ import annotations
@@ -30,7 +39,13 @@ from pydantic import BaseModel, ConfigDict, Field
 from scipy import ndimage
 
 from drivers.base import Image, LightMicroscope
-from protocols.lm_features import cell_masks, detect_spots, max_projection
+from protocols.lm_features import (
+    beads_off_cell,
+    cell_masks,
+    detect_spots,
+    max_projection,
+    outside_hull_um,
+)
 from protocols.lm_focus import focus_scan
 from protocols.lm_io import image_record, save_images
 from protocols.plan import StepContext, StepResult
@@ -59,6 +74,9 @@ class InspectionParams(BaseModel):
     centre_radius_um: float = Field(12.0, gt=0)
     hole_pitch_um: float = Field(4.0, gt=0)
     film_min_ratio: float = Field(4.0, gt=1)
+    metal_radius_um: float = Field(35.0, gt=0)
+    bead_cell_margin_um: float = Field(1.0, ge=0)
+    hull_margin_um: float = Field(5.0, ge=0)
 
 
 @dataclass(frozen=True)
@@ -72,6 +90,9 @@ class InspectionScores:
     film_ratio: float
     film_ok: bool
     focus_z_um: float
+    metal_fraction: float = 0.0
+    beads_off_cell: int = 0
+    periphery_in_beads: float = 0.0
 
     def as_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -98,7 +119,8 @@ def film_lattice_ratio(dic: FloatArray, pixel_um: float, hole_pitch_um: float) -
 
 def score_inspection(images: Sequence[Image], p: InspectionParams, centre_px: tuple[float, float],
                      focus_z_um: float) -> InspectionScores:
-    """Beads, cells and film from one square's planes (see the module docstring)."""
+    """Beads, cells, film, metal and beads around the cell from one square's planes (see
+    the module docstring)."""
     beads_mip, _, ref = max_projection(images, p.bead_channel)
     px = ref.pixel_size_um
     spots = detect_spots(beads_mip, p.bead_sigma_um / px, p.bead_threshold_sigmas,
@@ -111,16 +133,45 @@ def score_inspection(images: Sequence[Image], p: InspectionParams, centre_px: tu
     n_cells = int(np.sum(np.asarray(sizes) >= min_area_px))
     h, w = cell.shape
     yy, xx = np.mgrid[0:h, 0:w]
-    disc = np.hypot(xx - centre_px[0], yy - centre_px[1]) <= p.centre_radius_um / px
+    r_um = np.hypot(xx - centre_px[0], yy - centre_px[1]) * px
+    disc = r_um <= p.centre_radius_um
     disc_n = max(int(disc.sum()), 1)
     dic = [im for im in images if im.channel == p.dic_channel]
     best = min(dic, key=lambda im: abs((im.z_um or 0.0) - focus_z_um))
-    ratio = film_lattice_ratio(np.asarray(best.data, float), px, p.hole_pitch_um)
+    dic_plane = np.asarray(best.data, float)
+    ratio = film_lattice_ratio(dic_plane, px, p.hole_pitch_um)
+    near = r_um <= p.metal_radius_um
+    off = beads_off_cell(spots.xy_px, cell, p.bead_cell_margin_um / px)
     return InspectionScores(beads=len(spots), cells=n_cells,
                             centre_cell_fraction=float((cell & disc).sum() / disc_n),
                             centre_periphery_fraction=float((thin & disc).sum() / disc_n),
                             film_ratio=ratio, film_ok=ratio >= p.film_min_ratio,
-                            focus_z_um=focus_z_um)
+                            focus_z_um=focus_z_um,
+                            metal_fraction=_metal_fraction(dic_plane, near, px),
+                            beads_off_cell=int(off.sum()),
+                            periphery_in_beads=_periphery_in_beads(
+                                thin & near, spots.xy_px[off], px, p.hull_margin_um))
+
+
+def _metal_fraction(dic: FloatArray, region: NDArray[np.bool_], pixel_um: float) -> float:
+    """Opaque fraction of ``region``: below 30% of the region's median (metal transmits
+    ~2%; film and cells > 90%), after smoothing DIC's shading at cell edges."""
+    if not region.any():
+        return 0.0
+    sm = ndimage.gaussian_filter(dic, max(1.0, 0.5 / pixel_um))
+    level = 0.3 * float(np.median(sm[region]))
+    return float((sm[region] < level).mean())
+
+
+def _periphery_in_beads(periphery: NDArray[np.bool_], beads_px: FloatArray, pixel_um: float,
+                        margin_um: float) -> float:
+    """Fraction of the periphery pixels (sampled every ~1 um) inside the beads' hull."""
+    step = max(1, round(1.0 / pixel_um))
+    rc = np.argwhere(periphery[::step, ::step]) * step
+    if len(rc) == 0:
+        return 0.0
+    out = outside_hull_um(rc[:, ::-1].astype(float), beads_px, pixel_um)
+    return float(np.mean(out <= margin_um))
 
 
 def inspect_square(ctx: StepContext, lm: LightMicroscope, p: InspectionParams, key: str,

@@ -2,8 +2,12 @@
 
 AutoCLEM step 2 (docs/clem-workflow.md): a good square has intact film, one or two
 well-spread cells whose thin periphery lies near the square centre, and at least 4-5 beads
-around it. The atlas (20x transmitted light) shows the first two roughly; beads and the
-periphery need 100x (protocols/lm_inspection.py). So the plan is:
+around it. "Around" matters: beads under the cell are hidden in the EM map, and the bead
+correlation is only trusted inside the hull of the beads it matched, so the beads off the
+cell must surround the periphery where the viruses are. The atlas (20x transmitted light)
+shows the film and roughly where cells are; beads, metal in the opening and the periphery
+need 100x (protocols/lm_inspection.py). Thick ice forms at plunge-freezing, after the
+choice, and no light image before it can show it: it is not a criterion here. The plan:
 
 1. ``squares/find``: the bar lattice from the atlas: open (bright) regions of the
    transmitted-light atlas, their centroids in stage um through the atlas affine, the
@@ -61,6 +65,7 @@ class SquareSelectionParams(BaseModel):
     select: int = Field(2, ge=1, le=100)
     min_beads: int = Field(4, ge=0)
     max_cells: int = Field(2, ge=1)
+    min_periphery_in_beads: float = Field(0.6, ge=0, le=1)
     fill_below_criteria: bool = False
     override: tuple[str, ...] | None = None
     exclude: tuple[str, ...] = ()
@@ -232,9 +237,12 @@ def rank_squares(sites: list[SquareSite], inspected: dict[str, dict[str, Any]],
     """All squares, best first, each with its score and the reasons for it.
 
     Inspected squares are ranked above the rest by their 100x evidence: intact film (the
-    hole lattice), 1..``max_cells`` cells, beads (full marks from ``min_beads``), and the
-    periphery covering the centre; squares meeting all three criteria rank first (score
-    >= 2), usable ones below them (>= 1); the others keep their atlas pre-score (< 1).
+    hole lattice), no metal in the opening, 1..``max_cells`` cells, beads off the cell (full
+    marks from ``min_beads``: beads under a cell are hidden in the EM map), the thin
+    periphery near the centre, and how much of it the beads' hull covers (targets outside
+    it are extrapolated and skipped). Squares meeting every criterion rank first (score
+    >= 2), usable ones below them (>= 1); a square the atlas already refused (rim, torn,
+    metal) or with metal at 100x scores 0; the others keep their atlas pre-score (< 1).
     """
     rows = []
     for s in sites:
@@ -245,25 +253,8 @@ def rank_squares(sites: list[SquareSite], inspected: dict[str, dict[str, Any]],
         score = 0.0
         if sc is not None:
             row["inspected"], row["inspection"] = True, sc
-            reasons = []
-            film = 1.0 if sc["film_ok"] else 0.0
-            if not sc["film_ok"]:
-                reasons.append(f"no hole lattice at 100x (ratio {sc['film_ratio']:.1f}): "
-                               "broken film")
-            n = int(sc["cells"])
-            cells = 1.0 if 1 <= n <= p.max_cells else (0.3 if n > p.max_cells else 0.0)
-            reasons.append(f"{n} cell(s)" + ("" if cells == 1.0 else
-                                            f" (want 1-{p.max_cells})"))
-            beads = min(1.0, sc["beads"] / max(p.min_beads, 1)) if p.min_beads else 1.0
-            reasons.append(f"{sc['beads']} bead(s)" + ("" if beads >= 1.0 else
-                                                        f" (want >= {p.min_beads})"))
-            periphery = float(sc["centre_periphery_fraction"])
-            reasons.append(f"thin periphery covers {periphery:.0%} of the centre")
-            quality = film * cells * beads * (0.25 + 0.75 * min(1.0, 2 * periphery))
-            meets = film == 1.0 and cells == 1.0 and beads >= 1.0
+            score, reasons, meets = _inspected_score(sc, pre, reasons, p)
             row["meets_criteria"] = meets
-            # meeting every criterion ranks first, then usable inspected squares, then the rest
-            score = (2.0 if meets else 1.0) + quality if quality > 0 else 0.0
         else:
             score = 0.0 if pre == 0 else min(0.99, 0.1 * pre)
         row.setdefault("meets_criteria", False)
@@ -271,6 +262,40 @@ def rank_squares(sites: list[SquareSite], inspected: dict[str, dict[str, Any]],
         rows.append(row)
     rows.sort(key=lambda r: (-r["score"], r["key"]))
     return rows
+
+
+def _inspected_score(sc: dict[str, Any], pre: float, atlas_reasons: list[str],
+                     p: SquareSelectionParams) -> tuple[float, list[str], bool]:
+    """Score, reasons and whether every criterion is met, from one 100x inspection."""
+    reasons = list(atlas_reasons) if pre == 0 else []
+    usable = pre > 0
+    film = 1.0 if sc["film_ok"] else 0.0
+    if not sc["film_ok"]:
+        reasons.append(f"no hole lattice at 100x (ratio {sc['film_ratio']:.1f}): broken film")
+    metal = float(sc.get("metal_fraction", 0.0))
+    if metal > p.max_interior_metal:
+        usable = False
+        reasons.append(f"metal in the opening at 100x ({metal:.0%}: centre mark or debris)")
+    n = int(sc["cells"])
+    cells = 1.0 if 1 <= n <= p.max_cells else (0.3 if n > p.max_cells else 0.0)
+    reasons.append(f"{n} cell(s)" + ("" if cells == 1.0 else f" (want 1-{p.max_cells})"))
+    off = int(sc.get("beads_off_cell", sc["beads"]))
+    beads = min(1.0, off / max(p.min_beads, 1)) if p.min_beads else 1.0
+    reasons.append(f"{off} bead(s) off the cell of {sc['beads']}"
+                   + ("" if beads >= 1.0 else f" (want >= {p.min_beads})"))
+    periphery = float(sc["centre_periphery_fraction"])
+    reasons.append(f"thin periphery covers {periphery:.0%} of the centre")
+    around = float(sc.get("periphery_in_beads", 1.0))
+    reasons.append(f"{around:.0%} of the periphery inside the beads"
+                   + ("" if around >= p.min_periphery_in_beads
+                      else f" (want >= {p.min_periphery_in_beads:.0%})"))
+    quality = (film * cells * beads * (0.25 + 0.75 * min(1.0, 2 * periphery))
+               * (0.25 + 0.75 * around)) if usable else 0.0
+    meets = (usable and film == 1.0 and cells == 1.0 and beads >= 1.0
+             and around >= p.min_periphery_in_beads)
+    # meeting every criterion ranks first, then usable inspected squares, then the rest
+    score = (2.0 if meets else 1.0) + quality if quality > 0 else 0.0
+    return score, reasons, meets
 
 
 class SquareSelectionPlan(Plan):

@@ -7,18 +7,25 @@ from typing import Any
 
 import numpy as np
 import pytest
-from lm_sim import context, grid_centre, scope, small_grid
+from lm_sim import context, grid_centre, small_grid
 
+from drivers.clock import VirtualClock
 from protocols.lm_atlas import LMAtlasParams, LMAtlasPlan
 from protocols.lm_inspection import InspectionParams
 from protocols.plan import InvalidStep, StepContext, run_plan
-from protocols.square_selection import SquareSelectionParams, SquareSelectionPlan
+from protocols.square_selection import (
+    SquareSelectionParams,
+    SquareSelectionPlan,
+    SquareSite,
+    rank_squares,
+)
 from simulators.light import SimulatedLightMicroscope
 from simulators.specimen import Specimen, Square, SquareState
 
 INSPECTION = InspectionParams(focus_range_um=8.0)
-#: the test camera's 100x field (50 um) sees about a third of a 90 um square's beads
-MIN_BEADS = 2
+#: the session's 100x field: 1024 px of 0.1 um cover a 90 um square and the beads around it
+FIELD = {"shape": (1024, 1024), "objectives": {"100x": {"pixel_size_um": 0.1}}}
+MIN_BEADS = 4
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +33,7 @@ def selected(tmp_path_factory: pytest.TempPathFactory
              ) -> Iterator[tuple[Specimen, SimulatedLightMicroscope, StepContext]]:
     """Seed 5: two whole squares with torn film, cells in three whole squares."""
     spec = small_grid(seed=5, broken_fraction=0.2)
-    lm = scope(spec, (768, 768), seed=4)
+    lm = SimulatedLightMicroscope.with_small_camera(spec, VirtualClock(), seed=4, **FIELD)
     ctx = context(lm, tmp_path_factory.mktemp("squares"))
     centre = grid_centre(spec)
     run_plan(LMAtlasPlan(LMAtlasParams(centre_um=centre, diameter_um=700.0, focus_points=3,
@@ -80,8 +87,10 @@ def test_selection_picks_squares_with_cells_and_beads(selected: Any) -> None:
         sq, _ = _truth_square(spec, s["centre_um"])
         assert sq.state == SquareState.OK and not sq.partial and sq.cell_ids
         insp = ctx.result(f"lm-inspect/{s['key']}")["scores"]
-        assert insp["film_ok"] and insp["beads"] >= MIN_BEADS and 1 <= insp["cells"] <= 2
-        assert any("bead" in r for r in s["reasons"])
+        assert insp["film_ok"] and insp["beads_off_cell"] >= MIN_BEADS
+        assert 1 <= insp["cells"] <= 2 and insp["metal_fraction"] < 0.05
+        assert insp["periphery_in_beads"] >= 0.6
+        assert any("off the cell" in r for r in s["reasons"])
     ranked = sel["ranking"]
     assert [r["score"] for r in ranked] == sorted((r["score"] for r in ranked), reverse=True)
 
@@ -101,3 +110,55 @@ def test_operator_override_replaces_the_choice(selected: Any) -> None:
     bad = params.model_copy(update={"override": ("sq+9+9",), "prefix": "squares-bad"})
     with pytest.raises(InvalidStep, match="sq\\+9\\+9"):
         run_plan(SquareSelectionPlan(bad), ctx)
+
+
+def test_centre_mark_shows_as_metal_at_100x(selected: Any) -> None:
+    """Even when an operator asks for it, the centre-mark square is measured as metal and
+    never ranks as usable."""
+    spec, _, ctx = selected
+    found = ctx.result("squares/find")
+    centre_key = next(s["key"] for s in found["squares"]
+                      if _truth_square(spec, s["centre_um"])[0].i == 0
+                      and _truth_square(spec, s["centre_um"])[0].j == 0)
+    params = SquareSelectionParams(centre_um=grid_centre(spec), inspect=0,
+                                   override=(centre_key,), prefix="squares-f",
+                                   inspect_prefix="lm-inspect-f", inspection=INSPECTION)
+    run_plan(SquareSelectionPlan(params), ctx)
+    scores = ctx.result(f"lm-inspect-f/{centre_key}")["scores"]
+    assert scores["metal_fraction"] > 0.1
+    row = next(r for r in ctx.result("squares-f/select")["ranking"] if r["key"] == centre_key)
+    assert row["score"] == 0.0 and any("metal" in r for r in row["reasons"])
+
+
+def _scores(**changes: Any) -> dict[str, Any]:
+    base = {"beads": 8, "beads_off_cell": 8, "cells": 1, "centre_cell_fraction": 0.6,
+            "centre_periphery_fraction": 0.5, "film_ratio": 50.0, "film_ok": True,
+            "focus_z_um": 0.0, "metal_fraction": 0.0, "periphery_in_beads": 0.9}
+    return {**base, **changes}
+
+
+@pytest.mark.parametrize(("changes", "meets", "usable"), [
+    ({}, True, True),
+    ({"periphery_in_beads": 0.3}, False, True),          # beads all on one side of the cell
+    ({"beads_off_cell": 2}, False, True),                # most beads under the cell
+    ({"metal_fraction": 0.2}, False, False),             # the centre mark
+    ({"film_ok": False, "film_ratio": 1.2}, False, False),
+    ({"cells": 0}, False, False),
+], ids=["good", "beads-one-side", "beads-under-cell", "metal", "torn", "no-cell"])
+def test_ranking_wants_beads_around_the_cell(changes: dict[str, Any], meets: bool,
+                                             usable: bool) -> None:
+    site = SquareSite("sq+1+1", 1, 1, (0.0, 0.0), 1.0, partial=False)
+    good = SquareSite("sq+2+1", 2, 1, (125.0, 0.0), 1.0, partial=False)
+    p = SquareSelectionParams()
+    rows = {r["key"]: r for r in rank_squares([site, good], {"sq+1+1": _scores(**changes),
+                                                             "sq+2+1": _scores()}, p)}
+    row = rows["sq+1+1"]
+    assert row["meets_criteria"] == meets and (row["score"] > 0) == usable, row["reasons"]
+    assert rows["sq+2+1"]["score"] >= row["score"]
+
+
+def test_an_inspected_square_the_atlas_refused_stays_refused() -> None:
+    rim = SquareSite("sq+5+0", 5, 0, (0.0, 0.0), 0.6, partial=True)
+    row = rank_squares([rim], {"sq+5+0": _scores()}, SquareSelectionParams())[0]
+    assert row["score"] == 0.0 and not row["meets_criteria"]
+    assert any("rim" in r for r in row["reasons"])
