@@ -135,6 +135,9 @@ class RunnerConfig(Model):
     step_retries: int = Field(default=2, ge=0, le=10)
     retry_backoff_s: float = Field(default=5.0, ge=0, le=3600)
     shutdown_timeout_s: float = Field(default=30.0, gt=0, le=3600)
+    #: Confirm operator checkpoints ("freeze and load") as soon as a session reaches them.
+    #: Only with simulated instruments (nothing to freeze or load): refused otherwise.
+    auto_confirm_checkpoints: bool = False
 
 
 class SimulatedInstrument(Model):
@@ -226,10 +229,28 @@ def config_from_mapping(data: dict[str, Any], base_dir: Path | None = None) -> S
         message = "; ".join(f"{_field_name(p['loc'])}: "
                             f"{str(p['msg']).removeprefix('Value error, ')}" for p in problems)
         raise ConfigError(where, message) from err
+    _check_auto_confirm(cfg)
     from daemon.instruments import check_settings  # the driver models live with the drivers
 
     check_settings(cfg)
     return cfg
+
+
+def _check_auto_confirm(cfg: ServiceConfig) -> None:
+    """A checkpoint stands for real work at the bench (plunge-freezing, loading the EM): the
+    service may confirm it by itself only when both instruments are simulators."""
+    if not cfg.runner.auto_confirm_checkpoints:
+        return
+    kinds = {"lm": None if cfg.lm is None else cfg.lm.kind,
+             "em": None if cfg.em is None else cfg.em.kind}
+    real = {k: v for k, v in kinds.items() if v != "simulated"}
+    if real:
+        raise ConfigError("runner.auto_confirm_checkpoints",
+                          "true needs both instruments simulated (an operator must freeze "
+                          "and load a real grid); got " + ", ".join(
+                              f"{k}.kind = {v!r}" if v else f"no [{k}]" for k, v in
+                              real.items()) + "; set it to false and confirm with "
+                          "`clemctl confirm`")
 
 
 def load_config(path: Path) -> ServiceConfig:

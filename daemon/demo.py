@@ -2,11 +2,12 @@
 
 What a facility sees first: the service starts (a separate process, simulated instruments,
 loopback only, a temporary data folder), a client creates an ``autoclem`` session of two
-squares and a few targets per square over the ZMQ API, follows it with live progress bars,
-confirms the "freeze and load" checkpoint as the operator would (the instruments are
-simulated, so there is nothing to freeze), waits for the end, prints where the report is and
-what it says, and stops the service. Exit 0 when the session completed with at least one
-tilt series, 1 otherwise.
+squares and a few targets per square over the ZMQ API, follows it with live progress bars
+and waits for the end, prints where the report is and what it says, and stops the service.
+The "freeze and load" checkpoint is confirmed by the service's config
+(``runner.auto_confirm_checkpoints``: the instruments are simulated, there is nothing to
+freeze); the demo only reports it. Exit 0 when the session completed with at least one tilt
+series, 1 otherwise.
 
 The simulated instruments keep their real fields of view with small cameras (as the CI
 session test, tests/protocols/session_sim.py): a 5x atlas objective, a 100x field binned to
@@ -85,7 +86,7 @@ def demo_config(data_dir: Path, seed: int) -> tuple[str, str, str]:
         "schema_version = 1", f"data_dir = {_toml(str(data_dir))}", 'log_level = "info"', "",
         "[api]", f"bind = {_toml(bind)}", f"events = {_toml(events)}", "",
         "[runner]", 'on_restart = "resume"', "watchdog_s = 600", "step_retries = 2",
-        "retry_backoff_s = 1", "",
+        "retry_backoff_s = 1", "auto_confirm_checkpoints = true", "",
         "[simulation]", f"seed = {seed}", f"specimen = {_toml(SPECIMEN)}", "",
         "[lm]", 'kind = "simulated"', f"settings = {_toml(LM_SETTINGS)}", "",
         "[em]", 'kind = "simulated"',
@@ -162,12 +163,8 @@ def _session(console: Console, client: ClemdClient, squares: int, targets_per_sq
     while True:
         watch(client, sid, console, timeout_s=max(1.0, deadline - time.monotonic()))
         info = client.session(sid)["session"]
-        if info["state"] == "waiting_operator":
-            console.print(f"[cyan]operator checkpoint[/cyan] {info['waiting_key']}: the "
-                          "instruments are simulated, confirming it now")
-            client.call("sessions.confirm", {"session_id": sid, "key": info["waiting_key"]})
-            continue
-        if info["state"] in ("completed", "failed", "aborted") or time.monotonic() > deadline:
+        if info["state"] in ("completed", "failed", "aborted", "paused") \
+                or time.monotonic() > deadline:
             break
     return _summary(console, info)
 

@@ -205,6 +205,10 @@ class SessionRunner:
         """At start: sessions that were executing are interrupted, then resumed or held."""
         resumed = []
         with self._lock:
+            if self.cfg.auto_confirm_checkpoints:     # left waiting by a service without it
+                for row in self.journal.sessions([S.WAITING_OPERATOR.value]):
+                    if row.waiting_key is not None:
+                        self._confirm_by_config(row.id, row.waiting_key)
             for row in self.journal.sessions([s.value for s in EXECUTING]):
                 if row.state == S.ABORTING.value:
                     self._transition(row.id, S.ABORTED, Reason.SERVICE_RESTART,
@@ -405,6 +409,9 @@ class SessionRunner:
             target = S.PAUSED if state == S.PAUSING else S.WAITING_OPERATOR
             self._transition(sid, target, Reason.CHECKPOINT, message=outcome.message,
                              waiting_key=outcome.key)
+            if (target == S.WAITING_OPERATOR and self.cfg.auto_confirm_checkpoints
+                    and outcome.key is not None and not self._stopping):
+                self._confirm_by_config(sid, outcome.key)
         elif kind == OutcomeKind.INVALID:
             self._transition(sid, S.FAILED, Reason.PLAN_INVALID, message=outcome.message,
                              error=outcome.error)
@@ -414,6 +421,20 @@ class SessionRunner:
                              error=outcome.error)
             self.bus.emit(EventKind.WARNING, sid, {"message": outcome.message,
                                                    "error": outcome.error})
+
+    def _confirm_by_config(self, sid: str, key: str) -> None:
+        """``runner.auto_confirm_checkpoints`` (simulated instruments only, see
+        daemon/config.py): the checkpoint is journaled as confirmed by "config", the same
+        confirmation an operator's ``sessions.confirm`` records (caller holds the lock)."""
+        message = f"{key} confirmed by config (runner.auto_confirm_checkpoints)"
+        with self.bus.transaction() as tx:
+            tx.confirm(sid, key)
+            tx.add_event(topic(EventKind.WARNING, sid), sid,
+                         {"message": message, "checkpoint": key, "confirmed_by": "config"})
+            self._transition(sid, S.RUNNING, Reason.CONFIRMED, message=message,
+                             waiting_key=None)
+        log.info("session.auto_confirmed", session=sid, key=key)
+        self._spawn(sid)
 
     def _abort_instruments(self, sid: str) -> None:
         for worker in self.workers.values():

@@ -123,3 +123,27 @@ def test_deploy_examples_are_valid() -> None:
     assert {c.role.value for c in facility.security.clients} == {"operator", "observer"}
     with pytest.raises(ConfigError, match="security.server_secret_key_file"):
         load_keys(facility.security)          # the key files exist only at the facility
+
+
+AUTO = {"runner": {"auto_confirm_checkpoints": True}}
+
+
+@pytest.mark.parametrize("instruments", [
+    {"lm": {"kind": "micromanager", "settings": {}}, "em": {"kind": "simulated"}},
+    {"lm": {"kind": "simulated"}, "em": {"kind": "serialem", "settings": {}}},
+    {"lm": {"kind": "simulated"}},
+], ids=["real-lm", "real-em", "no-em"])
+def test_auto_confirm_needs_both_instruments_simulated(tmp_path: Path,
+                                                       instruments: dict[str, object]) -> None:
+    with pytest.raises(ConfigError) as info:
+        config_from_mapping({"data_dir": str(tmp_path), **AUTO, **instruments})
+    assert info.value.field == "runner.auto_confirm_checkpoints"
+    assert "simulated" in str(info.value) and "clemctl confirm" in str(info.value)
+
+
+def test_auto_confirm_with_simulators_is_accepted(tmp_path: Path) -> None:
+    cfg = config_from_mapping({"data_dir": str(tmp_path), **AUTO, "lm": {"kind": "simulated"},
+                               "em": {"kind": "simulated"}})
+    assert cfg.runner.auto_confirm_checkpoints and cfg.simulated
+    plain = config_from_mapping({"data_dir": str(tmp_path), "lm": {"kind": "simulated"}})
+    assert not plain.runner.auto_confirm_checkpoints        # off by default
