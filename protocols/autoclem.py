@@ -121,6 +121,57 @@ class AutoCLEMPlan(Plan):
                 raise LimitViolation(f"low-dose area {area.name} is not configured "
                                      "(em.low_dose)")
 
+    def total_steps(self, ctx: StepContext) -> int | None:
+        """An estimate for progress bars, exact for what is decided: each sub-plan's own count,
+        with the squares inspected, chosen and mapped and the targets transferred taken from
+        committed results once they exist and from the params before (``n_squares`` squares,
+        ``max_targets_per_square`` each; a target whose realign was skipped counts only the
+        steps it ran). The service asks again whenever it starts the plan (after the
+        checkpoint, after a restart), so the total sharpens as the session goes."""
+        p = self.p
+        store = ctx.store
+        sel = p.selection()
+        n = _count(LMAtlasPlan(p.lm_atlas), ctx)
+        found = store.get(f"{sel.prefix}/find")
+        inspected = (len([k for k in found["candidates"] if k not in sel.exclude][:sel.inspect])
+                     if found is not None else sel.inspect)
+        n += 2 + max(inspected, len(sel.override or ()))
+        chosen = store.get(f"{sel.prefix}/select")
+        squares = len(chosen["selected"]) if chosen is not None else p.n_squares
+        dummy = tuple(StagePositionUm(name=f"p{k}", x_um=0.0, y_um=0.0,
+                                      z_um=None if p.live.refocus else 0.0)
+                      for k in range(max(squares, 1)))
+        n += _count(TimeLapsePlan(p.live.to_params(dummy)), ctx) + squares + 1
+        n += _count(EMAtlasPlan(p.em_atlas), ctx) + 1
+        atlas = store.get(ATLAS_CORRELATION_KEY)
+        mapped = (sum(sq["status"] == "ok" for sq in atlas["squares"]) if atlas is not None
+                  else squares)
+        one = SquareSpec(id="estimate", x_um=0.0, y_um=0.0)
+        n += mapped * (_count(SquareMapPlan(p.square_maps.to_params(one)), ctx) + 1) + 1
+        per_target = _count(TiltSeriesPlan(p.tilts((TargetSpec(id="estimate", x_um=0.0,
+                                                                y_um=0.0),))), ctx)
+        n += self._target_steps(ctx, squares, per_target) + 2
+        return n
+
+    def _target_steps(self, ctx: StepContext, squares: int, per_target: int) -> int:
+        """Tilt-series steps: per transferred target, or the most there can be before."""
+        transfer = ctx.store.get(TRANSFER_KEY)
+        if transfer is None:
+            fixed = ctx.store.get(CHECKPOINT_KEY)
+            count = (len(fixed["targets"]) if fixed is not None
+                     else squares * self.p.max_targets_per_square)
+            return count * per_target
+        total = 0
+        for t in transfer["targets"]:
+            if t["status"] != "transferred":
+                continue
+            done = [k for k in ("eucentric", "realign")
+                    if ctx.store.get(f"target-{t['id']}/{k}") is not None]
+            stopped = any(ctx.result(f"target-{t['id']}/{k}").get("status") == "skipped"
+                          for k in done)
+            total += len(done) if stopped else per_target
+        return total
+
     # -- steps -------------------------------------------------------------------------------
 
     def steps(self, ctx: StepContext) -> Iterator[Step]:
@@ -204,6 +255,11 @@ class AutoCLEMPlan(Plan):
                     return
             else:
                 yield dataclasses.replace(step, action=_stamped(step.action))
+
+
+def _count(plan: Plan, ctx: StepContext) -> int:
+    """A sub-plan's step count; plans that cannot tell count as none."""
+    return plan.total_steps(ctx) or 0
 
 
 def _square_action(p: AutoCLEMParams, square: dict[str, Any]
