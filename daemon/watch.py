@@ -20,7 +20,20 @@ END = {"completed": 0, "aborted": 1, "failed": 1, "paused": 3, "waiting_operator
 
 
 def _eta(eta_s: float | None) -> str:
-    return "" if eta_s is None else f"ETA {eta_s:,.0f} s"
+    """Time left at the pace so far (on simulated instruments: modelled instrument time)."""
+    if eta_s is None:
+        return ""
+    minutes, seconds = divmod(round(eta_s), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"ETA {hours}:{minutes:02d}:{seconds:02d}" if hours else \
+        f"ETA {minutes}:{seconds:02d}"
+
+
+def _size(n: int) -> str:
+    for unit, factor in (("GB", 1 << 30), ("MB", 1 << 20), ("kB", 1 << 10)):
+        if n >= factor:
+            return f"{n / factor:.1f} {unit}"
+    return f"{n} B"
 
 
 def watch(client: ClemdClient, session_id: str, out: Console,
@@ -55,7 +68,8 @@ def watch(client: ClemdClient, session_id: str, out: Console,
                     bar.update(task, total=p["total"], completed=p["done"], eta=_eta(p["eta_s"]),
                                description=f"{info['id']} {p['title'] or p['key']}")
                 elif ev["kind"] == "image":
-                    bar.console.print(f"  image {p['path']} ({p['kind']}, {p['size_bytes']} B)")
+                    bar.console.print(f"  image {p['path']} ({p['kind']}, "
+                                      f"{_size(p['size_bytes'])})")
                 elif ev["kind"] == "warning":
                     bar.console.print(f"  [yellow]warning[/yellow] {p['message']}")
         state = info["state"]

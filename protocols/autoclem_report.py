@@ -17,7 +17,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
+import cv2
 import numpy as np
+from numpy.typing import NDArray
 
 from protocols.autoclem_correlate import CHECKPOINT as CHECKPOINT_KEY
 from protocols.autoclem_correlate import bead_image
@@ -25,13 +27,16 @@ from protocols.autoclem_params import AutoCLEMParams
 from protocols.em_atlas import ATLAS_KEY
 from protocols.em_montage import map_image
 from protocols.lm_atlas import load_atlas
-from protocols.lm_io import artifact, write_json
+from protocols.lm_features import cell_masks, max_projection
+from protocols.lm_io import artifact, load_images, write_json
 from protocols.plan import StepContext, StepResult
 from protocols.report import (
     CYAN,
     GREEN,
+    GREY,
     MAGENTA,
     RED,
+    WHITE,
     YELLOW,
     Figure,
     Link,
@@ -40,9 +45,12 @@ from protocols.report import (
     StageTiming,
     TargetRow,
     draw,
+    font_scale,
+    legend,
     save_png,
     side_by_side,
     to_display,
+    with_insets,
     write_report,
 )
 from protocols.square_map import map_key
@@ -55,6 +63,7 @@ __all__ = ["AUTOCLEM_ATLAS_S", "AUTOCLEM_SQUARE_S", "TruthProbe", "stage_of",
 AUTOCLEM_ATLAS_S = 600.0
 AUTOCLEM_SQUARE_S = 600.0
 REPORT_DIR = "report"
+INSET_PX = 560      # close-ups of the chosen squares: two fit the page's width
 
 
 class TruthProbe(Protocol):
@@ -165,52 +174,107 @@ def target_rows(ctx: StepContext, keys: Sequence[str]) -> list[dict[str, Any]]:
 
 
 def _marker_radius(size_um: float, pixel_um: float, scale: float) -> int:
-    return max(4, round(size_um / pixel_um * scale / 2))
+    return max(6, round(size_um / pixel_um * scale / 2))
+
+
+def _close_up(image: NDArray[np.generic], pixel_um: float, centre_px: Sequence[float],
+              half_um: float, text: str, box_um: float) -> NDArray[np.uint8]:
+    """A square's neighbourhood from a full-resolution atlas, marked and labelled."""
+    half = max(4, round(half_um / pixel_um))
+    cx, cy = (round(float(v)) for v in centre_px)
+    h, w = image.shape
+    r0, r1, c0, c1 = max(0, cy - half), min(h, cy + half), max(0, cx - half), min(w, cx + half)
+    pic, s = to_display(np.asarray(image)[r0:r1, c0:c1], INSET_PX)
+    if pic.shape[1] < INSET_PX:   # coarse atlases: enlarge so the box and label are legible
+        pic = np.asarray(cv2.resize(pic, (INSET_PX, round(INSET_PX * pic.shape[0]
+                                                          / pic.shape[1])),
+                                    interpolation=cv2.INTER_LINEAR), dtype=np.uint8)
+    s = pic.shape[1] / max(c1 - c0, 1)
+    r = _marker_radius(box_um, pixel_um, s)
+    return _titled(draw(pic, s, [Marker(cx - c0, cy - r0, "", GREEN, r, "square")]), text)
+
+
+def _titled(pic: NDArray[np.uint8], text: str) -> NDArray[np.uint8]:
+    return legend(pic, [(text, GREEN)])
 
 
 def _atlas_figures(ctx: StepContext, p: AutoCLEMParams, out: Path) -> list[Figure]:
     atlas = ctx.result("correlate/atlas")
     opening = p.square_selection.pitch_um - p.square_selection.bar_width_um
+    near = 1.6 * p.square_selection.pitch_um
     planes, _ = load_atlas(ctx, ctx.result(f"{p.lm_atlas.prefix}/stitch"))
     lm = next((im for im in planes if im.channel == p.correlation.atlas_channel), planes[0])
     pic, s = to_display(lm.data)
     r = _marker_radius(opening, lm.pixel_size_um, s)
     marks = [Marker(sq["lm_atlas_px"][0], sq["lm_atlas_px"][1], sq["key"], GREEN, r, "square")
              for sq in atlas["squares"]]
-    save_png(draw(pic, s, marks), out / "lm_atlas.png")
+    insets = [_close_up(lm.data, lm.pixel_size_um, sq["lm_atlas_px"], near, sq["key"], opening)
+              for sq in atlas["squares"]]
+    save_png(with_insets(draw(pic, s, marks), insets), out / "lm_atlas.png")
     em = map_image(ctx.result(ATLAS_KEY), ctx.data_dir)
     pic, s = to_display(em.data)
     r = _marker_radius(opening, em.pixel_size_um, s)
-    marks = [Marker(sq["em_atlas_px"][0], sq["em_atlas_px"][1],
-                    f"{sq['key']} +-{sq['predicted_error_um']:.1f} um", GREEN, r, "square")
-             for sq in atlas["squares"] if "em_atlas_px" in sq]
-    save_png(draw(pic, s, marks), out / "em_atlas.png")
+    placed = [sq for sq in atlas["squares"] if "em_atlas_px" in sq]
+    marks = [Marker(sq["em_atlas_px"][0], sq["em_atlas_px"][1], sq["key"], GREEN, r, "square")
+             for sq in placed]
+    insets = [_close_up(em.data, em.pixel_size_um, sq["em_atlas_px"], near,
+                        f"{sq['key']} +-{sq['predicted_error_um']:.1f} um", opening)
+              for sq in placed]
+    save_png(with_insets(draw(pic, s, marks), insets), out / "em_atlas.png")
     return [Figure("LM atlas with the chosen squares", "lm_atlas.png",
-                   "green: squares chosen after the 100x inspection"),
+                   "green boxes: squares chosen after the 100x inspection; below, each chosen "
+                   "square and its neighbours enlarged"),
             Figure("EM atlas with the squares found by atlas correlation", "em_atlas.png",
-                   f"atlas correlation: {atlas['status']} ({atlas['reason']}); labels give "
-                   "each centre's predicted error")]
+                   f"green boxes: where the atlas correlation put the chosen squares (close-ups "
+                   f"below, with the predicted error of each centre); atlas correlation: "
+                   f"{atlas['status']} ({atlas['reason']})")]
 
 
 def _bead_figure(ctx: StepContext, p: AutoCLEMParams, corr: StepResult, position: int,
                  out: Path) -> Figure:
     lm, _, _ = bead_image(ctx, position, p.correlation.bead_channel)
     em = map_image(ctx.result(map_key(corr["id"])), ctx.data_dir)
-    lpic, ls = to_display(lm, 700)
-    epic, es = to_display(em.data, 700)
+    lpic, ls = to_display(lm, 800)
+    epic, es = to_display(em.data, 800)
     lb, eb = np.asarray(corr["lm_beads_px"]).reshape(-1, 2), np.asarray(
         corr["em_beads_px"]).reshape(-1, 2)
-    lpic = draw(lpic, ls, [Marker(x, y, "", CYAN, 6) for x, y in lb])
-    epic = draw(epic, es, [Marker(x, y, "", CYAN, 6) for x, y in eb])
+    pairs = [(int(i), int(j)) for i, j in corr["pairs"]]
+    lm_used, em_used = {i for i, _ in pairs}, {j for _, j in pairs}
+    lpic = _outline_cell(ctx, p, position, lpic)
+    lpic = draw(lpic, ls, [Marker(x, y, "", CYAN if k in lm_used else GREY, 9)
+                           for k, (x, y) in enumerate(lb)])
+    epic = draw(epic, es, [Marker(x, y, "", CYAN if k in em_used else GREY, 9)
+                           for k, (x, y) in enumerate(eb)])
+    lpic = legend(lpic, [(f"fLM final {p.correlation.bead_channel} (max projection)", WHITE),
+                         (f"cell ({p.extraction().cell_channel})", RED)])
+    epic = legend(epic, [("EM square map", WHITE)])
     canvas, dx = side_by_side(lpic, epic)
     links = [Link(lb[i, 0] * ls, lb[i, 1] * ls, eb[j, 0] * es + dx, eb[j, 1] * es, YELLOW)
-             for i, j in corr["pairs"]]
+             for i, j in pairs]
     name = f"beads-{corr['id']}.png"
     save_png(draw(canvas, 1.0, links=links), out / name)
     return Figure(f"Bead matches, square {corr['square']}", name,
-                  f"left: fLM final {p.correlation.bead_channel} (max projection), right: EM "
-                  f"square map; cyan: beads found, yellow: {len(corr['pairs'])} matched pairs; "
-                  f"{corr['status']}: {corr['reason']}")
+                  f"cyan: beads used by the fit, joined in yellow ({len(pairs)} pairs); grey: "
+                  f"beads found but not matched (lost at freezing, hidden under the cell, or "
+                  f"contamination); {corr['status']}: {corr['reason']}")
+
+
+def _outline_cell(ctx: StepContext, p: AutoCLEMParams, position: int,
+                  picture: NDArray[np.uint8]) -> NDArray[np.uint8]:
+    """The cell's outline (cell channel of the final set) on the bead picture: beads inside
+    it are the ones the EM map cannot show."""
+    channel = p.extraction().cell_channel
+    final = load_images(ctx, ctx.result(f"timelapse/p{position}/final")["path"])
+    if not any(im.channel == channel for im in final):
+        return picture
+    mip, _, ref = max_projection(final, channel)
+    cell, _ = cell_masks(mip, ref.pixel_size_um)
+    small = cv2.resize(cell.astype(np.uint8), (picture.shape[1], picture.shape[0]),
+                       interpolation=cv2.INTER_NEAREST)
+    contours, _ = cv2.findContours(small, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    out = picture.copy()
+    cv2.drawContours(out, contours, -1, RED, max(2, round(2 * font_scale(out))))
+    return out
 
 
 def _targets_figure(ctx: StepContext, corr: StepResult, rows: list[dict[str, Any]],
@@ -222,13 +286,19 @@ def _targets_figure(ctx: StepContext, corr: StepResult, rows: list[dict[str, Any
     for t in corr["targets"]:
         if "em_px" not in t:
             continue
-        ok = by_id.get(t["id"], {}).get("status") == "collected"
-        marks.append(Marker(t["em_px"][0], t["em_px"][1], t["id"], MAGENTA if ok else RED, 10,
+        row = by_id.get(t["id"], {})
+        ok = row.get("status") == "collected"
+        true = row.get("true_error_nm")
+        text = f"{t['id']} {row.get('predicted_error_um', t['predicted_error_um']) * 1e3:.0f}" + (
+            "" if true is None else f"/{true:.0f}") + " nm"
+        marks.append(Marker(t["em_px"][0], t["em_px"][1], text, MAGENTA if ok else RED, 16,
                             "cross"))
     name = f"targets-{corr['id']}.png"
-    save_png(draw(pic, s, marks), out / name)
+    keys = [("tilt series collected", MAGENTA), ("skipped (see the table)", RED)]
+    save_png(legend(draw(pic, s, marks), keys), out / name)
     return Figure(f"Targets on the EM map of square {corr['square']}", name,
-                  "magenta: tilt series collected; red: skipped (see the table)")
+                  "labels: target, predicted error / true error (simulation) in nm; magenta: "
+                  "tilt series collected; red: skipped, with the reason in the table")
 
 
 def write_session_report(ctx: StepContext, p: AutoCLEMParams, keys: Sequence[str]

@@ -26,6 +26,8 @@ RED: BGR = (50, 50, 230)
 YELLOW: BGR = (0, 210, 240)
 CYAN: BGR = (230, 200, 0)
 MAGENTA: BGR = (220, 60, 220)
+GREY: BGR = (150, 150, 150)
+WHITE: BGR = (255, 255, 255)
 
 
 @dataclass(frozen=True)
@@ -95,34 +97,50 @@ def to_display(image: NDArray[np.generic], max_side: int = 1200) -> tuple[NDArra
         raise ValueError(f"expected a 2D image, got shape {a.shape}")
     scale = min(1.0, max_side / max(a.shape))
     if scale < 1.0:
-        a = cv2.resize(a, (max(1, round(a.shape[1] * scale)), max(1, round(a.shape[0] * scale))),
-                       interpolation=cv2.INTER_AREA)
+        a = np.asarray(cv2.resize(a, (max(1, round(a.shape[1] * scale)),
+                                      max(1, round(a.shape[0] * scale))),
+                                  interpolation=cv2.INTER_AREA), dtype=np.float32)
     finite = a[np.isfinite(a)]
     lo, hi = (np.percentile(finite, [1.0, 99.5]) if finite.size else (0.0, 1.0))
     norm = np.clip((a - lo) / max(float(hi - lo), 1e-12), 0, 1)
     gray = (norm * 255).astype(np.uint8)
-    return cv2.cvtColor(gray, cv2.COLOR_GRAY2BGR), scale
+    return np.asarray(cv2.cvtColor(gray, cv2.COLOR_GRAY2BGR), dtype=np.uint8), float(scale)
+
+
+def font_scale(picture: NDArray[np.uint8]) -> float:
+    """Label size that stays readable when the page shows the picture at ~1200 px wide."""
+    return float(max(0.6, picture.shape[1] / 1500))
+
+
+def label(picture: NDArray[np.uint8], text: str, org: tuple[int, int], color: BGR,
+          scale: float | None = None) -> None:
+    """Text with a dark outline, legible on bright film and on dark metal alike (in place)."""
+    fs = font_scale(picture) if scale is None else scale
+    thick = max(1, round(2 * fs))
+    cv2.putText(picture, text, org, cv2.FONT_HERSHEY_SIMPLEX, fs, (0, 0, 0), thick + 3,
+                cv2.LINE_AA)
+    cv2.putText(picture, text, org, cv2.FONT_HERSHEY_SIMPLEX, fs, color, thick, cv2.LINE_AA)
 
 
 def draw(picture: NDArray[np.uint8], scale: float, markers: Sequence[Marker] = (),
          links: Sequence[Link] = ()) -> NDArray[np.uint8]:
     """Draw markers and links given in original-image pixels onto a display picture."""
     out = picture.copy()
+    lw = max(2, round(font_scale(out) * 2.5))
     for ln in links:
-        cv2.line(out, _pt(ln.x0, ln.y0, scale), _pt(ln.x1, ln.y1, scale), ln.color, 1,
+        cv2.line(out, _pt(ln.x0, ln.y0, scale), _pt(ln.x1, ln.y1, scale), ln.color, 2,
                  cv2.LINE_AA)
     for m in markers:
         c = _pt(m.x, m.y, scale)
         r = max(3, m.radius_px)
         if m.shape == "square":
-            cv2.rectangle(out, (c[0] - r, c[1] - r), (c[0] + r, c[1] + r), m.color, 2)
+            cv2.rectangle(out, (c[0] - r, c[1] - r), (c[0] + r, c[1] + r), m.color, lw)
         elif m.shape == "cross":
-            cv2.drawMarker(out, c, m.color, cv2.MARKER_CROSS, 2 * r, 2)
+            cv2.drawMarker(out, c, m.color, cv2.MARKER_CROSS, 2 * r, lw)
         else:
-            cv2.circle(out, c, r, m.color, 2, cv2.LINE_AA)
+            cv2.circle(out, c, r, m.color, lw, cv2.LINE_AA)
         if m.label:
-            cv2.putText(out, m.label, (c[0] + r + 2, c[1] - r), cv2.FONT_HERSHEY_SIMPLEX, 0.45,
-                        m.color, 1, cv2.LINE_AA)
+            label(out, m.label, (c[0] + r + 4, c[1] - r), m.color)
     return out
 
 
@@ -134,6 +152,44 @@ def side_by_side(left: NDArray[np.uint8], right: NDArray[np.uint8],
     canvas[:left.shape[0], :left.shape[1]] = left
     canvas[:right.shape[0], left.shape[1] + gap:] = right
     return canvas, left.shape[1] + gap
+
+
+def with_insets(picture: NDArray[np.uint8], insets: Sequence[NDArray[np.uint8]],
+                gap: int = 8) -> NDArray[np.uint8]:
+    """``picture`` with a row of close-ups under it (each scaled to the same height), so
+    that a few marked squares on a whole-grid overview can be read at the page's width."""
+    if not insets:
+        return picture
+    h = max(i.shape[0] for i in insets)
+    row = [cv2.resize(i, (round(i.shape[1] * h / i.shape[0]), h),
+                      interpolation=cv2.INTER_AREA) for i in insets]
+    width = sum(r.shape[1] for r in row) + gap * (len(row) - 1)
+    scale = min(1.0, picture.shape[1] / width)
+    strip = np.full((h, width, 3), 255, np.uint8)
+    x = 0
+    for r in row:
+        strip[:, x:x + r.shape[1]] = r
+        x += r.shape[1] + gap
+    if scale < 1.0:
+        strip = cv2.resize(strip, (round(width * scale), round(h * scale)),
+                           interpolation=cv2.INTER_AREA)
+    out = np.full((picture.shape[0] + gap + strip.shape[0], picture.shape[1], 3), 255, np.uint8)
+    out[:picture.shape[0]] = picture
+    out[picture.shape[0] + gap:, :strip.shape[1]] = strip
+    return out
+
+
+def legend(picture: NDArray[np.uint8], entries: Sequence[tuple[str, BGR]]) -> NDArray[np.uint8]:
+    """Write a colour key in the picture's top-left corner (on a dark band)."""
+    out = picture.copy()
+    fs = font_scale(out)
+    line = round(32 * fs)
+    cv2.rectangle(out, (0, 0), (round(min(out.shape[1], 14 * fs * max(len(t) for t, _ in
+                                                                        entries) + 20)),
+                                line * len(entries) + 10), (30, 30, 30), -1)
+    for k, (text, color) in enumerate(entries):
+        label(out, text, (8, line * (k + 1)), color)
+    return out
 
 
 def save_png(picture: NDArray[np.uint8], path: Path) -> Path:
@@ -193,7 +249,7 @@ def write_report(data: ReportData, folder: Path) -> Path:
 
 
 def _pt(x: float, y: float, scale: float) -> tuple[int, int]:
-    return int(round(x * scale)), int(round(y * scale))
+    return round(x * scale), round(y * scale)
 
 
 def _num(v: float | None, fmt: str = ".0f") -> str:

@@ -22,6 +22,7 @@ import mrcfile
 import numpy as np
 import pytest
 from session_sim import World, params, specimen, world
+from test_report_browser import screenshot
 
 from daemon.sim_truth import match_target, record_centre_true_um
 from drivers.base import InvalidState
@@ -229,6 +230,44 @@ def test_files_reopen_and_the_report_shows_them(finished: Finished) -> None:
             "realign and tilt series"} <= stages
     saved = json.loads((folder / "targets" / "transfer.json").read_text())
     assert [t["id"] for t in saved["targets"]] == [t["id"] for t in report["targets"]]
+
+
+def test_report_in_a_real_browser(finished: Finished, tmp_path: Path) -> None:
+    """The page as an operator sees it (Debian's chromium, headless): text and tables, and
+    every figure loaded, recognised by the colours only the figures use."""
+    page = finished.folder / finished.ctx.result(REPORT_KEY)["html"]
+    shot = screenshot(page, tmp_path / "report.png", tmp_path / "profile", size=(1300, 9000))
+    picture = cv2.imread(str(shot))
+    assert picture is not None and picture.shape[:2] == (9000, 1300)
+    used = picture[: _last_content_row(picture) + 1]
+    assert used.shape[0] > 4000                        # tables and six or more figures
+    assert (used.min(axis=2) < 100).mean() > 0.05      # micrographs and text, not a blank page
+    b, g, r = (used[..., k].astype(int) for k in range(3))
+    colours = {"green square boxes": (g > 170) & (r < 110) & (b < 110),
+               "yellow bead pairs": (r > 200) & (g > 170) & (b < 80),
+               "cyan beads": (b > 200) & (g > 170) & (r < 60),
+               "magenta targets": (b > 180) & (r > 180) & (g < 110)}
+    for what, mask in colours.items():
+        assert mask.sum() > 200, what
+    assert (page.parent / "lm_atlas.png").stat().st_size > 10_000
+
+
+def _last_content_row(picture: np.ndarray) -> int:
+    """The page's last row that is not plain background."""
+    rows = np.nonzero((picture.min(axis=2) < 240).any(axis=1))[0]
+    return int(rows[-1]) if len(rows) else 0
+
+
+def test_total_steps_is_an_estimate_that_becomes_exact(base: Base, finished: Finished) -> None:
+    """Before anything ran the total comes from the params; once every decision is committed
+    it is the number of steps the plan yields (progress bars reach 100%)."""
+    plan = AutoCLEMPlan(finished.params)
+    ran = len(finished.ctx.store.order)          # every step of the session, committed
+    assert plan.total_steps(finished.ctx) == ran
+    fresh = StepContext(clock=base.world.clock, data_dir=finished.folder,
+                        store=MemoryStepStore(), lm=base.world.lm, em=base.world.em)
+    first = plan.total_steps(fresh)
+    assert first is not None and 0.6 * ran <= first <= 1.6 * ran, (first, ran)
 
 
 def test_killed_in_the_em_phase_and_restarted_repeats_no_tilt(base: Base,
