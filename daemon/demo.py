@@ -104,15 +104,14 @@ def demo_params(squares: int, targets_per_square: int) -> dict[str, Any]:
         "n_squares": squares, "max_targets_per_square": targets_per_square,
         "tilt_scheme": {"kind": "bidirectional", "min_deg": -6, "max_deg": 6, "step_deg": 3},
         "lm_atlas": {"objective": "5x", "overlap": 0.15, "diameter_um": 3400.0},
-        "square_selection": {"inspect": squares + 1,
+        "square_selection": {"inspect": 2 * squares + 1,
                              "inspection": {"z_range_um": 2.0, "focus_range_um": 8.0}},
         "live": {"interval_s": 300.0, "duration_s": 600.0, "z_range_um": 2.0},
         "em_atlas": {"grid_radius_um": 1650.0},
         "square_maps": {"tiles_xy": [5, 5]},
-        "tilt_series": {"realign": {"fine": {"mag_index": 16, "binning": 8,
-                                             "dose_rate_e_per_a2_s": 0.02,
-                                             "defocus_offset_um": -50.0}},
-                        "track_settings": {"mag_index": 19, "dose_rate_e_per_a2_s": 1.0,
+        # realign at the square maps' own preset (View) every iteration, as protocols/realign.py
+        # recommends: a second look at 4,700x aligned to the 1,600x map cost 100-160 nm
+        "tilt_series": {"track_settings": {"mag_index": 19, "dose_rate_e_per_a2_s": 1.0,
                                            "defocus_offset_um": -30.0}},
     }
 

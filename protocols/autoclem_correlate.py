@@ -1,9 +1,14 @@
 """The AutoCLEM session's own compute steps: the target list, both correlations, the transfer.
 
 Why here and not in protocols/correlation: these steps only fetch the session's committed
-images and results, call the correlation functions (register_atlas, correlate_bead_images)
-and record what they answered, including refusals. A square the atlas or its beads cannot
-place is not an error of the session: its targets are skipped with the reason, the rest go on.
+images and results, call the correlation functions (register_atlas, the bead correlation
+of protocols/autoclem_maps.py) and record what they answered, including refusals. A square
+the atlas or its beads cannot place is not an error of the session: its targets are skipped
+with the reason, the rest go on.
+
+A target's predicted error is the bead correlation's, combined with the placement error of
+any square-map tile under it that the stitching could not place (protocols/autoclem_maps.py,
+which also keeps such tiles' beads out of the correlation).
 
 Frames: every target is fixed at the checkpoint in pixels of its square's final set
 (``lm_px``: target extraction registered the last time point, where the virus was found, to
@@ -22,9 +27,9 @@ from numpy.typing import NDArray
 
 from drivers.base import LimitViolation
 from drivers.imaging import apply_affine, invert_affine
+from protocols.autoclem_maps import correlate_map_beads, unplaced_tiles
 from protocols.autoclem_params import AutoCLEMParams
 from protocols.correlation.atlas import AtlasConfig, register_atlas
-from protocols.correlation.bead_images import correlate_bead_images
 from protocols.correlation.errors import CorrelationInputError
 from protocols.em_atlas import ATLAS_KEY
 from protocols.em_montage import map_image
@@ -213,12 +218,15 @@ def correlate_square(ctx: StepContext, p: AutoCLEMParams, square: dict[str, Any]
     pos = int(square["position"])
     targets = [t for t in ctx.result(CHECKPOINT)["targets"] if t["square"] == square["key"]]
     lm, lm_px, _ = bead_image(ctx, pos, p.correlation.bead_channel)
-    em = map_image(ctx.result(map_key(square["id"])), ctx.data_dir)
+    map_res = ctx.result(map_key(square["id"]))
+    em = map_image(map_res, ctx.data_dir)
     t_px = np.array([t["lm_px"] for t in targets], dtype=float).reshape(-1, 2)
     out: dict[str, Any] = {"square": square["key"], "id": square["id"], "lm_pixel_um": lm_px,
                            "em_pixel_um": em.pixel_size_um}
     try:
-        res = correlate_bead_images(lm, lm_px, em.data, em.pixel_size_um, t_px)
+        res, dropped = correlate_map_beads(lm, lm_px, em.data, em.pixel_size_um,
+                                           np.asarray(map_res["pixel_to_stage"], float),
+                                           unplaced_tiles(ctx, square["id"], map_res), t_px)
     except CorrelationInputError as err:
         ctx.log.warning("autoclem.beads_unusable", square=square["key"], reason=str(err))
         out.update(status="unusable_input", reason=str(err), targets=[])
@@ -235,7 +243,7 @@ def correlate_square(ctx: StepContext, p: AutoCLEMParams, square: dict[str, Any]
         rows.append(row)
     out.update(status=pc.status, reason=pc.reason, targets=rows,
                lm_beads_px=res.lm_beads.xy_px.tolist(), em_beads_px=res.em_beads.xy_px.tolist(),
-               pairs=pc.pairs.tolist(),
+               pairs=pc.pairs.tolist(), em_beads_on_unplaced_tiles=dropped,
                transform=None if pc.transform is None else pc.transform.to_dict())
     ctx.log.info("autoclem.beads_correlated", square=square["key"], status=pc.status,
                  lm_beads=len(res.lm_beads), em_beads=len(res.em_beads), pairs=len(pc.pairs))
@@ -265,20 +273,29 @@ def transfer_targets(ctx: StepContext, p: AutoCLEMParams) -> StepResult:
             row["reason"] = f"bead correlation {corr['status']}: {corr['reason']}"
             continue
         mine = next(r for r in corr["targets"] if r["id"] == t["id"])
-        row["predicted_error_um"] = mine["predicted_error_um"]
         map_res = ctx.result(map_key(sq["id"]))
         h, w = map_res["shape"]
         x, y = mine["em_px"]
+        xy = apply_affine(np.asarray(map_res["pixel_to_stage"], float), np.array([x, y]))
+        shaky = sorted(((u.index, u.expected_error_um) for u in unplaced_tiles(
+            ctx, sq["id"], map_res) if u.holds(xy)[0]), key=lambda ke: -ke[1])
+        tile_err = max((e for _, e in shaky), default=0.0)
+        row["predicted_error_um"] = float(np.hypot(mine["predicted_error_um"], tile_err))
+        row["correlation_error_um"] = mine["predicted_error_um"]
+        row["map_tiles_unplaced"] = [{"tile": k, "expected_error_um": e} for k, e in shaky]
         if not (0 <= x <= w - 1 and 0 <= y <= h - 1):
             row["reason"] = f"outside the square map at pixel ({x:.0f}, {y:.0f})"
-        elif mine["predicted_error_um"] > limit:
-            row["reason"] = (f"predicted error {mine['predicted_error_um'] * 1e3:.0f} nm over "
+        elif tile_err > limit:
+            row["reason"] = (f"on square-map tile {shaky[0][0]}, which the stitching could not "
+                             f"place (expected error {tile_err * 1e3:.0f} nm): realign would "
+                             "align to a misplaced picture")
+        elif row["predicted_error_um"] > limit:
+            row["reason"] = (f"predicted error {row['predicted_error_um'] * 1e3:.0f} nm over "
                              f"{limit * 1e3:.0f} nm (correlation.max_target_error_um)")
         elif not mine["reliable"]:
             row["reason"] = ("far outside the matched beads (extrapolated; predicted error "
                              f"{mine['predicted_error_um'] * 1e3:.0f} nm not trusted)")
         else:
-            xy = apply_affine(np.asarray(map_res["pixel_to_stage"], float), np.array([x, y]))
             row.update(status="transferred", em_px=[x, y],
                        em_stage_um=[float(xy[0]), float(xy[1])], reason="")
     done = [r for r in rows if r["status"] == "transferred"]
@@ -290,4 +307,5 @@ def transfer_targets(ctx: StepContext, p: AutoCLEMParams) -> StepResult:
     art = write_json(ctx, "targets/transfer.json", {"targets": rows}, "autoclem_transfer")
     return {"targets": rows, "transferred": len(done), "skipped": len(rows) - len(done),
             "artifacts": [art]}
+
 

@@ -63,7 +63,10 @@ class SquareSelectionParams(BaseModel):
     max_interior_metal: float = Field(0.05, ge=0, le=1)
     inspect: int = Field(6, ge=0, le=400)
     select: int = Field(2, ge=1, le=100)
-    min_beads: int = Field(4, ge=0)
+    #: Beads off the cell (visible in the EM map) for full marks. The paper asks for 4-5
+    #: around the cell; an automatic match needs >= 5 pairs (protocols/correlation/points.py)
+    #: after 20-30% of beads are lost at freezing, hence 8 seen in the light.
+    min_beads: int = Field(8, ge=0)
     max_cells: int = Field(2, ge=1)
     min_periphery_in_beads: float = Field(0.6, ge=0, le=1)
     fill_below_criteria: bool = False

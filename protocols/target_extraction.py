@@ -21,7 +21,8 @@ position (``targets/pP``):
    point, moved into the last time point's pixels, are linked backwards by nearest
    neighbour within ``link_radius_um``; a particle whose largest distance from its last
    position exceeds ``static_threshold_um`` is dropped (kept in the report with the reason);
-4. targets ranked for the bead correlation that will carry them to the EM: beads of the
+4. targets over the cell body (``avoid_cell_body``: too thick for tomography) are dropped;
+5. targets ranked for the bead correlation that will carry them to the EM: beads of the
    final set's ``bead_channel`` that lie off the cell (beads under a cell are hidden in the
    EM map) bound where the correlation interpolates; a target more than ``hull_margin_um``
    outside their hull gets an extrapolated, large predicted error and would likely be
@@ -94,6 +95,9 @@ class TargetExtractionParams(BaseModel):
     bead_threshold_sigmas: float = Field(10.0, gt=0)
     bead_cell_margin_um: float = Field(1.0, ge=0)
     hull_margin_um: float = Field(5.0, ge=0)
+    #: Refuse targets over the cell body (the cell channel above half its range: microns of
+    #: cytoplasm no 300 kV beam crosses); AutoCLEM images the thin periphery.
+    avoid_cell_body: bool = True
     prefix: str = Field("targets", pattern=r"^[a-z0-9][a-z0-9_/-]*$")
 
 
@@ -319,6 +323,7 @@ def extract_targets(ctx: StepContext, p: TargetExtractionParams, pos: int,
     final_px = last.xy_px + np.asarray(placed[1]["offset_px"]) if placed else None
     outside, beads = (_beads_outside(placed[0], p, final_px) if placed and final_px is not None
                       else (np.full(len(last), np.nan), {"channel": None, "beads_px": []}))
+    body = _cell_body(last_images, p)
     kept: list[Target] = []
     rejected: list[dict[str, Any]] = []
     for k in range(len(last)):
@@ -333,6 +338,9 @@ def extract_targets(ctx: StepContext, p: TargetExtractionParams, pos: int,
                    outside_beads_um=None if np.isnan(outside[k]) else float(outside[k]))
         if still is not None and still.reasons[k]:
             rejected.append({**t.as_json(), "reason": still.reasons[k]})
+        elif body is not None and body[round(y_px), round(x_px)]:
+            rejected.append({**t.as_json(), "reason": "on the cell body, too thick for "
+                             "tomography (avoid_cell_body)"})
         else:
             kept.append(t)
     kept.sort(key=lambda t: _rank(t, p.hull_margin_um))
@@ -351,6 +359,16 @@ def extract_targets(ctx: StepContext, p: TargetExtractionParams, pos: int,
                  offsets_px=[] if still is None else [v["offset_px"] for v in still.visits],
                  final_offset_px=None if placed is None else placed[1]["offset_px"])
     return {**report, "artifacts": [art]}
+
+
+def _cell_body(images: Sequence[Image], p: TargetExtractionParams) -> NDArray[np.bool_] | None:
+    """The thick part of the cell (cell mask less its thin periphery) in the last time point,
+    or None when not asked for or the cell channel was not imaged."""
+    if not p.avoid_cell_body or not any(im.channel == p.cell_channel for im in images):
+        return None
+    mip, _, ref = max_projection(images, p.cell_channel)
+    cell, thin = cell_masks(mip, ref.pixel_size_um)
+    return np.asarray(cell & ~thin, dtype=bool)
 
 
 def _rank(t: Target, margin_um: float) -> tuple[int, float, float]:

@@ -5,7 +5,7 @@ marks), but every camera is small and the magnifications are chosen so that few 
 it: the LM atlas at 5x (1.3 um pixels, 1024 px camera), the 100x field binned to 0.1 um
 pixels so that one frame covers a square as the paper's 2048 px camera does, the EM atlas at
 62x binned 8 (1.4 um pixels), square maps of 5 x 5 tiles at 1,600x binned 4 (27 nm pixels,
-beads visible, ~115 um across), realign refined at 4,700x, tilt series at the real 39,000x
+beads visible, ~115 um across), realign at the maps' preset, tilt series at the real 39,000x
 binned 8. The time-lapse has
 three time points 5 min apart with three planes, the tilt series five tilts from -6 to +6
 degrees. Only tests and benchmarks import this module.
@@ -39,10 +39,6 @@ EM_LOW_DOSE: dict[str, Any] = {
     "view": {"mag_index": mag_index_of(1600), "exposure_s": 1.0, "binning": 4,
              "dose_rate_e_per_a2_s": 0.02, "defocus_offset_um": -50.0},
 }
-#: Realign's second look at 4,700x (the paper's map magnification, 9.5 um field): at 11,500x
-#: a 3.9 um field beside a bar holds too little of a 1,600x map to refine it.
-FINE = {"mag_index": mag_index_of(4700), "binning": 8, "dose_rate_e_per_a2_s": 0.02,
-        "defocus_offset_um": -50.0}
 TRACK = {"mag_index": FINE_MAG_INDEX, "dose_rate_e_per_a2_s": 1.0, "defocus_offset_um": -30.0}
 
 
@@ -68,12 +64,14 @@ def params(spec: Specimen, **changes: Any) -> AutoCLEMParams:
         "tilt_scheme": {"kind": "bidirectional", "min_deg": -6, "max_deg": 6, "step_deg": 3},
         "lm_atlas": {"centre_um": (float(centre[0]), float(centre[1])), "objective": "5x",
                      "overlap": 0.15},
-        "square_selection": {"centre_um": (float(centre[0]), float(centre[1])), "inspect": 3,
+        "square_selection": {"centre_um": (float(centre[0]), float(centre[1])), "inspect": 5,
                              "inspection": {"z_range_um": 2.0, "focus_range_um": 8.0}},
         "live": {"interval_s": 300.0, "duration_s": 600.0, "z_range_um": 2.0},
         "em_atlas": {"grid_radius_um": 1650.0},
         "square_maps": {"tiles_xy": (5, 5)},
-        "tilt_series": {"realign": {"fine": FINE}, "track_settings": TRACK},
+        # realign at the map's own preset every iteration (protocols/realign.py: a second look
+        # at 4,700x aligned to a 1,600x map left targets 100-160 nm off where 1,600x gave 5-70)
+        "tilt_series": {"track_settings": TRACK},
         **changes}
     return AutoCLEMParams.model_validate(values)
 

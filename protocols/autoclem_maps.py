@@ -1,0 +1,103 @@
+"""Square maps as the session may trust them: tiles the stitching could not place.
+
+A square map is stitched from tiles; a tile that neither shared a usable overlap with its
+neighbours nor matched the overview (a corner on the bars, a thick cell body) is kept where
+the stage said it was, up to the stage's repeatability (~1 um) from the truth
+(protocols/stitching.py ``expected_error_um``). Everything else in the map shares one common
+offset, which the bead correlation absorbs. Two consequences for the session:
+
+- beads the EM finds on such a tile are mispositioned by up to a micrometre; matched, they
+  bend the fitted transform (a square matched "within 1.00 um" instead of 0.2). They are left
+  out of the bead correlation (``correlate_map_beads``);
+- a target on such a tile is reached where the tile was drawn (realign aligns to the map's
+  picture), so that tile's expected error joins the target's predicted error
+  (``UnplacedTile.holds``, used by the transfer).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from drivers.imaging import apply_affine, invert_affine
+from protocols.correlation.bead_images import BeadImageCorrelation
+from protocols.correlation.beads_em import detect_em_beads
+from protocols.correlation.beads_lm import BeadDetections, detect_lm_beads
+from protocols.correlation.errors import CorrelationInputError
+from protocols.correlation.points import correlate_points
+from protocols.plan import StepContext, StepResult
+
+__all__ = ["UnplacedTile", "correlate_map_beads", "unplaced_tiles"]
+
+FloatArray = NDArray[np.float64]
+
+
+@dataclass(frozen=True)
+class UnplacedTile:
+    """One tile kept at its nominal position: its footprint (stage um -> tile pixels)."""
+
+    index: int
+    expected_error_um: float
+    stage_to_px: FloatArray
+    shape: tuple[int, int]
+
+    def holds(self, xy_um: FloatArray) -> NDArray[np.bool_]:
+        """Which EM stage points (N, 2) lie on this tile (its overlaps included)."""
+        px = apply_affine(self.stage_to_px, np.asarray(xy_um, float)).reshape(-1, 2)
+        h, w = self.shape
+        return np.asarray((px[:, 0] >= -0.5) & (px[:, 0] <= w - 0.5)
+                          & (px[:, 1] >= -0.5) & (px[:, 1] <= h - 0.5), dtype=bool)
+
+
+def unplaced_tiles(ctx: StepContext, square_id: str, map_res: StepResult
+                   ) -> list[UnplacedTile]:
+    """The map's flagged tiles that no used overlap and no used overview match placed."""
+    sidecar: dict[str, Any] = json.loads((ctx.data_dir / map_res["json"]).read_text(
+        encoding="utf-8"))
+    placed = {int(o[key]) for o in sidecar.get("overlaps", []) if o["status"] == "used"
+              for key in ("i", "j")}
+    placed |= {int(a["tile"]) for a in sidecar.get("anchors", []) if a["status"] == "used"}
+    out = []
+    for flag in map_res.get("flagged_tiles", []):
+        k = int(flag["index"])
+        if k in placed:
+            continue
+        tile = ctx.result(f"square-{square_id}/map/tile-{k:03d}")
+        a = np.asarray(tile["pixel_to_stage"], float).copy()
+        a[:, 2] += np.asarray(flag["correction_um"], float)
+        h, w = (int(v) for v in tile["shape"])
+        out.append(UnplacedTile(k, float(flag["expected_error_um"]), invert_affine(a), (h, w)))
+    return out
+
+
+def correlate_map_beads(lm: FloatArray, lm_pixel_um: float, em: FloatArray,
+                        em_pixel_um: float, em_pixel_to_stage: FloatArray,
+                        unplaced: list[UnplacedTile], targets_lm_px: FloatArray
+                        ) -> tuple[BeadImageCorrelation, int]:
+    """protocols/correlation/bead_images.py ``correlate_bead_images`` with the EM beads on
+    unplaced tiles left out; also returns how many were left out.
+
+    Raises CorrelationInputError when either side keeps fewer than 2 beads."""
+    lm_beads = detect_lm_beads(lm, lm_pixel_um)
+    found = detect_em_beads(em, em_pixel_um)
+    stage = apply_affine(np.asarray(em_pixel_to_stage, float), found.xy_px).reshape(-1, 2)
+    off = np.zeros(len(found), dtype=bool)
+    for tile in unplaced:
+        off |= tile.holds(stage)
+    em_beads = BeadDetections(found.xy_px[~off], found.score[~off], found.size_px[~off],
+                              found.contrast[~off])
+    for name, det in (("LM image", lm_beads), ("EM map", em_beads)):
+        if len(det) < 2:
+            raise CorrelationInputError(f"{name}: {len(det)} bead(s) usable, need at least 2"
+                                        + (f" ({int(off.sum())} on unplaced map tiles)"
+                                           if name == "EM map" and off.any() else ""))
+    res = correlate_points(lm_beads.xy_um(lm_pixel_um), em_beads.xy_um(em_pixel_um),
+                           np.asarray(targets_lm_px, float).reshape(-1, 2) * lm_pixel_um,
+                           lm_weights=lm_beads.score, em_weights=em_beads.score,
+                           from_frame="lm_px_um", to_frame="em_px_um")
+    em_px = None if res.targets_um is None else res.targets_um / em_pixel_um
+    return BeadImageCorrelation(lm_beads, em_beads, res, em_px), int(off.sum())
