@@ -177,13 +177,17 @@ def _summary(console: Console, info: dict[str, Any]) -> int:
     summary = json.loads((folder / "report" / "summary.json").read_text(encoding="utf-8"))
     table = Table(title=f"targets of session {info['id']}")
     for col in ("target", "square", "predicted (nm)", "true (nm, sim)", "tilt series", "status"):
-        table.add_column(col)
+        table.add_column(col, no_wrap=True)
     for t in summary["targets"]:
         table.add_row(t["id"], t["square"], _nm(t["predicted_error_um"], 1e3),
-                      _nm(t["true_error_nm"], 1.0), t["tilt_series"] or "-",
-                      t["status"] if t["status"] == "collected" else
-                      f"{t['status']}: {t['reason']}")
+                      _nm(t["true_error_nm"], 1.0),
+                      Path(t["tilt_series"]).name if t["tilt_series"] else "-",
+                      "[green]collected[/green]" if t["status"] == "collected"
+                      else f"[yellow]{t['status']}[/yellow]")
     console.print(table)
+    for t in summary["targets"]:
+        if t["status"] != "collected":
+            console.print(f"  {t['id']} {t['status']}: {t['reason']}")
     times = Table(title="time per stage (s)")
     for col in ("stage", "compute", "instrument (modelled)", "AutoCLEM"):
         times.add_column(col)

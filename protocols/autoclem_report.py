@@ -218,7 +218,7 @@ def _atlas_figures(ctx: StepContext, p: AutoCLEMParams, out: Path) -> list[Figur
     marks = [Marker(sq["em_atlas_px"][0], sq["em_atlas_px"][1], sq["key"], GREEN, r, "square")
              for sq in placed]
     insets = [_close_up(em.data, em.pixel_size_um, sq["em_atlas_px"], near,
-                        f"{sq['key']} +-{sq['predicted_error_um']:.1f} um", opening)
+                        f"{sq['key']} +-{sq['predicted_error_um']:.2f} um", opening)
               for sq in placed]
     save_png(with_insets(draw(pic, s, marks), insets), out / "em_atlas.png")
     return [Figure("LM atlas with the chosen squares", "lm_atlas.png",
@@ -319,7 +319,7 @@ def write_session_report(ctx: StepContext, p: AutoCLEMParams, keys: Sequence[str
     table = [TargetRow(r["id"], r["square"], None if r["em_stage_um"] is None else (
         float(r["em_stage_um"][0]), float(r["em_stage_um"][1])),
         None if r["predicted_error_um"] is None else r["predicted_error_um"] * 1e3,
-        r["true_error_nm"], r["tilt_series"],
+        r["true_error_nm"], None if r["tilt_series"] is None else Path(r["tilt_series"]).name,
         r["status"] if r["status"] == "collected" else f"{r['status']}: {r['reason']}")
         for r in rows]
     collected = [r for r in rows if r["status"] == "collected"]

@@ -265,6 +265,7 @@ body { font-family: system-ui, sans-serif; margin: 2em; color: #222; max-width: 
 h1 { margin-bottom: 0; } .sid { color: #666; margin-top: 0.2em; }
 table { border-collapse: collapse; margin: 0.8em 0 1.6em; }
 th, td { border: 1px solid #ccc; padding: 0.3em 0.7em; text-align: left; }
+td:not(:last-child) { white-space: nowrap; }
 th { background: #f2f2f2; } td.ok { color: #176b17; } td.bad { color: #b01919; }
 figure { margin: 0 0 2em; } img { max-width: 100%; border: 1px solid #ddd; }
 figcaption { color: #555; font-size: 0.9em; }
