@@ -24,18 +24,29 @@ SMALL_LM = {"camera": {"shape": [64, 64]}}
 SMALL_EM = {"camera_shape": [128, 128]}
 
 
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct free loopback ports (all held open while picking, so none repeats)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return free_ports(1)[0]
 
 
 def config_dict(data_dir: Path, **overrides: Any) -> dict[str, Any]:
     """A simulated-instruments config on two free loopback ports."""
+    bind_port, events_port = free_ports(2)
     base: dict[str, Any] = {
         "data_dir": str(data_dir),
-        "api": {"bind": f"tcp://127.0.0.1:{free_port()}",
-                "events": f"tcp://127.0.0.1:{free_port()}"},
+        "api": {"bind": f"tcp://127.0.0.1:{bind_port}",
+                "events": f"tcp://127.0.0.1:{events_port}"},
         "lm": {"kind": "simulated", "settings": SMALL_LM},
         "em": {"kind": "simulated", "settings": SMALL_EM},
         "runner": {"retry_backoff_s": 0.0},

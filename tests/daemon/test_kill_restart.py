@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 
 from daemon.client import ClemdApiError, ClemdClient
-from tests.daemon.helpers import free_port
+from tests.daemon.helpers import free_ports
 
 REPO = Path(__file__).resolve().parents[2]
 POSITIONS = 30
@@ -33,13 +33,14 @@ KILLS = 12
 def write_config(folder: Path) -> Path:
     data = folder / "data"
     cfg = folder / "clemd.toml"
+    bind_port, events_port = free_ports(2)
     cfg.write_text(f"""
 data_dir = "{data}"
 log_level = "info"
 
 [api]
-bind = "tcp://127.0.0.1:{free_port()}"
-events = "tcp://127.0.0.1:{free_port()}"
+bind = "tcp://127.0.0.1:{bind_port}"
+events = "tcp://127.0.0.1:{events_port}"
 
 [runner]
 on_restart = "resume"
