@@ -175,22 +175,23 @@ def _summary(console: Console, info: dict[str, Any]) -> int:
                       f"{info['message'] or (info['error'] or {}).get('message', '')}")
         return 1
     summary = json.loads((folder / "report" / "summary.json").read_text(encoding="utf-8"))
-    table = Table(title=f"targets of session {info['id']}")
-    for col in ("target", "square", "predicted (nm)", "true (nm, sim)", "tilt series", "status"):
-        table.add_column(col, no_wrap=True)
+    table = Table(title=f"targets of session {info['id']}",
+                  caption="errors in nm; true error: simulation only")
+    for col in ("target", "square", "predicted", "true", "status"):
+        table.add_column(col, no_wrap=True, justify="right" if col in ("predicted", "true")
+                         else "left")
     for t in summary["targets"]:
         table.add_row(t["id"], t["square"], _nm(t["predicted_error_um"], 1e3),
                       _nm(t["true_error_nm"], 1.0),
-                      Path(t["tilt_series"]).name if t["tilt_series"] else "-",
-                      "[green]collected[/green]" if t["status"] == "collected"
+                      "[green]tilt series[/green]" if t["status"] == "collected"
                       else f"[yellow]{t['status']}[/yellow]")
     console.print(table)
     for t in summary["targets"]:
         if t["status"] != "collected":
             console.print(f"  {t['id']} {t['status']}: {t['reason']}")
-    times = Table(title="time per stage (s)")
-    for col in ("stage", "compute", "instrument (modelled)", "AutoCLEM"):
-        times.add_column(col)
+    times = Table(title="seconds per stage (instrument time modelled)")
+    for col in ("stage", "compute", "instrument", "AutoCLEM"):
+        times.add_column(col, no_wrap=True, justify="left" if col == "stage" else "right")
     for st in summary["timings"]:
         times.add_row(st["stage"], f"{st['compute_s']:.1f}", f"{st['hardware_s']:.0f}",
                       "-" if st["autoclem_s"] is None else f"{st['autoclem_s']:.0f}")

@@ -72,6 +72,8 @@ def watch(client: ClemdClient, session_id: str, out: Console,
                                       f"{_size(p['size_bytes'])})")
                 elif ev["kind"] == "warning":
                     bar.console.print(f"  [yellow]warning[/yellow] {p['message']}")
+            if info["state"] == "completed":     # the plan's total was an estimate
+                bar.update(task, total=info["steps_done"], completed=info["steps_done"], eta="")
         state = info["state"]
         detail = info["message"] or (info["error"] or {}).get("message", "")
         if state == "waiting_operator":
