@@ -56,11 +56,16 @@ SPECIMEN: dict[str, Any] = {"beads_per_square": [12, 24], "bead_loss": 0.2,
                             "cell_square_fraction": 0.3}
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+def _free_ports(n: int) -> list[int]:
+    """``n`` distinct free loopback ports: all held open while picking, so none repeats."""
+    socks = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 def _toml(value: Any) -> str:
@@ -79,8 +84,9 @@ def _toml(value: Any) -> str:
 
 def demo_config(data_dir: Path, seed: int) -> tuple[str, str, str]:
     """The service config (TOML text), its request and its event address."""
-    bind = f"tcp://127.0.0.1:{_free_port()}"
-    events = f"tcp://127.0.0.1:{_free_port()}"
+    bind_port, events_port = _free_ports(2)
+    bind = f"tcp://127.0.0.1:{bind_port}"
+    events = f"tcp://127.0.0.1:{events_port}"
     lines = [
         "# clemd demo: simulated instruments with small cameras, loopback only",
         "schema_version = 1", f"data_dir = {_toml(str(data_dir))}", 'log_level = "info"', "",

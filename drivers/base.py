@@ -50,7 +50,7 @@ __all__ = [
     "Clock", "ConfigError", "ConnectionLost", "DeviceBusy", "DeviceTimeout", "EMStatus",
     "ElectronMicroscope", "HardwareFault", "Image", "InvalidState", "LightMicroscope",
     "LimitViolation", "LowDoseArea", "Magnification", "NavItem", "Objective", "ProtocolError",
-    "RealClock", "StageLimits", "VirtualClock", "affine_from", "apply_affine", "invert_affine",
+    "RealClock", "StageLimits", "VirtualClock", "check_low_dose_presets", "affine_from", "apply_affine", "invert_affine",
 ]
 
 
@@ -480,6 +480,22 @@ class EMStatus:
     @property
     def ready(self) -> bool:
         return self.vacuum_ok and not self.dewar_filling
+
+
+def check_low_dose_presets(low_dose: Mapping[str, Any], mag_indices: Iterable[int]) -> None:
+    """Refuse low-dose presets keyed by an unknown area name or using a magnification index
+    that is not in the table. Shared by every EM config model (real and simulated), so both
+    refuse the same mistakes with the same words; raises ValueError for pydantic validators.
+    """
+    indices = sorted(mag_indices)
+    areas = {a.name.lower() for a in LowDoseArea}
+    for key, preset in low_dose.items():
+        if key not in areas:
+            raise ValueError(f"low_dose.{key} is not a low-dose area; use one of "
+                             f"{sorted(areas)}")
+        if preset.mag_index not in indices:
+            raise ValueError(f"low_dose.{key}.mag_index {preset.mag_index} is not in the "
+                             f"magnification table {indices}")
 
 
 class ElectronMicroscope(_Abortable, ABC):

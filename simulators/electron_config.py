@@ -16,7 +16,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from drivers.base import AcquisitionSettings, LowDoseArea, Magnification
+from drivers.base import AcquisitionSettings, LowDoseArea, Magnification, check_low_dose_presets
 from drivers.errors import ConfigError
 
 PositiveFloat = Annotated[float, Field(gt=0)]
@@ -235,14 +235,8 @@ class ElectronSimConfig(_Frozen):
         indices = [m.index for m in self.magnifications]
         if len(set(indices)) != len(indices):
             raise ValueError(f"magnifications indices must be unique, got {indices}")
-        names = {a.name.lower() for a in LowDoseArea}
+        check_low_dose_presets(self.low_dose, indices)
         for key, preset in self.low_dose.items():
-            if key not in names:
-                raise ValueError(f"low_dose.{key} is not a low-dose area; use one of "
-                                 f"{sorted(names)}")
-            if preset.mag_index not in indices:
-                raise ValueError(f"low_dose.{key}.mag_index {preset.mag_index} is not in the "
-                                 f"magnification table {sorted(indices)}")
             if preset.binning > min(self.camera_shape):
                 raise ValueError(f"low_dose.{key}.binning {preset.binning} exceeds the camera "
                                  f"{self.camera_shape}")

@@ -16,7 +16,9 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from drivers.base import AcquisitionSettings, AxisLimits, LowDoseArea, Magnification, StageLimits
+from drivers.base import (
+    AcquisitionSettings, AxisLimits, LowDoseArea, Magnification, StageLimits, check_low_dose_presets,
+)
 from drivers.errors import ConfigError
 from drivers.serialem.client import SerialEMSettings
 
@@ -92,14 +94,7 @@ class SerialEMConfig(SerialEMSettings):
                           ("tilt_limits_deg", self.tilt_limits_deg)):
             if not rng[0] < rng[1]:
                 raise ValueError(f"{name} {list(rng)} must be [lower, upper] with lower < upper")
-        areas = {a.name.lower() for a in LowDoseArea}
-        for key, preset in self.low_dose.items():
-            if key not in areas:
-                raise ValueError(f"low_dose.{key} is not a low-dose area; use one of "
-                                 f"{sorted(areas)}")
-            if preset.mag_index not in indices:
-                raise ValueError(f"low_dose.{key}.mag_index {preset.mag_index} is not in the "
-                                 f"magnification table {sorted(indices)}")
+        check_low_dose_presets(self.low_dose, indices)
         return self
 
     @classmethod
