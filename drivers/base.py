@@ -50,7 +50,8 @@ __all__ = [
     "Clock", "ConfigError", "ConnectionLost", "DeviceBusy", "DeviceTimeout", "EMStatus",
     "ElectronMicroscope", "HardwareFault", "Image", "InvalidState", "LightMicroscope",
     "LimitViolation", "LowDoseArea", "Magnification", "NavItem", "Objective", "ProtocolError",
-    "RealClock", "StageLimits", "VirtualClock", "check_low_dose_presets", "affine_from", "apply_affine", "invert_affine",
+    "RealClock", "StageLimits", "VirtualClock", "affine_from", "apply_affine", "check_low_dose_presets",
+    "invert_affine",
 ]
 
 
