@@ -138,7 +138,8 @@ class Plan(ABC):
         """Refuse the whole plan before anything moves (limits, channels, tilt range)."""
 
     def total_steps(self, ctx: StepContext) -> int | None:
-        """Number of steps if known in advance (for progress bars), else None."""
+        """Number of steps if known (for progress bars), else None; asked again after every
+        step, so it may sharpen as results are committed. Keep it cheap."""
         return None
 
 
@@ -222,6 +223,9 @@ def run_plan(plan: Plan, ctx: StepContext, control: RunControl | None = None,
         ran.append(step.key)
         done += 1
         if on_progress is not None:
+            # Plans whose later steps depend on earlier results (squares chosen, targets
+            # transferred) only know their total as decisions are committed: ask again.
+            total = plan.total_steps(ctx)
             elapsed = ctx.clock.now() - t0
             eta = (elapsed / len(ran) * (total - done)) if total and ran else None
             on_progress(Progress(plan.name, step.key, step.title, done, total, elapsed, eta))

@@ -96,3 +96,25 @@ def test_duplicate_keys_are_refused(tmp_path: Path) -> None:
 
     with pytest.raises(InvalidStep, match="twice"):
         run_plan(Twice(), _ctx(tmp_path))
+
+
+class Growing(Plan):
+    """Decides how many steps follow from its first step's result (as squares chosen do)."""
+
+    name = "growing"
+
+    def steps(self, ctx: StepContext) -> Iterator[Step]:
+        yield Step("choose", lambda c: {"n": 4}, title="choose")
+        for i in range(ctx.result("choose")["n"]):
+            yield Step(f"work/{i}", lambda c: {}, title="work")
+
+    def total_steps(self, ctx: StepContext) -> int | None:
+        chosen = ctx.store.get("choose")
+        return 1 + (chosen["n"] if chosen is not None else 2)     # an estimate before
+
+
+def test_progress_total_sharpens_as_decisions_are_committed(tmp_path: Path) -> None:
+    progress: list = []
+    run_plan(Growing(), _ctx(tmp_path), on_progress=progress.append)
+    assert [p.total for p in progress] == [5] * 5
+    assert progress[-1].done == progress[-1].total == 5
