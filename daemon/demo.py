@@ -1,7 +1,7 @@
 """``make demo``: a whole AutoCLEM session on the simulated instruments, through the service.
 
 What a facility sees first: the service starts (a separate process, simulated instruments,
-loopback only, a temporary data folder), a client creates an ``autoclem`` session of two
+loopback only, data in ``demo-output/`` by default, emptied first), a client creates an ``autoclem`` session of two
 squares and a few targets per square over the ZMQ API, follows it with live progress bars
 and waits for the end, prints where the report is and what it says, and stops the service.
 The "freeze and load" checkpoint is confirmed by the service's config
@@ -23,7 +23,7 @@ import json
 import socket
 import subprocess
 import sys
-import tempfile
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -34,7 +34,7 @@ from rich.table import Table
 from daemon.client import ClemdApiError, ClemdClient, ClientTimeout
 from daemon.watch import watch
 
-__all__ = ["demo_config", "demo_params", "main", "run_demo"]
+__all__ = ["DemoFolderInUse", "demo_config", "demo_params", "fresh_folder", "main", "run_demo"]
 
 LOW_DOSE: dict[str, Any] = {
     "search": {"mag_index": 1, "exposure_s": 0.5, "binning": 8, "dose_rate_e_per_a2_s": 0.002},
@@ -230,29 +230,48 @@ def _stop(console: Console, service: subprocess.Popen[bytes], bind: str, events:
     console.print(f"service stopped (exit status {service.returncode})")
 
 
+MARKER = ".clemd-demo"
+
+
+class DemoFolderInUse(ValueError):
+    """The output folder holds something the demo did not write; it is never emptied."""
+
+
+def fresh_folder(out: Path) -> Path:
+    """Empty ``out`` for a new demo (a left-over journal would resume the old session), but
+    only if it is empty or a previous demo's (marked): never delete a user's files."""
+    if out.exists():
+        if not out.is_dir():
+            raise DemoFolderInUse(f"{out} exists and is not a folder")
+        if any(out.iterdir()) and not (out / MARKER).exists():
+            raise DemoFolderInUse(f"{out} is not empty and not a clemd demo folder; "
+                                  "choose another with --out")
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    (out / MARKER).write_text("written by make demo; emptied by the next one\n",
+                              encoding="utf-8")
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="clemd-demo", description=__doc__.splitlines()[0])
     ap.add_argument("--squares", type=int, default=2)
     ap.add_argument("--targets-per-square", type=int, default=3)
     ap.add_argument("--seed", type=int, default=3, help="simulated specimen and instruments")
     ap.add_argument("--timeout", type=float, default=1200.0, help="seconds for the session")
-    ap.add_argument("--keep", type=Path, default=None,
-                    help="work folder to keep (default: a temporary one, removed)")
+    ap.add_argument("--out", "--keep", dest="out", type=Path, default=Path("demo-output"),
+                    help="folder for the service's data, log and the report (default "
+                         "demo-output; emptied first if a previous demo wrote it)")
     ns = ap.parse_args(argv)
     console = Console()
-    if ns.keep is not None:
-        ns.keep.mkdir(parents=True, exist_ok=True)
-        return run_demo(console, ns.keep, squares=ns.squares,
-                        targets_per_square=ns.targets_per_square, seed=ns.seed,
-                        timeout_s=ns.timeout)
-    with tempfile.TemporaryDirectory(prefix="clemd-demo-") as tmp:
-        code = run_demo(console, Path(tmp), squares=ns.squares,
-                        targets_per_square=ns.targets_per_square, seed=ns.seed,
-                        timeout_s=ns.timeout)
-        if code == 0:
-            console.print("(the demo folder is temporary: run with --keep DIR to keep the "
-                          "report)")
-        return code
+    try:
+        out = fresh_folder(ns.out)
+    except (DemoFolderInUse, OSError) as exc:
+        console.print(f"[red]clemd-demo: {exc}[/red]")
+        return 2
+    return run_demo(console, out.resolve(), squares=ns.squares,
+                    targets_per_square=ns.targets_per_square, seed=ns.seed,
+                    timeout_s=ns.timeout)
 
 
 if __name__ == "__main__":

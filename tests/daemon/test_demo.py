@@ -7,10 +7,13 @@ import json
 import tomllib
 from pathlib import Path
 
+import pytest
 from rich.console import Console
 
 from daemon.config import load_config
-from daemon.demo import _summary, _toml, demo_config, demo_params
+from daemon.demo import (
+    MARKER, DemoFolderInUse, _summary, _toml, demo_config, demo_params, fresh_folder,
+)
 from daemon.templates import default_registry
 
 
@@ -56,3 +59,18 @@ def test_summary_reads_the_report_and_fails_without_tilt_series(tmp_path: Path) 
     assert _summary(Console(record=True), info) == 1
     assert _summary(Console(record=True), {**info, "state": "failed",
                                            "message": "step x failed"}) == 1
+
+
+def test_demo_folder_is_emptied_only_if_a_demo_wrote_it(tmp_path: Path) -> None:
+    """A left-over journal would resume the last demo; a user's folder is never deleted."""
+    out = fresh_folder(tmp_path / "demo-output")
+    (out / "data").mkdir()
+    (out / "data" / "journal.sqlite").write_bytes(b"old session")
+    again = fresh_folder(out)
+    assert not (again / "data").exists() and (again / MARKER).exists()
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("precious", encoding="utf-8")
+    with pytest.raises(DemoFolderInUse):
+        fresh_folder(mine)
+    assert (mine / "thesis.tex").read_text(encoding="utf-8") == "precious"
