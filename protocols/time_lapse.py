@@ -19,7 +19,9 @@ Steps (keys under ``prefix``, default ``timelapse``):
 Timing and resume. The first time-point step fixes the schedule origin (its start on the
 clock, committed in its result); every later step waits on the clock until its planned start
 (origin + the event's ``min_start_time`` + the position's own offset), through the driver so
-an abort is not held up by the wait. A step that starts more than ``late_tolerance_s`` after
+an abort is not held up by the wait. Before that wait it moves to the first frame's position,
+focus and channel (``prime``), so the first exposure of every time point starts on schedule
+whatever the filter turret and stage had to do. A step that starts more than ``late_tolerance_s`` after
 its planned start (after a pause, or a crash and resume) is *late*: it is logged and its
 lateness recorded; with ``late_policy="skip_superseded"`` a time point whose successor is
 already due is committed as *missed* (logged, counted in the summary, no file) instead of
@@ -29,18 +31,24 @@ being acquired back to back with it. Nothing is skipped silently, nothing is run
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from typing import Any, Literal
 
-import numpy as np
 import structlog
 import useq
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from drivers.base import Image, LightMicroscope, LimitViolation
+from drivers.base import LimitViolation
 from protocols.lm_focus import focus_scan
 from protocols.lm_io import image_record, save_images, write_json
 from protocols.plan import InvalidStep, Plan, Step, StepContext, StepResult
+from protocols.time_lapse_events import (
+    EventGroup,
+    drift_report,
+    final_events,
+    group_events,
+    prime,
+    run_group,
+)
 
 __all__ = ["EventGroup", "LatePolicy", "StagePositionUm", "TimeLapseParams", "TimeLapsePlan",
            "default_sequence", "group_events"]
@@ -118,20 +126,6 @@ class TimeLapseParams(BaseModel):
         return self
 
 
-@dataclass(frozen=True)
-class EventGroup:
-    """The events of one position at one time point: one step, one file."""
-
-    p: int
-    t: int
-    events: tuple[useq.MDAEvent, ...]
-
-    @property
-    def min_start_s(self) -> float:
-        ms = self.events[0].min_start_time
-        return 0.0 if ms is None else float(ms)
-
-
 def _positions(p: TimeLapseParams) -> list[StagePositionUm]:
     if p.sequence is None:
         return list(p.positions)
@@ -161,49 +155,6 @@ def default_sequence(p: TimeLapseParams, positions: Sequence[StagePositionUm]
     if p.z_range_um > 0:
         fields["z_plan"] = {"range": p.z_range_um, "step": p.z_step_um}
     return useq.MDASequence.model_validate(fields)
-
-
-def group_events(sequence: useq.MDASequence) -> list[EventGroup]:
-    """Split a sequence into (position, time point) groups in acquisition order.
-
-    Raises InvalidStep if one (p, t) is split by another (an axis order with channel or z
-    outside position or time), because a time point must be one step to be resumable.
-    """
-    groups: list[EventGroup] = []
-    seen: set[tuple[int, int]] = set()
-    current: list[useq.MDAEvent] = []
-    key: tuple[int, int] | None = None
-    for ev in sequence:
-        k = (int(ev.index.get("p", 0)), int(ev.index.get("t", 0)))
-        if k != key:
-            if key is not None:
-                groups.append(EventGroup(key[0], key[1], tuple(current)))
-            if k in seen:
-                raise InvalidStep(f"axis order {''.join(sequence.axis_order)!r} interleaves "
-                                  f"position {k[0]} time point {k[1]} with other events; put "
-                                  "'t' and 'p' before 'c' and 'z'")
-            seen.add(k)
-            key, current = k, []
-        current.append(ev)
-    if key is not None:
-        groups.append(EventGroup(key[0], key[1], tuple(current)))
-    return groups
-
-
-def _final_events(last: EventGroup, channels: Sequence[str]) -> list[useq.MDAEvent]:
-    """The last time point's z planes with ``channels`` (exposures as in the sequence)."""
-    zs = sorted({float(e.z_pos) for e in last.events if e.z_pos is not None})
-    exposure = {e.channel.config: e.exposure for e in last.events if e.channel is not None}
-    ev0 = last.events[0]
-    out = []
-    for c, ch in enumerate(channels):
-        planes: list[float | None] = list(zs) if zs else [None]   # no z plan: one plane
-        for z, zp in enumerate(planes):
-            out.append(useq.MDAEvent.model_validate({
-                "index": {"p": last.p, "t": 0, "c": c, "z": z}, "channel": {"config": ch},
-                "exposure": exposure.get(ch), "x_pos": ev0.x_pos, "y_pos": ev0.y_pos,
-                "z_pos": zp}))
-    return out
 
 
 class TimeLapsePlan(Plan):
@@ -317,6 +268,7 @@ class TimeLapsePlan(Plan):
         def action(ctx: StepContext) -> StepResult:
             lm = ctx.require_lm()
             lm.set_objective(p.objective)
+            prime(lm, g.events[0])
             now = ctx.clock.now()
             origin = now if schedule is None else schedule["origin_s"]
             offset = 0.0 if schedule is None else schedule["offset_s"]
@@ -356,7 +308,7 @@ class TimeLapsePlan(Plan):
         def action(ctx: StepContext) -> StepResult:
             lm = ctx.require_lm()
             lm.set_objective(self.p.objective)
-            events = _final_events(last, self.p.final_channels)
+            events = final_events(last, self.p.final_channels)
             images = run_group(lm, events, ctx.clock.now())
             rel = f"{self.key(f'p{last.p}/final')}.ome.tif"
             art = save_images(ctx, rel, images, "lm_timelapse_final", name=f"p{last.p} final",
@@ -379,44 +331,3 @@ class TimeLapsePlan(Plan):
                                                  if not isinstance(v, (list, dict))})
             return {**report, "positions": positions, "artifacts": [art]}
         return action
-
-
-def run_group(lm: LightMicroscope, events: Sequence[useq.MDAEvent], due_s: float) -> list[Image]:
-    """Run events through the driver, starting no earlier than ``due_s`` on its clock.
-
-    The wait is the driver's (``min_start_time`` relative to the call), so an abort ends it;
-    every event of the group gets the same value so the driver waits once.
-    """
-    wait = max(0.0, due_s - lm.clock.now())
-    evs = [e.model_copy(update={"min_start_time": wait, "reset_event_timer": False})
-           for e in events]
-    images = list(lm.run_events(evs))
-    if len(images) != len(evs):
-        raise InvalidStep(f"driver returned {len(images)} frames for {len(evs)} events")
-    return images
-
-
-def drift_report(rows: list[StepResult], min_start_s: list[float], tolerance_s: float
-                 ) -> dict[str, Any]:
-    """Interval drift per time point: first-frame time minus the position's first
-    first-frame time minus the planned offset; lateness at the start; late and missed lists."""
-    first_frame: dict[int, tuple[float, float]] = {}
-    per_point = []
-    for r, ms in zip(rows, min_start_s, strict=True):
-        drift: float | None = None
-        if r["status"] == "acquired":
-            ref = first_frame.setdefault(int(r["p"]), (float(r["first_frame_s"]), ms))
-            drift = float(r["first_frame_s"]) - ref[0] - (ms - ref[1])
-        per_point.append({"p": r["p"], "t": r["t"], "status": r["status"],
-                          "late_s": r["late_s"], "drift_s": drift})
-    drifts = np.array([abs(x["drift_s"]) for x in per_point if x["drift_s"] is not None])
-    return {
-        "time_points": len(rows),
-        "acquired": sum(r["status"] == "acquired" for r in rows),
-        "missed": [[r["p"], r["t"]] for r in rows if r["status"] == "missed"],
-        "late": [[r["p"], r["t"]] for r in rows if r["late_s"] > tolerance_s],
-        "max_abs_drift_s": float(drifts.max()) if drifts.size else 0.0,
-        "mean_abs_drift_s": float(drifts.mean()) if drifts.size else 0.0,
-        "max_late_s": max((float(r["late_s"]) for r in rows), default=0.0),
-        "per_time_point": per_point,
-    }

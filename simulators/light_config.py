@@ -121,18 +121,17 @@ class TimingConfig(_Frozen):
 
     Settle times are the low end of what a Nikon Ti2-class stand typically takes (XY stage
     settle 0.1-0.2 s, focus drive settle 20-50 ms), so protocol overheads measured against
-    them are not flattered. ``channel_change_s`` stays 0.05 s, under the typical 0.1-0.5 s of
-    a filter turret or DIC prism change: at 0.1 s the time-lapse's first time point starts a
-    channel change later than the next ones (tests/protocols/test_time_lapse.py, 60 s interval
-    within 0.05 s), which its owner has to settle first. Not modelled: the ~20 ms of software
-    and camera overhead per frame (a snap is its exposure plus the rolling readout).
+    them are not flattered. ``channel_change_s`` is 0.15 s, a Ti2 filter turret's typical
+    0.1-0.2 s (a DIC prism or emission wheel is of the same order). Not modelled: the ~20 ms
+    of software and camera overhead per frame (a snap is its exposure plus the rolling
+    readout).
     """
 
     xy_speed_um_s: float = Field(5000.0, gt=0)
     xy_settle_s: float = Field(0.1, ge=0)
     z_speed_um_s: float = Field(300.0, gt=0)
     z_settle_s: float = Field(0.02, ge=0)
-    channel_change_s: float = Field(0.05, ge=0)
+    channel_change_s: float = Field(0.15, ge=0)
     objective_change_s: float = Field(2.0, ge=0)
 
 
