@@ -26,6 +26,7 @@ from drivers.serialem.navigator import ItemType, NavigatorFile, NavigatorItem, w
 from protocols.em_atlas import ATLAS_KEY
 from protocols.em_montage import read_map_sidecar
 from protocols.em_params import FrozenParams
+from protocols.lm_io import artifact
 from protocols.plan import Plan, Step, StepContext, StepResult
 from protocols.square_map import map_key
 
@@ -154,4 +155,6 @@ class EMNavigatorPlan(Plan):
         nav = build_navigator(maps, targets)
         write(ctx.data_dir / self.p.file_name, nav)
         return {"nav": self.p.file_name, "maps": [m.label for m in maps],
-                "targets": [t.label for t in targets]}
+                "targets": [t.label for t in targets],
+                "artifacts": [artifact(self.p.file_name, "serialem_navigator",
+                                       maps=len(maps), targets=len(targets))]}

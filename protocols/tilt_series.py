@@ -37,6 +37,7 @@ from protocols.em_focus import focus_for_tilt, model_correction
 from protocols.em_montage import map_image, read_map_sidecar
 from protocols.em_params import FrozenParams, SettingsOverride
 from protocols.eucentric import EucentricParams, measure_and_set_eucentric
+from protocols.lm_io import artifact
 from protocols.mrc_io import write_tilt_series
 from protocols.plan import Plan, Step, StepContext, StepResult
 from protocols.realign import RealignParams, realign
@@ -321,6 +322,10 @@ class TiltSeriesPlan(Plan):
         result["record"] = save_frame(ctx.data_dir, f"{rel}.mrc", record)
         result.update(dose_e_per_a2=record.dose_e_per_a2, defocus_um=record.defocus_um,
                       planned_dose_e_per_a2=step.dose_e_per_a2)
+        # listed so the journal records the frame with the step and clients get an event
+        result["artifacts"] = [artifact(result["record"]["path"], "em_tilt", target=t.id,
+                                        tilt_deg=step.tilt_deg,
+                                        dose_e_per_a2=record.dose_e_per_a2)]
         write_text_atomic(sidecar, json.dumps(result))
         log.info("em.tilt.recorded", dose_e_per_a2=record.dose_e_per_a2,
                  image_shift_um=result["image_shift_um"], focus=focus["method"])
@@ -391,7 +396,11 @@ class TiltSeriesPlan(Plan):
             total = float(sum(d["dose_e_per_a2"] for d in done))
             return {"mrc": rel[0], "mdoc": rel[1], "rawtlt": rel[2], "n_tilts": len(ok),
                     "lost_tilts_deg": lost, "total_dose_e_per_a2": total,
-                    "tilts_deg": [d["tilt_deg"] for d in ok]}
+                    "tilts_deg": [d["tilt_deg"] for d in ok],
+                    "artifacts": [artifact(rel[0], "em_tilt_series", target=t.id,
+                                           n_tilts=len(ok), total_dose_e_per_a2=total),
+                                  artifact(rel[1], "em_tilt_series_mdoc", target=t.id),
+                                  artifact(rel[2], "em_tilt_angles", target=t.id)]}
         return action
 
 

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from daemon.client import ClemdApiError, ClemdClient
+from daemon.client import ClemdApiError, ClemdClient, EventStream
 from tests.daemon.helpers import free_ports
 
 REPO = Path(__file__).resolve().parents[2]
@@ -127,25 +127,28 @@ class TargetFeeder:
         return self.n
 
 
-def _wait_progress(client: ClemdClient, sid: str, more: int, timeout_s: float) -> int:
-    """Wait for ``more`` step completions (progress events) or the session's end."""
-    stream = client.subscribe([f"progress.{sid}", f"state.{sid}"])
-    try:
-        seen = 0
-        deadline = time.monotonic() + timeout_s
-        info = client.session(sid)["session"]
-        while seen < more and info["state"] not in ("completed", "failed", "aborted"):
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise TimeoutError(f"no progress in session {sid}: {info}")
-            ev = stream.next(min(remaining, 0.5))
-            if ev is not None and ev["kind"] == "progress":
-                seen += 1
-            elif ev is None or ev["kind"] == "state":
-                info = client.session(sid)["session"]
-        return seen
-    finally:
-        stream.close()
+def _wait_progress(client: ClemdClient, stream: EventStream, sid: str, more: int,
+                   timeout_s: float) -> int:
+    """Wait until the session has ``more`` steps done beyond what it had on entry (or ended).
+
+    ``stream`` stays subscribed across kills (a SUB socket reconnects by itself), so the
+    steps a restarted service runs while this test reads the session are not missed; events
+    older than the entry count are ignored by their ``done`` figure."""
+    info = client.session(sid)["session"]
+    goal = info["steps_done"] + more
+    deadline = time.monotonic() + timeout_s
+    while info["state"] not in ("completed", "failed", "aborted"):
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError(f"no progress in session {sid}: {info}")
+        ev = stream.next(min(remaining, 0.5))
+        if ev is not None and ev["kind"] == "progress" and ev["payload"]["done"] >= goal:
+            return int(ev["payload"]["done"])
+        if ev is None or ev["kind"] == "state":
+            info = client.session(sid)["session"]
+            if info["steps_done"] >= goal:
+                return int(info["steps_done"])
+    return int(info["steps_done"])
 
 
 @pytest.mark.slow
@@ -163,10 +166,11 @@ def test_kill9_at_random_points_then_restart(tmp_path: Path) -> None:
             proc.start(client)
             sid = client.create_session("exercise", {"positions": POSITIONS,
                                                      "visit_targets": True})["id"]
+            stream = client.subscribe([f"progress.{sid}", f"state.{sid}"])
             client.call("sessions.start", {"session_id": sid})
             for _ in range(KILLS):
                 feeder = TargetFeeder(api["bind"], api["events"], sid, acked, next_target)
-                _wait_progress(client, sid, rng.randint(1, 4), 60)
+                _wait_progress(client, stream, sid, rng.randint(1, 4), 60)
                 time.sleep(rng.uniform(0.0, 0.04))   # land inside a step, not only after one
                 proc.kill()
                 next_target = feeder.join()
@@ -175,6 +179,7 @@ def test_kill9_at_random_points_then_restart(tmp_path: Path) -> None:
             final = client.wait_state(sid, {"completed", "failed", "aborted", "paused"}, 120)
             detail = client.session(sid)
             targets = client.call("targets.list", {"session_id": sid})["targets"]
+            stream.close()
         finally:
             proc.stop()
 

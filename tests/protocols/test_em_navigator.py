@@ -37,6 +37,7 @@ def test_navigator_holds_maps_and_targets_that_serialem_reads_back(mapped: Mappe
         {"id": "v2", "x_um": t1[0] - 5, "y_um": t1[1]}))
     run_plan(EMNavigatorPlan(params), ctx)
     nav = read(mapped.data_dir / "clemd.nav")
+    assert ctx.result("em-navigator/write")["artifacts"][0]["path"] == "clemd.nav"
     (the_map,) = nav.maps()
     assert the_map.label == "square-m" and the_map.type == ItemType.MAP
     assert (mapped.data_dir / the_map.raw("MapFile")).exists()

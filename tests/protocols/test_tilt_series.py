@@ -93,6 +93,11 @@ def test_tracking_keeps_the_target_within_50nm_and_files_reopen(mapped: MappedSq
     focus = [res["focus"] for res in results]
     assert ["autofocus_failed" in f for f in focus] == [True] * 3 + [False] * 18
     assert {f["method"] for f in focus[3:]} == {"model"}
+    # every file is listed for the journal (recorded with its step, announced to clients)
+    assert [r["artifacts"][0]["path"] for r in results] == [r["record"]["path"] for r in results]
+    assert {a["kind"]: a["path"] for a in stack["artifacts"]} == {
+        "em_tilt_series": stack["mrc"], "em_tilt_series_mdoc": stack["mdoc"],
+        "em_tilt_angles": stack["rawtlt"]}
 
 
 def test_without_tracking_the_target_drifts_with_tilt(mapped: MappedSquare) -> None:
