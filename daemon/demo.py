@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import subprocess
 import sys
 import shutil
@@ -32,6 +31,7 @@ from rich.console import Console
 from rich.table import Table
 
 from daemon.client import ClemdApiError, ClemdClient, ClientTimeout
+from daemon.ports import free_ports
 from daemon.watch import watch
 
 __all__ = ["DemoFolderInUse", "demo_config", "demo_params", "fresh_folder", "main", "run_demo"]
@@ -56,18 +56,6 @@ SPECIMEN: dict[str, Any] = {"beads_per_square": [12, 24], "bead_loss": 0.2,
                             "cell_square_fraction": 0.3}
 
 
-def _free_ports(n: int) -> list[int]:
-    """``n`` distinct free loopback ports: all held open while picking, so none repeats."""
-    socks = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [int(s.getsockname()[1]) for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
 def _toml(value: Any) -> str:
     """A TOML value (inline tables and arrays) for the small config written here."""
     if isinstance(value, bool):
@@ -84,7 +72,7 @@ def _toml(value: Any) -> str:
 
 def demo_config(data_dir: Path, seed: int) -> tuple[str, str, str]:
     """The service config (TOML text), its request and its event address."""
-    bind_port, events_port = _free_ports(2)
+    bind_port, events_port = free_ports(2)
     bind = f"tcp://127.0.0.1:{bind_port}"
     events = f"tcp://127.0.0.1:{events_port}"
     lines = [

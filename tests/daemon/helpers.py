@@ -1,9 +1,8 @@
-"""Shared helpers: configs on free ports, an in-process service, journal snapshots, and
+"""Shared helpers (``free_ports`` is re-exported from daemon.ports): configs on free ports, an in-process service, journal snapshots, and
 templates that misbehave on purpose."""
 
 from __future__ import annotations
 
-import socket
 import sqlite3
 import threading
 from collections.abc import Iterator
@@ -15,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from daemon.client import ClemdClient, CurveClientKeys
 from daemon.config import ServiceConfig
+from daemon.ports import free_ports
 from daemon.service import Service
 from daemon.templates import SessionEnv, TemplateRegistry, default_registry
 from drivers.base import ConnectionLost, LimitViolation
@@ -22,18 +22,6 @@ from protocols.plan import Plan, Step, StepContext, StepResult
 
 SMALL_LM = {"camera": {"shape": [64, 64]}}
 SMALL_EM = {"camera_shape": [128, 128]}
-
-
-def free_ports(n: int) -> list[int]:
-    """``n`` distinct free loopback ports (all held open while picking, so none repeats)."""
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [int(s.getsockname()[1]) for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def free_port() -> int:
