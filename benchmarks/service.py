@@ -23,10 +23,7 @@ import asyncio
 import json
 import os
 import platform
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -39,21 +36,20 @@ import zmq.asyncio
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from daemon.client import ClemdApiError, ClemdClient
+from daemon.client import ClemdClient
+from daemon.ports import free_ports
+from daemon.service_process import ServiceProcess
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+class Service(ServiceProcess):
+    """The service in its own process on two free loopback ports, small simulated cameras."""
 
-
-class Service:
     def __init__(self, folder: Path) -> None:
-        self.bind = f"tcp://127.0.0.1:{_port()}"
-        self.events = f"tcp://127.0.0.1:{_port()}"
-        self.config = folder / "clemd.toml"
-        self.config.write_text(f"""
+        bind_port, events_port = free_ports(2)
+        self.bind = f"tcp://127.0.0.1:{bind_port}"
+        self.events = f"tcp://127.0.0.1:{events_port}"
+        config = folder / "clemd.toml"
+        config.write_text(f"""
 data_dir = "{folder / 'data'}"
 log_level = "warning"
 [api]
@@ -66,32 +62,7 @@ settings = {{ camera = {{ shape = [64, 64] }} }}
 kind = "simulated"
 settings = {{ camera_shape = [128, 128] }}
 """, encoding="utf-8")
-        self.log = open(folder / "clemd.log", "ab")  # noqa: SIM115 - closed in stop()
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self, client: ClemdClient) -> float:
-        t0 = time.monotonic()
-        self.proc = subprocess.Popen([sys.executable, "-m", "daemon.cli", "serve", "--config",
-                                      str(self.config)], cwd=REPO, stdout=self.log,
-                                     stderr=self.log)
-        while True:
-            try:
-                client.call("status", timeout_s=0.2)
-                return time.monotonic() - t0
-            except ClemdApiError:
-                if self.proc.poll() is not None or time.monotonic() - t0 > 60:
-                    raise RuntimeError("clemd did not start") from None
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        os.kill(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(10)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            self.proc.wait(60)
-        self.log.close()
+        super().__init__(config, folder / "clemd.log", cwd=REPO)
 
 
 def _stats(samples: list[float]) -> dict[str, float]:

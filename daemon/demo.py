@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 import shutil
 import time
 from pathlib import Path
@@ -30,8 +28,9 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from daemon.client import ClemdApiError, ClemdClient, ClientTimeout
+from daemon.client import ClemdApiError, ClemdClient
 from daemon.ports import free_ports
+from daemon.service_process import ServiceProcess, ServiceStartFailed
 from daemon.watch import watch
 
 __all__ = ["DemoFolderInUse", "demo_config", "demo_params", "fresh_folder", "main", "run_demo"]
@@ -110,21 +109,6 @@ def demo_params(squares: int, targets_per_square: int) -> dict[str, Any]:
     }
 
 
-def _wait_ready(client: ClemdClient, service: subprocess.Popen[bytes], timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        if service.poll() is not None:
-            raise RuntimeError(f"the service exited with status {service.returncode} while "
-                               "starting")
-        try:
-            client.call("status", timeout_s=2.0)
-            return
-        except ClientTimeout:
-            if time.monotonic() > deadline:
-                raise
-            continue
-
-
 def run_demo(console: Console, work: Path, *, squares: int, targets_per_square: int,
              seed: int, timeout_s: float) -> int:
     """Start the service in ``work``, run one session through the API, stop; exit status."""
@@ -134,15 +118,14 @@ def run_demo(console: Console, work: Path, *, squares: int, targets_per_square: 
     config.write_text(text, encoding="utf-8")
     log_path = work / "service.log"
     console.print(f"[bold]clemd demo[/bold]: service on {bind}, data in {data}, log {log_path}")
-    with log_path.open("wb") as log_file:
-        service = subprocess.Popen([sys.executable, "-m", "daemon.cli", "serve", "--config",
-                                    str(config)], stdout=log_file, stderr=subprocess.STDOUT)
-        try:
-            with ClemdClient(bind, events, timeout_s=10.0) as client:
-                _wait_ready(client, service, 60.0)
-                return _session(console, client, squares, targets_per_square, timeout_s)
-        finally:
-            _stop(console, service, bind, events)
+    log_path.write_bytes(b"")
+    service = ServiceProcess(config, log_path)
+    try:
+        with ClemdClient(bind, events, timeout_s=10.0) as client:
+            service.start(client, 60.0)
+            return _session(console, client, squares, targets_per_square, timeout_s)
+    finally:
+        _stop(console, service, bind, events)
 
 
 def _session(console: Console, client: ClemdClient, squares: int, targets_per_square: int,
@@ -200,21 +183,17 @@ def _nm(value: float | None, factor: float) -> str:
     return "-" if value is None else f"{value * factor:.0f}"
 
 
-def _stop(console: Console, service: subprocess.Popen[bytes], bind: str, events: str) -> None:
-    """Ask the service to shut down; wait for it; as a last resort terminate it."""
-    if service.poll() is None:
+def _stop(console: Console, service: ServiceProcess, bind: str, events: str) -> None:
+    """Ask the service to shut down and wait; as a last resort SIGTERM, then SIGKILL."""
+    if service.returncode is None and service.proc is not None:
         try:
             with ClemdClient(bind, events, timeout_s=5.0) as client:
                 client.call("shutdown")
         except ClemdApiError as err:
             console.print(f"[yellow]shutdown request failed[/yellow] ({err}); terminating")
-            service.terminate()
-        try:
-            service.wait(timeout=60)
-        except subprocess.TimeoutExpired:
+        if service.wait(60.0) is None:
             console.print("[yellow]service did not stop within 60 s[/yellow]; terminating")
-            service.terminate()
-            service.wait(timeout=30)
+            service.stop(30.0)
     console.print(f"service stopped (exit status {service.returncode})")
 
 
@@ -257,9 +236,13 @@ def main(argv: list[str] | None = None) -> int:
     except (DemoFolderInUse, OSError) as exc:
         console.print(f"[red]clemd-demo: {exc}[/red]")
         return 2
-    return run_demo(console, out.resolve(), squares=ns.squares,
-                    targets_per_square=ns.targets_per_square, seed=ns.seed,
-                    timeout_s=ns.timeout)
+    try:
+        return run_demo(console, out.resolve(), squares=ns.squares,
+                        targets_per_square=ns.targets_per_square, seed=ns.seed,
+                        timeout_s=ns.timeout)
+    except ServiceStartFailed as exc:
+        console.print(f"[red]clemd-demo: {exc}[/red]")
+        return 1
 
 
 if __name__ == "__main__":

@@ -12,7 +12,13 @@ from rich.console import Console
 
 from daemon.config import load_config
 from daemon.demo import (
-    MARKER, DemoFolderInUse, _summary, _toml, demo_config, demo_params, fresh_folder,
+    MARKER,
+    DemoFolderInUse,
+    _summary,
+    _toml,
+    demo_config,
+    demo_params,
+    fresh_folder,
 )
 from daemon.templates import default_registry
 

@@ -9,11 +9,7 @@ the status method with bounded timeouts, never on simulated hardware time.
 
 from __future__ import annotations
 
-import os
 import random
-import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -23,6 +19,7 @@ import numpy as np
 import pytest
 
 from daemon.client import ClemdApiError, ClemdClient, EventStream
+from daemon.service_process import ServiceProcess
 from tests.daemon.helpers import free_ports
 
 REPO = Path(__file__).resolve().parents[2]
@@ -54,47 +51,6 @@ kind = "simulated"
 settings = {{ camera_shape = [128, 128] }}
 """, encoding="utf-8")
     return cfg
-
-
-class ServiceProcess:
-    """``clemd serve`` in a subprocess, with its log in a file."""
-
-    def __init__(self, config: Path, log: Path) -> None:
-        self.config = config
-        self.log = log
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self, client: ClemdClient, timeout_s: float = 60.0) -> float:
-        """Start and wait until ``status`` answers; return the seconds that took."""
-        t0 = time.monotonic()
-        with open(self.log, "ab") as fh:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "daemon.cli", "serve", "--config", str(self.config)],
-                cwd=REPO, stdout=fh, stderr=fh)
-        while True:
-            try:
-                client.call("status", timeout_s=0.5)
-                return time.monotonic() - t0
-            except ClemdApiError:
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"service exited with {self.proc.returncode}; see "
-                                       f"{self.log}") from None
-                if time.monotonic() - t0 > timeout_s:
-                    raise
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        os.kill(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(10)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
 
 
 class TargetFeeder:
@@ -156,7 +112,7 @@ def test_kill9_at_random_points_then_restart(tmp_path: Path) -> None:
     config = write_config(tmp_path)
     import tomllib
     api = tomllib.loads(config.read_text())["api"]
-    proc = ServiceProcess(config, tmp_path / "clemd.log")
+    proc = ServiceProcess(config, tmp_path / "clemd.log", cwd=REPO)
     rng = random.Random(20240611)
     acked: dict[str, dict[str, Any]] = {}
     done_at_kill: list[int] = []
