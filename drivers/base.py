@@ -502,6 +502,14 @@ def check_low_dose_presets(low_dose: Mapping[str, Any], mag_indices: Iterable[in
 class ElectronMicroscope(_Abortable, ABC):
     """A (cryo-)TEM with stage, tilt, magnifications, low dose, camera and navigator."""
 
+    #: True when ``montage`` runs as the instrument's own montage (SerialEM's ``Montage`` into
+    #: a montage file, pieces read back with the stage positions SerialEM recorded) rather
+    #: than the contract's tile loop. A protocol uses it to choose one montage step (one
+    #: journal entry, restarted whole after a crash) over one keyed step per tile (resumed
+    #: tile by tile). Either way ``montage`` returns the same unstitched tiles in the order
+    #: of ``montage_positions``.
+    native_montage: bool = False
+
     def __init__(self, *, magnifications: Sequence[Magnification], limits: StageLimits,
                  tilt_limits: AxisLimits, clock: Clock,
                  low_dose: Mapping[LowDoseArea, AcquisitionSettings]) -> None:
@@ -764,7 +772,11 @@ class ElectronMicroscope(_Abortable, ABC):
 
     def _do_montage(self, positions: list[tuple[float, float]], area: LowDoseArea,
                     settings: AcquisitionSettings) -> list[Image]:
-        """Default montage: move and acquire tile by tile (SerialEM overrides with Montage)."""
+        """Move and acquire tile by tile, the tiles in the order of ``positions``.
+
+        A backend with its own montage (``native_montage``) overrides this: the SerialEM
+        driver runs SerialEM's ``Montage`` when a montage folder is configured and falls back
+        to this loop otherwise (drivers/serialem/montage.py)."""
         tiles = []
         for i, (x, y) in enumerate(positions):
             self._check_abort()

@@ -30,6 +30,7 @@ from simulators.serialem_state import (
     SerialEMState,
     Values,
     flag,
+    image_meta,
     optional,
     registrar,
 )
@@ -316,7 +317,7 @@ def _shoot(state: SerialEMState, area: LowDoseArea) -> None:
 def _buffer_of(image: Image) -> Buffer:
     area = LowDoseArea(image.low_dose_area) if image.low_dose_area else LowDoseArea.RECORD
     return Buffer(image.data, image.binning, image.exposure_s or 0.0, image.pixel_size_um,
-                  float(_CONSET[area]))
+                  float(_CONSET[area]), image_meta(image, image.stage_um))
 
 
 def _make_shot(area: LowDoseArea) -> Handler:

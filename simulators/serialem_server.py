@@ -79,6 +79,7 @@ from drivers.serialem.wire import (
 )
 from simulators.serialem_commands import COMMANDS
 from simulators.serialem_focus_commands import FOCUS_COMMANDS
+from simulators.serialem_montage_commands import MONTAGE_COMMANDS
 from simulators.serialem_nav_commands import NAV_COMMANDS
 from simulators.serialem_state import ScriptError, SerialEMState, image_buffer, run
 
@@ -88,7 +89,7 @@ DEFAULT_PORT = 48888
 MAX_REQUEST_FRAME = 64 * 1024      # SerialEM regrows its buffer; anything this big is garbage
 MAX_PUT_BYTES = 1 << 30
 _NO_IMAGE = ImageInfo(0, 0, 0, 0, 0, 0)
-HANDLERS = {**COMMANDS, **FOCUS_COMMANDS, **NAV_COMMANDS}
+HANDLERS = {**COMMANDS, **FOCUS_COMMANDS, **NAV_COMMANDS, **MONTAGE_COMMANDS}
 
 
 @dataclass(frozen=True)
@@ -97,9 +98,12 @@ class TwinFaults:
 
     ``drop_link_after_n``: the n-th regular command (counted from 1 over the twin's life) is
     not run; its connection is cut instead, once, as a network fault would.
+    ``drop_link_on``: the same for the first regular command with this name (``"Montage"``:
+    the link goes down while SerialEM would be montaging).
     """
 
     drop_link_after_n: int | None = None
+    drop_link_on: str | None = None
 
 
 class SerialEMTwin:
@@ -137,6 +141,7 @@ class SerialEMTwin:
         self._busy = False
         self._stop_pending = False
         self._regular_count = 0
+        self._dropped_on = False
         self._last_values: tuple[float | str, ...] = ()   # what the last reply reported
         self.connections = 0
 
@@ -327,13 +332,25 @@ class SerialEMTwin:
 
     def _regular(self, conn: socket.socket, request: RegularRequest) -> bool:
         self._regular_count += 1
-        if self._regular_count == self.faults.drop_link_after_n:
+        if self._regular_count == self.faults.drop_link_after_n or self._drop_on(request):
             log.warning("serialem_twin.fault_drop", request=self._regular_count)
             return False
         reply = self._execute(request)
         self._last_values = reply.values
         send_all(conn, encode_reply(reply))
         return True
+
+    def _drop_on(self, request: RegularRequest) -> bool:
+        """True once, for the first command named ``faults.drop_link_on``."""
+        name = self.faults.drop_link_on
+        if name is None or self._dropped_on:
+            return False
+        try:
+            spec = self._table.by_index(request.command_index)
+        except UnknownCommand:
+            return False
+        self._dropped_on = spec.name == name
+        return self._dropped_on
 
     def _execute(self, request: RegularRequest) -> RegularReply:
         index = request.command_index

@@ -9,14 +9,14 @@ answers with error flag 1 and the message, as SerialEM does.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
 
-from drivers.base import ElectronMicroscope, LowDoseArea
+from drivers.base import ElectronMicroscope, Image, LowDoseArea
 from drivers.errors import ClemdError
 from drivers.serialem.commands import ArgValue, CommandSpec
 from drivers.serialem.wire import NUM_BUFFERS
@@ -45,6 +45,28 @@ class Buffer:
     exposure_s: float = 0.0
     pixel_size_um: float = 0.0
     conset: float = -1.0
+    # The image's autodoc values (ReportMetadataValues), by key: "StagePosition" -> (x, y).
+    meta: Mapping[str, tuple[float, ...]] = field(default_factory=dict)
+
+
+@dataclass
+class MontageFile:
+    """The open montage file: SerialEM's MontParam for it and the pieces written.
+
+    ``frame``/``overlap`` are (x, y) binned pixels; ``pieces`` maps 0-based (ix, iy) of
+    section 0 to the piece as SerialEM would read it back; ``images`` keeps the simulator's
+    frames of the same pieces (ground truth, for tests)."""
+
+    path: str
+    nx: int
+    ny: int
+    frame: tuple[int, int]
+    overlap: tuple[int, int]
+    binning: int
+    move_stage: bool = False
+    skip_correlations: bool = False
+    pieces: dict[tuple[int, int], Buffer] = field(default_factory=dict)
+    images: dict[tuple[int, int], Image] = field(default_factory=dict)
 
 
 @dataclass
@@ -85,6 +107,15 @@ class SerialEMState:
         self.autofocus_defocus_um = 0.0
         self.autofocus_error = -1
         self.t0 = em.clock.now()
+        # Montaging (simulators/serialem_montage_commands.py): the open montage file, the
+        # names SerialEM has written (it refuses to open one again), and which parameter
+        # set a low-dose montage uses (ParamSetToUseForMontage).
+        self.montage: MontageFile | None = None
+        self.montages: list[MontageFile] = []       # every file opened, for tests
+        self.files_written: set[str] = set()
+        self.montage_use_view = False
+        self.montage_use_search = False
+        self.montage_use_map_params = False
 
     # -- buffers ------------------------------------------------------------------------------
 
@@ -193,3 +224,24 @@ def image_buffer(state: SerialEMState, index: int, data: NDArray[Any],
                                   meta.exposure_s if meta else 0.0,
                                   meta.pixel_size_um if meta else 0.0,
                                   meta.conset if meta else -1.0)
+
+
+def image_meta(image: Image, stage_um: tuple[float, float, float],
+               piece_xy: tuple[int, int] | None = None) -> dict[str, tuple[float, ...]]:
+    """The autodoc values SerialEM keeps with an image (KStoreADOC::SetValuesFromExtra, keys
+    from MdocDefines.h / KStoreADOC.h) that the twin can fill: ``stage_um`` is the stage as
+    SerialEM read it back at the shot, ``piece_xy`` a montage piece's pixel position."""
+    meta: dict[str, tuple[float, ...]] = {
+        "TiltAngle": (image.tilt_deg,),
+        "StagePosition": (stage_um[0], stage_um[1]),
+        "StageZ": (stage_um[2],),
+        "Binning": (float(image.binning),),
+        "PixelSpacing": (image.pixel_size_um * 1e4,),
+    }
+    if image.magnification is not None:
+        meta["Magnification"] = (image.magnification,)
+    if image.exposure_s is not None:
+        meta["ExposureTime"] = (image.exposure_s,)
+    if piece_xy is not None:
+        meta["PieceCoordinates"] = (float(piece_xy[0]), float(piece_xy[1]), 0.0)
+    return meta

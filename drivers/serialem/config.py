@@ -17,7 +17,12 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from drivers.base import (
-    AcquisitionSettings, AxisLimits, LowDoseArea, Magnification, StageLimits, check_low_dose_presets,
+    AcquisitionSettings,
+    AxisLimits,
+    LowDoseArea,
+    Magnification,
+    StageLimits,
+    check_low_dose_presets,
 )
 from drivers.errors import ConfigError
 from drivers.serialem.client import SerialEMSettings
@@ -72,6 +77,13 @@ class SerialEMConfig(SerialEMSettings):
     numbers mean is not in SerialEM's source, so which statuses count as good
     (``vacuum_ok_statuses``) and an optional pressure ceiling (``vacuum_max_pressure``, in
     the unit the plugin reports) are site settings to check on the instrument.
+
+    ``montage_dir`` is a folder on the SerialEM PC (a Windows path there, e.g.
+    ``D:\\clemd\\montages``) where SerialEM's own montages are written, one new file per
+    montage. Set, ``montage`` runs SerialEM's ``Montage`` (``native_montage``); unset, it
+    falls back to the contract's tile loop. Pieces are read back into buffer
+    ``montage_read_buffer`` (default P: pick one of A-T that nothing else at the site uses;
+    A-C roll with every new image).
     """
 
     magnifications: tuple[MagRow, ...] = Field(min_length=1)
@@ -83,6 +95,8 @@ class SerialEMConfig(SerialEMSettings):
     vacuum_gauge: str = Field("IGPco", min_length=1)
     vacuum_ok_statuses: tuple[int, ...] = Field((0,), min_length=1)
     vacuum_max_pressure: float | None = Field(None, gt=0)
+    montage_dir: str | None = Field(None, min_length=1)
+    montage_read_buffer: str = Field("P", pattern="^[A-T]$")
 
     @model_validator(mode="after")
     def _check(self) -> SerialEMConfig:

@@ -17,9 +17,10 @@ Choices, and why:
   (``ReportImageShift`` is no help here: it reports IS units, then unbinned camera pixels,
   then a stage move, never specimen um.) ``ImageShiftByMicrons`` reports 1 and does nothing
   when the shift would pass SerialEM's limit; the driver raises LimitViolation then.
-- Montages use the contract's tile loop (stage move + acquire per tile), not SerialEM's
-  ``Montage``: that writes to a montage file and leaves only an overview in the buffers,
-  while protocols want the tiles with their own affines (protocols/stitching.py).
+- Montages: with ``montage_dir`` configured, SerialEM's own ``Montage`` into a new montage
+  file there, the pieces read back with the stage positions SerialEM recorded for them
+  (drivers/serialem/montage.py says how the requested positions map onto SerialEM's
+  layout); ``native_montage`` is then True. Without it, the contract's tile loop.
 - Navigator items are SerialEM's table, numbered from 1 as SerialEM numbers them; labels
   and notes are read back from the ``navLabel`` / ``navNote`` variables ``ReportOtherItem``
   sets. A realignment returns the stage error SerialEM found (``GetRealignToItemError``'s
@@ -60,7 +61,8 @@ vacuum gauge's status, which comes from the scope plugin: see ``vacuum_ok_status
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import structlog
@@ -81,6 +83,14 @@ from drivers.clock import Clock
 from drivers.errors import HardwareFault, LimitViolation, ProtocolError
 from drivers.serialem.client import Result, SerialEMLink, open_serialem
 from drivers.serialem.config import SerialEMConfig
+from drivers.serialem.montage import (
+    TileContext,
+    assign,
+    montage_path,
+    plan_grid,
+    run_montage,
+    tile_image,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -113,6 +123,7 @@ class SerialEMElectronMicroscope(ElectronMicroscope):
                          limits=config.stage_limits(), tilt_limits=config.tilt_limits(),
                          clock=clock, low_dose=config.low_dose_settings())
         self.config = config
+        self.native_montage = config.montage_dir is not None
         self._link = link
         self._camera_shape = config.camera_shape
 
@@ -186,22 +197,56 @@ class SerialEMElectronMicroscope(ElectronMicroscope):
 
     def _do_acquire(self, area: LowDoseArea, settings: AcquisitionSettings) -> Image:
         self._go_to_area(area, settings)
+        with self._extra_defocus(area, settings):
+            start = self.clock.now()
+            self._link.call(_SHOT[area])
+        # width, height, binning, exposure s, pixel nm (0 if unknown), parameter set used
+        props = _numbers(self._link.call("ImageProperties", IMAGE_BUFFER), 6, "ImageProperties")
+        data = self._link.get_image(IMAGE_BUFFER)
+        return self._image(data, area, settings, start, binning=_binning(props[2]),
+                           exposure_s=props[3], serialem_pixel_nm=props[4])
+
+    def _do_montage(self, positions: list[tuple[float, float]], area: LowDoseArea,
+                    settings: AcquisitionSettings) -> list[Image]:
+        folder = self.config.montage_dir
+        if folder is None:
+            return super()._do_montage(positions, area, settings)
+        mag = self.magnification(settings.mag_index)
+        grid = plan_grid(positions, mag, self.camera_shape(settings.binning), settings.binning,
+                         self.limits)
+        path = montage_path(folder)
+        log.info("serialem.montage", path=path, tiles=(grid.nx, grid.ny), area=area.name,
+                 overlap_px=grid.overlap_px)
+        self._link.call("MoveStageTo", *grid.centre_um)
+        self._go_to_area(area, settings)
+        with self._extra_defocus(area, settings):
+            start = self.clock.now()
+            pieces = run_montage(self._link, grid, area, folder, path,
+                                 self.config.montage_read_buffer)
+        index = self._do_get_mag_index()
+        if index != mag.index:
+            raise HardwareFault(f"SerialEM montaged at mag index {index}, not {mag.index}")
+        ctx = TileContext(mag=mag, area=area,
+                          dose_rate_e_per_a2_s=settings.dose_rate_e_per_a2_s, start_s=start,
+                          stage_z_um=self._do_get_stage()[2], tilt_deg=self._do_get_tilt(),
+                          defocus_um=self._do_get_defocus() + settings.defocus_offset_um,
+                          image_shift_um=self._do_get_image_shift(), path=path)
+        return [tile_image(piece, k, ctx) for k, piece in enumerate(assign(grid, pieces))]
+
+    @contextmanager
+    def _extra_defocus(self, area: LowDoseArea, settings: AcquisitionSettings) -> Iterator[None]:
+        """Apply a per-shot defocus offset that differs from the area's configured one for
+        the duration of the block, and undo it afterwards, also when the block fails."""
         configured = self.config.low_dose_settings().get(area)
         extra_um = settings.defocus_offset_um - (configured.defocus_offset_um
                                                  if configured is not None else 0.0)
         if extra_um:
             self._link.call("ChangeFocus", extra_um)
         try:
-            start = self.clock.now()
-            self._link.call(_SHOT[area])
+            yield
         finally:
             if extra_um:
                 self._link.call("ChangeFocus", -extra_um)
-        # width, height, binning, exposure s, pixel nm (0 if unknown), parameter set used
-        props = _numbers(self._link.call("ImageProperties", IMAGE_BUFFER), 6, "ImageProperties")
-        data = self._link.get_image(IMAGE_BUFFER)
-        return self._image(data, area, settings, start, binning=_binning(props[2]),
-                           exposure_s=props[3], serialem_pixel_nm=props[4])
 
     def _do_autofocus(self, area: LowDoseArea, settings: AcquisitionSettings) -> float:
         which = _AUTOFOCUS_AREA.get(area)
