@@ -91,7 +91,13 @@ def structure(image: NDArray[np.floating] | NDArray[np.integer], sigma_px: float
         img = np.asarray(cv2.GaussianBlur(img, (0, 0), sigma_px), dtype=np.float32)
     gx = cv2.Sobel(img, cv2.CV_32F, 1, 0, ksize=3)
     gy = cv2.Sobel(img, cv2.CV_32F, 0, 1, ksize=3)
-    out: NDArray[np.float32] = np.asarray(cv2.magnitude(gx, gy), dtype=np.float32)
+    # not cv2.magnitude: its SIMD path rounds differently depending on where the output
+    # buffer happens to be aligned (3.8e-6 on a third of the pixels), so the same tiles gave
+    # placements differing by 1e-10 um from call to call, which moved the stage commands
+    # derived from them and, through the rendered frames, flipped later decisions (a bead
+    # match) between two runs of one seed. numpy's multiply, add and sqrt round the same
+    # way whatever the alignment.
+    out: NDArray[np.float32] = np.sqrt(gx * gx + gy * gy, dtype=np.float32)
     return out
 
 
