@@ -27,320 +27,31 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 
 import numpy as np
 import structlog
 from numpy.typing import NDArray
 
-from drivers.errors import ClemdError, ConfigError
 from drivers.imaging import Image
-from protocols.mosaic_blend import BlendMode, Canvas, blend_tiles, plan_canvas
-from protocols.mosaic_solve import REFERENCE, Edge, EdgeStatus, solve_placement
-from protocols.overlap_registration import (
-    RegistrationSettings,
-    context_px,
-    register_overlap,
-    structure,
+from protocols.mosaic_blend import Canvas, blend_tiles, plan_canvas
+from protocols.mosaic_solve import Edge, solve_placement
+from protocols.stitch_edges import (
+    AnchorMatch,
+    anchor_edges,
+    common_frame,
+    dark_tiles,
+    measure_pair,
+    measure_pairs,
 )
+from protocols.stitch_results import AnchorReport, Mosaic, OverlapReport, TilePlacement
+from protocols.stitch_settings import StitchingError, StitchSettings, registration_settings
 
 FloatArray = NDArray[np.float64]
 log = structlog.get_logger(__name__)
 
-__all__ = ["AnchorMatch", "AnchorReport", "Mosaic", "OverlapReport", "StitchSettings", "StitchingError",
-           "TilePlacement", "common_frame", "measure_pair", "registration_settings", "stitch"]
-
-OverlapStatus = EdgeStatus
-
-
-class StitchingError(ClemdError, ValueError):
-    """Tiles that cannot be stitched at all: none given, mixed pixel sizes or rotations,
-    or an output that would not fit in memory. Raised before any registration runs."""
-
-
-@dataclass(frozen=True)
-class StitchSettings:
-    """Stitching parameters; lengths in um unless the name says px.
-
-    ``max_stage_error_um`` bounds how far (per axis) any tile may lie from its nominal position,
-    about three standard deviations of the stage error. Two tiles can then be off by twice
-    that relative to each other, which is the search radius of every overlap. Where the tiles
-    show nothing but a lattice, twice the bound must stay below half the lattice period (grid
-    pitch 127 um at 200 mesh; R2/2 hole pitch 4 um), else pairs come out ``ambiguous``; with
-    non-periodic content (cells, beads, debris) the lattice is told apart by its score. A tile
-    whose correction exceeds 1.5 times the bound is flagged: it was most likely placed one lattice
-    period off by a consistent set of wrong matches.
-
-    ``min_anchor_ncc`` is the score an overview match needs (higher than an overlap's: an
-    anchored tile may have no other edge to catch a chance match on a featureless tile);
-    ``stage_rms_um`` (2D rms) is the expected error reported for tiles nothing placed.
-    ``dark_fraction`` (EM): a tile whose mean is under this fraction of the median tile mean
-    let (almost) no electrons through (a thick cell body, a bar) and is not registered at all:
-    matches between a few stray counts score well by chance and drag tiles by microns.
-    """
-
-    max_stage_error_um: float = 5.0
-    min_overlap_px: int = 16
-    smoothing_sigma_px: float = 1.0
-    min_ncc: float = 0.25
-    min_z_score: float = 6.0
-    corner_pairs: bool = False
-    ambiguity_margin: float = 0.9
-    reject_ambiguous: bool = True
-    outlier_px: float = 3.0
-    output_pixel_um: float | None = None
-    blend: BlendMode = "feather"
-    fill_value: float = 0.0
-    max_output_pixels: int = 400_000_000
-    min_anchor_ncc: float = 0.5
-    stage_rms_um: float | None = None
-    dark_fraction: float | None = None
-
-    @property
-    def stage_error_rms_um(self) -> float:
-        """The stage's miss as a 2D rms: ``stage_rms_um``, else from the bound (3 sigma per
-        axis). A bound set low to keep a lattice from aliasing understates it: set both."""
-        if self.stage_rms_um is not None:
-            return float(self.stage_rms_um)
-        return float(self.max_stage_error_um / 3.0 * np.sqrt(2.0))
-
-    def __post_init__(self) -> None:
-        checks = {"max_stage_error_um": self.max_stage_error_um,
-                  "smoothing_sigma_px": self.smoothing_sigma_px, "outlier_px": self.outlier_px}
-        for name, value in checks.items():
-            if not (np.isfinite(value) and value > 0):
-                raise ConfigError(f"stitching.{name}", f"must be a positive number, got {value!r}")
-        if self.min_overlap_px < 4:
-            raise ConfigError("stitching.min_overlap_px", f"must be >= 4, got {self.min_overlap_px}")
-        if not 0 < self.ambiguity_margin <= 1:
-            raise ConfigError("stitching.ambiguity_margin", "must lie in (0, 1]")
-        if self.output_pixel_um is not None and not self.output_pixel_um > 0:
-            raise ConfigError("stitching.output_pixel_um", "must be > 0 or None")
-        if self.dark_fraction is not None and not 0 <= self.dark_fraction < 1:
-            raise ConfigError("stitching.dark_fraction", "must lie in [0, 1) or be None")
-        if self.blend not in ("feather", "nearest"):
-            raise ConfigError("stitching.blend", f"{self.blend!r} not in ['feather', 'nearest']")
-
-
-@dataclass(frozen=True)
-class OverlapReport:
-    """One overlapping pair; shifts are (x, y) of tile j relative to tile i.
-
-    ``nominal_shift_px`` comes from the stage, ``measured_shift_px`` from registration,
-    ``residual_px`` is the length of measured minus solved shift (for every pair, used or not:
-    a refused pair with a small residual was a correct match refused out of caution), ``status``
-    says whether the pair was used in the final solve or why not.
-    """
-
-    i: int
-    j: int
-    nominal_shift_px: tuple[float, float]
-    measured_shift_px: tuple[float, float]
-    ncc: float
-    peak_ratio: float
-    ambiguous: bool
-    status: OverlapStatus
-    residual_px: float
-    pixel_size_um: float
-
-    @property
-    def correction_um(self) -> float:
-        """How far the measured shift differs from the nominal one, in um."""
-        d = np.subtract(self.measured_shift_px, self.nominal_shift_px)
-        return float(np.hypot(*d) * self.pixel_size_um)
-
-    @property
-    def residual_um(self) -> float:
-        return self.residual_px * self.pixel_size_um
-
-
-@dataclass(frozen=True)
-class TilePlacement:
-    """Where one tile ended up: its corrected affine and how far it moved from nominal.
-
-    ``n_anchors_used``: overview matches that placed it; ``expected_error_um``: how far from
-    the truth it may be (the stage's repeatability when nothing placed it).
-    """
-
-    index: int
-    pixel_to_stage: FloatArray
-    correction_um: tuple[float, float]
-    n_overlaps_used: int
-    flagged: bool
-    reason: str = ""
-    n_anchors_used: int = 0
-    expected_error_um: float = 0.0
-
-
-@dataclass(frozen=True)
-class AnchorMatch:
-    """A tile matched against an overview of the whole area (protocols/em_overview.py).
-
-    ``shift_um``: where the tile's content lies in the overview minus where the nominal
-    affines put it (stage um); ``lever_um``: the tile's centre minus the overview's centre;
-    ``scale``: the overview's pixel over the tile's (its precision relative to an overlap's).
-    """
-
-    tile: int
-    shift_um: tuple[float, float]
-    lever_um: tuple[float, float]
-    ncc: float
-    z_score: float
-    peak_ratio: float
-    ambiguous: bool
-    scale: float
-
-
-@dataclass(frozen=True)
-class AnchorReport:
-    """One tile-to-overview match as the solve judged it (residual in um)."""
-
-    tile: int
-    status: OverlapStatus
-    ncc: float
-    z_score: float
-    ambiguous: bool
-    residual_um: float
-    scale: float
-
-
-@dataclass(frozen=True)
-class Mosaic:
-    """A stitched array with its pixel-to-stage affine and the evidence for it."""
-
-    data: NDArray[np.float32]
-    pixel_size_um: float
-    pixel_to_stage: FloatArray
-    tiles: tuple[TilePlacement, ...]
-    overlaps: tuple[OverlapReport, ...]
-    elapsed_s: float = 0.0
-    stats: dict[str, float] = field(default_factory=dict)
-    anchors: tuple[AnchorReport, ...] = ()
-
-    def as_image(self, template: Image) -> Image:
-        """The mosaic as an ``Image`` with ``template``'s instrument metadata (e.g. tile 0)."""
-        return template.with_data(self.data, pixel_size_um=self.pixel_size_um,
-                                  pixel_to_stage=self.pixel_to_stage, index={},
-                                  extra={**template.extra, "mosaic_tiles": len(self.tiles)})
-
-
-def common_frame(tiles: Sequence[Image]) -> tuple[FloatArray, FloatArray]:
-    """Linear part shared by all tiles and each tile's (x, y) offset in tile-0 pixels."""
-    if not tiles:
-        raise StitchingError("no tiles to stitch")
-    linear = np.asarray(tiles[0].pixel_to_stage, float)[:, :2]
-    scale = float(np.sqrt(abs(np.linalg.det(linear))))
-    inv = np.linalg.inv(linear)
-    t0 = np.asarray(tiles[0].pixel_to_stage, float)[:, 2]
-    offsets = np.empty((len(tiles), 2))
-    for k, tile in enumerate(tiles):
-        a = np.asarray(tile.pixel_to_stage, float)
-        if np.abs(a[:, :2] - linear).max() > 1e-3 * scale:
-            raise StitchingError(f"tile {k}: pixel size or rotation differs from tile 0 "
-                                 f"({a[:, :2].tolist()} vs {linear.tolist()}); stitching assumes "
-                                 "one camera geometry")
-        offsets[k] = inv @ (a[:, 2] - t0)
-    return linear, offsets
-
-
-def _filtered_crop(tile: Image, x0: int, x1: int, y0: int, y1: int, sigma_px: float
-                   ) -> tuple[NDArray[np.float32], NDArray[np.bool_]]:
-    """``structure`` of a tile region, filtered with context from the tile around it.
-
-    The mask excludes pixels next to the tile's own edges, where the filter had no context:
-    across a narrow overlap those edges of the two tiles face each other and would otherwise
-    pull the match towards the nominal shift.
-    """
-    h, w = tile.shape
-    c = context_px(sigma_px)
-    cx0, cy0 = max(0, x0 - c), max(0, y0 - c)
-    filtered = structure(tile.data[cy0:min(h, y1 + c), cx0:min(w, x1 + c)], sigma_px)
-    xs, ys = np.arange(x0, x1), np.arange(y0, y1)
-    mask = np.outer((ys >= c) & (ys < h - c), (xs >= c) & (xs < w - c))
-    return filtered[y0 - cy0:y1 - cy0, x0 - cx0:x1 - cx0], mask
-
-
-def registration_settings(s: StitchSettings, pixel_um: float) -> RegistrationSettings:
-    """Overlap registration as ``s`` asks: search twice the stage bound (both tiles miss)."""
-    return RegistrationSettings(max_shift_px=2.0 * s.max_stage_error_um / pixel_um,
-                                peak_sigma_px=s.smoothing_sigma_px,
-                                ambiguity_margin=s.ambiguity_margin)
-
-
-def measure_pair(tile_i: Image, tile_j: Image, i: int, j: int, nominal: FloatArray,
-                 s: StitchSettings, reg: RegistrationSettings) -> Edge | None:
-    """Register the overlap of tiles i and j (``nominal``: j's offset from i in i's pixels).
-
-    None when they do not overlap by ``min_overlap_px`` or only share a corner (unless
-    ``corner_pairs``). Pure computation: a tile step can call it for its neighbours already
-    acquired and commit the edge, so that the final step only solves (protocols/lm_atlas.py).
-    """
-    hi, wi = tile_i.shape
-    hj, wj = tile_j.shape
-    m = s.min_overlap_px
-    margin = int(np.ceil(reg.max_shift_px)) + 1
-    dx, dy = (int(v) for v in np.round(nominal))
-    x0, x1 = max(0, dx), min(wi, dx + wj)
-    y0, y1 = max(0, dy), min(hi, dy + hj)
-    if x1 - x0 < m or y1 - y0 < m:
-        return None
-    along = max((x1 - x0) / min(wi, wj), (y1 - y0) / min(hi, hj))
-    if along < 0.5 and not s.corner_pairs:
-        return None  # diagonal neighbours share a corner: small, often bar-only, and redundant
-    # tile i: the nominal overlap widened by the search radius; tile j: what the stage says
-    # lies in that window
-    ax0, ax1 = max(0, x0 - margin), min(wi, x1 + margin)
-    ay0, ay1 = max(0, y0 - margin), min(hi, y1 + margin)
-    bx0, bx1 = max(0, ax0 - dx), min(wj, ax1 - dx)
-    by0, by1 = max(0, ay0 - dy), min(hj, ay1 - dy)
-    a, mask_a = _filtered_crop(tile_i, ax0, ax1, ay0, ay1, s.smoothing_sigma_px)
-    b, mask_b = _filtered_crop(tile_j, bx0, bx1, by0, by1, s.smoothing_sigma_px)
-    match = register_overlap(a, b, (bx0 + dx - ax0, by0 + dy - ay0), reg, mask_a, mask_b)
-    measured = np.array([dx + match.shift_px[0], dy + match.shift_px[1]])
-    status: OverlapStatus = "used"
-    if match.ncc < s.min_ncc or match.z_score < s.min_z_score:
-        status = "low_score"
-    elif match.ambiguous and s.reject_ambiguous:
-        status = "ambiguous"
-    return Edge(i, j, np.asarray(nominal, float), measured, match.ncc, match.peak_ratio,
-                match.ambiguous, status, z_score=match.z_score)
-
-
-def _measure_pairs(tiles: Sequence[Image], offsets: FloatArray, s: StitchSettings,
-                   reg: RegistrationSettings) -> list[Edge]:
-    pairs = []
-    for i in range(len(tiles)):
-        for j in range(i + 1, len(tiles)):
-            edge = measure_pair(tiles[i], tiles[j], i, j, offsets[j] - offsets[i], s, reg)
-            if edge is not None:
-                pairs.append(edge)
-    return pairs
-
-
-def _dark_tiles(tiles: Sequence[Image], fraction: float | None) -> set[int]:
-    if fraction is None or not tiles:
-        return set()
-    means = np.array([float(np.mean(t.data)) for t in tiles])
-    return {k for k, m in enumerate(means) if m < fraction * float(np.median(means))}
-
-
-def _anchor_edges(anchors: Sequence[AnchorMatch], linear: FloatArray, offsets: FloatArray,
-                  s: StitchSettings) -> list[Edge]:
-    """Tile-to-overview matches as edges in the common tile-pixel frame."""
-    inv = np.linalg.inv(linear)
-    out = []
-    for a in anchors:
-        d = inv @ np.asarray(a.shift_um, float)
-        lever = inv @ np.asarray(a.lever_um, float)
-        status: OverlapStatus = "used"
-        if a.ncc < s.min_anchor_ncc or a.z_score < s.min_z_score:
-            status = "low_score"
-        elif a.ambiguous:
-            status = "ambiguous"   # an anchor has no loop to catch a wrong period: never used
-        out.append(Edge(REFERENCE, a.tile, offsets[a.tile], offsets[a.tile] + d, a.ncc,
-                        a.peak_ratio, a.ambiguous, status, scale=a.scale,
-                        lever=(float(lever[0]), float(lever[1])), z_score=a.z_score))
-    return out
+__all__ = ["AnchorMatch", "AnchorReport", "Mosaic", "OverlapReport", "StitchSettings",
+           "StitchingError", "TilePlacement", "common_frame", "measure_pair",
+           "registration_settings", "stitch"]
 
 
 def _expected_error_um(k: int, edges: Sequence[Edge], residuals: Sequence[float],
@@ -376,10 +87,10 @@ def stitch(tiles: Sequence[Image], settings: StitchSettings | None = None, *,
     if canvas_guess.shape[0] * canvas_guess.shape[1] > s.max_output_pixels:
         raise StitchingError(f"mosaic of {canvas_guess.shape} pixels exceeds max_output_pixels "
                              f"{s.max_output_pixels}; set stitching.output_pixel_um")
-    dark = _dark_tiles(tiles, s.dark_fraction)
-    measured = (_measure_pairs(tiles, offsets, s, registration_settings(s, px_um))
+    dark = dark_tiles(tiles, s.dark_fraction)
+    measured = (measure_pairs(tiles, offsets, s, registration_settings(s, px_um))
                 if pairs is None else list(pairs))
-    edges = [e for e in measured + _anchor_edges(anchors, linear, offsets, s)
+    edges = [e for e in measured + anchor_edges(anchors, linear, offsets, s)
              if e.j not in dark and e.i not in dark]
     solved = solve_placement(offsets, edges, s.outlier_px)
     positions, labels = solved.positions, solved.labels
