@@ -87,6 +87,7 @@ from drivers.serialem.montage import (
     TileContext,
     assign,
     montage_path,
+    param_sets,
     plan_grid,
     run_montage,
     tile_image,
@@ -211,6 +212,7 @@ class SerialEMElectronMicroscope(ElectronMicroscope):
         folder = self.config.montage_dir
         if folder is None:
             return super()._do_montage(positions, area, settings)
+        param_sets(area)
         mag = self.magnification(settings.mag_index)
         grid = plan_grid(positions, mag, self.camera_shape(settings.binning), settings.binning,
                          self.limits)

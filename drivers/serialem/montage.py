@@ -135,6 +135,15 @@ def plan_grid(positions: Sequence[tuple[float, float]], mag: Magnification,
     return grid
 
 
+def param_sets(area: LowDoseArea) -> tuple[int, ...]:
+    """ParamSetToUseForMontage values for ``area``; LimitViolation for Focus and Trial."""
+    sets = PARAM_SETS.get(area)
+    if sets is None:
+        raise LimitViolation(f"SerialEM montages only in View, Search or Record in low dose, "
+                             f"not {area.name} (ParamSetToUseForMontage)")
+    return sets
+
+
 def layout_um(grid: MontageGrid, mag: Magnification) -> list[tuple[float, float]]:
     """Stage centres of SerialEM's pieces (whole-pixel overlaps), row by row."""
     rot = affine_from(1.0, mag.rotation_deg, (0.0, 0.0), (1, 1))[:, :2]
@@ -162,11 +171,7 @@ def run_montage(link: SerialEMLink, grid: MontageGrid, area: LowDoseArea, folder
     link dropped), HardwareFault (SerialEM acquired a different number of pieces). The file
     is closed in every case; a failure to close after an error is logged, not raised.
     """
-    sets = PARAM_SETS.get(area)
-    if sets is None:
-        raise LimitViolation(f"SerialEM montages only in View, Search or Record in low dose, "
-                             f"not {area.name} (ParamSetToUseForMontage)")
-    for value in sets:
+    for value in param_sets(area):
         link.call("ParamSetToUseForMontage", value)
     link.call("MakeDirectory", folder)
     link.call("OpenNewMontage", grid.nx, grid.ny, path)

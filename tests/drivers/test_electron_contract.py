@@ -59,8 +59,10 @@ def make_em(request: pytest.FixtureRequest,
             return sim
         twin = SerialEMTwin(sim).start()
         closing.append(twin)
-        em = SerialEMElectronMicroscope.from_config(twin.driver_config(), clock=VirtualClock(),
-                                                    environ={})
+        # with a montage folder, montage() is SerialEM's own Montage (native_montage)
+        em = SerialEMElectronMicroscope.from_config(
+            twin.driver_config(montage_dir="D:\\clemd\\montages"), clock=VirtualClock(),
+            environ={})
         closing.append(em)
         return em
 
@@ -233,14 +235,27 @@ def test_settings_themselves_refuse_zero_exposure_and_binning() -> None:
 
 
 def test_montage_tiles(em: ElectronMicroscope) -> None:
-    tiles = em.montage((100.0, 50.0), (2, 1), overlap=0.1, area=LowDoseArea.VIEW)
-    assert len(tiles) == 2
-    assert [t.index for t in tiles] == [{"tile": 0}, {"tile": 1}]
+    # binning 1: SerialEM's montage wants frames of at least 32 px and 16 px overlaps
+    settings = replace(em.low_dose[LowDoseArea.VIEW], binning=1)
+    assert em.native_montage == isinstance(em, SerialEMElectronMicroscope)
+    tiles = em.montage((100.0, 50.0), (2, 3), overlap=0.2, area=LowDoseArea.VIEW,
+                       settings=settings)
+    assert len(tiles) == 6
+    assert [t.index for t in tiles] == [{"tile": k} for k in range(6)]
+    wanted = em.montage_positions((100.0, 50.0), (2, 3), 0.2, settings)
+    for t, (x, y) in zip(tiles, wanted, strict=True):
+        assert t.shape == em.camera_shape(1) and t.binning == 1
+        assert t.pixel_size_um == pytest.approx(em.magnifications[settings.mag_index]
+                                                .pixel_size_um)
+        assert t.low_dose_area == LowDoseArea.VIEW.value
+        assert t.stage_um[:2] == pytest.approx((x, y), abs=1e-2)
+        h, w = t.shape     # each tile's affine is centred on its own stage position
+        assert t.pixel_to_stage_xy([(w - 1) / 2, (h - 1) / 2]) == \
+            pytest.approx(t.stage_um[:2], abs=1e-6)
     xs = [t.stage_um[0] for t in tiles]
     ys = [t.stage_um[1] for t in tiles]
     assert np.mean(xs) == pytest.approx(100.0, abs=1e-3)
     assert np.mean(ys) == pytest.approx(50.0, abs=1e-3)
-    assert xs[0] != pytest.approx(xs[1]) or ys[0] != pytest.approx(ys[1])
 
 
 def test_montage_outside_travel_is_refused_before_moving(em: ElectronMicroscope) -> None:

@@ -1,0 +1,302 @@
+"""SerialEM's own montage through the real driver, over TCP to the SerialEM twin.
+
+The twin montages on the simulated TEM (simulators/serialem_montage_commands.py), so the
+tiles the driver returns can be checked against what the twin reported (StagePosition per
+piece) and against the simulator's truth (where each frame really was). Everything runs on
+the virtual clock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+import pytest
+
+from drivers.base import AcquisitionSettings, LowDoseArea, apply_affine
+from drivers.clock import VirtualClock
+from drivers.errors import ConnectionLost, HardwareFault, InvalidState, LimitViolation
+from drivers.serialem.client import Result, SerialEMClient, SerialEMLink, SerialEMScriptError
+from drivers.serialem.microscope import SerialEMElectronMicroscope
+from drivers.serialem.montage import MontageGrid, plan_grid
+from simulators.electron import SimulatedElectronMicroscope
+from simulators.electron_config import ElectronSimConfig
+from simulators.serialem_server import SerialEMTwin, TwinFaults
+from simulators.serialem_state import MontageFile
+from simulators.specimen import Specimen
+
+CAMERA = (96, 128)
+FOLDER = "D:\\clemd\\montages"
+#: 110x, 0.099 um pixels, rotated 92.2 deg: a 12.7 x 9.5 um frame at binning 1.
+LM_INDEX = 3
+Make = Callable[..., tuple[SerialEMTwin, SerialEMElectronMicroscope]]
+
+
+class RecordingLink:
+    """The real client, with every command name it is asked to send recorded."""
+
+    def __init__(self, link: SerialEMLink) -> None:
+        self.link = link
+        self.calls: list[str] = []
+
+    def call(self, name: str, *args: object) -> Result:
+        self.calls.append(name)
+        return self.link.call(name, *args)
+
+    def get_image(self, buffer: str = "A", *, fft: bool = False) -> Any:
+        self.calls.append(f"get_image {buffer}")
+        return self.link.get_image(buffer, fft=fft)
+
+    def put_image(self, image: Any, buffer: str = "A", **kw: Any) -> None:
+        self.link.put_image(image, buffer, **kw)
+
+    def close(self) -> None:
+        self.link.close()
+
+
+@pytest.fixture(scope="module")
+def specimen() -> Specimen:
+    return Specimen.generate(seed=7)
+
+
+@pytest.fixture
+def links() -> dict[int, RecordingLink]:
+    """The recording link of each driver ``make`` built, by id of the driver."""
+    return {}
+
+
+@pytest.fixture
+def make(specimen: Specimen, links: dict[int, RecordingLink]) -> Iterator[Make]:
+    """(twin, driver): ``sim`` overrides simulator fields, ``resend_window_s`` the client's,
+    ``config`` the driver's settings (montage_dir set unless given as None)."""
+    made: list[tuple[SerialEMTwin, SerialEMElectronMicroscope]] = []
+
+    def factory(faults: TwinFaults | None = None, sim: dict[str, Any] | None = None,
+                resend_window_s: float = 0.2,
+                **config: Any) -> tuple[SerialEMTwin, SerialEMElectronMicroscope]:
+        microscope = SimulatedElectronMicroscope.for_tests(specimen, VirtualClock(),
+                                                           camera=CAMERA, **(sim or {}))
+        twin = SerialEMTwin(microscope, faults=faults).start()
+        settings = twin.driver_config(**{"montage_dir": FOLDER, "camera_shape": CAMERA,
+                                         **config})
+        clock = VirtualClock()
+        host, port = twin.address
+        link = RecordingLink(SerialEMClient(host, port, resend_window_s=resend_window_s,
+                                            clock=clock))
+        em = SerialEMElectronMicroscope(settings, link, clock=clock)
+        links[id(em)] = link
+        made.append((twin, em))
+        return twin, em
+
+    yield factory
+    for twin, em in made:
+        with contextlib.suppress(ConnectionLost, InvalidState):
+            em.close()
+        twin.close()
+
+
+def _sim(twin: SerialEMTwin) -> SimulatedElectronMicroscope:
+    assert isinstance(twin.em, SimulatedElectronMicroscope)
+    return twin.em
+
+
+
+
+def _lm(em: SerialEMElectronMicroscope, area: LowDoseArea = LowDoseArea.VIEW
+        ) -> AcquisitionSettings:
+    """The area's preset at the LM magnification, binning 1."""
+    return replace(em.low_dose[area], mag_index=LM_INDEX, binning=1)
+
+
+def _square_centre(specimen: Specimen) -> tuple[float, float]:
+    sq = specimen.squares[len(specimen.squares) // 2]
+    x, y = specimen.truth.grid_to_em_stage(np.asarray(sq.centre_um, float))
+    return float(x), float(y)
+
+
+def _only_montage(twin: SerialEMTwin) -> MontageFile:
+    assert len(twin.state.montages) == 1
+    return twin.state.montages[0]
+
+
+# --------------------------------------------------------------------------- the montage
+
+
+def test_montage_returns_the_pieces_where_serialem_recorded_them(make: Make,
+                                                                 specimen: Specimen) -> None:
+    twin, em = make()
+    assert em.native_montage
+    settings = _lm(em)
+    centre = _square_centre(specimen)
+    tiles = em.montage(centre, (3, 2), overlap=0.25, area=LowDoseArea.VIEW, settings=settings)
+
+    assert len(tiles) == 6
+    assert [t.index for t in tiles] == [{"tile": k} for k in range(6)]
+    mag = em.magnifications[LM_INDEX]
+    for t in tiles:
+        assert t.shape == CAMERA and t.binning == 1
+        assert t.pixel_size_um == pytest.approx(mag.pixel_size_um)
+        assert (t.mag_index, t.low_dose_area) == (LM_INDEX, "V")
+        assert t.extra["montage_file"].startswith(FOLDER + "\\")
+
+    montage = _only_montage(twin)
+    assert twin.state.montage is None                       # closed afterwards
+    assert (montage.nx, montage.ny, montage.frame) == (3, 2, (128, 96))
+    assert montage.overlap == (32, 24)                      # 0.25 of the frame, whole pixels
+    sim = _sim(twin)
+    limit = 4 * sim.config.stage.repeatability_rms_um + sim.config.stage.backlash_um
+    for t in tiles:
+        ix, iy = t.extra["serialem_piece"]
+        piece = montage.pieces[(ix - 1, iy - 1)]
+        # the stage position is the one SerialEM reported for the piece, not the request
+        assert t.stage_um[:2] == pytest.approx(piece.meta["StagePosition"])
+        assert np.array_equal(t.data, piece.data)
+        # ... and the tile's affine puts its centre where the frame really was
+        h, w = t.shape
+        mid = np.array([(w - 1) / 2, (h - 1) / 2])
+        true = apply_affine(sim.true_pixel_to_stage(montage.images[(ix - 1, iy - 1)]), mid)
+        assert np.linalg.norm(apply_affine(t.pixel_to_stage, mid) - true) < limit
+
+
+def test_tiles_come_in_the_order_of_the_requested_positions(make: Make,
+                                                            specimen: Specimen) -> None:
+    _, em = make()
+    settings = _lm(em)
+    centre = _square_centre(specimen)
+    tiles = em.montage(centre, (3, 2), overlap=0.25, area=LowDoseArea.VIEW, settings=settings)
+    wanted = em.montage_positions(centre, (3, 2), 0.25, settings)
+    for t, (x, y) in zip(tiles, wanted, strict=True):
+        assert np.hypot(t.stage_um[0] - x, t.stage_um[1] - y) < 0.05   # reported = commanded
+    # neighbours overlap as SerialEM laid them out: a frame less the overlap apart
+    px = em.magnifications[LM_INDEX].pixel_size_um
+    step_x, step_y = (128 - 32) * px, (96 - 24) * px
+    assert np.hypot(*np.subtract(tiles[1].stage_um[:2], tiles[0].stage_um[:2])) == \
+        pytest.approx(step_x, abs=0.05)
+    assert np.hypot(*np.subtract(tiles[3].stage_um[:2], tiles[0].stage_um[:2])) == \
+        pytest.approx(step_y, abs=0.05)
+    coords = {t.extra["serialem_piece"]: t.extra["piece_coordinates_px"] for t in tiles}
+    assert coords[(2, 1)][0] - coords[(1, 1)][0] == 128 - 32
+    assert coords[(1, 2)][1] - coords[(1, 1)][1] == 96 - 24
+    # the stage went back to the centre, as SerialEM's montage does
+    assert em.stage_position()[:2] == pytest.approx(centre, abs=1e-3)
+
+
+@pytest.mark.parametrize(("area", "flags"), [
+    (LowDoseArea.VIEW, (True, False)),
+    (LowDoseArea.SEARCH, (False, True)),
+    (LowDoseArea.RECORD, (False, False)),
+])
+def test_the_montage_shoots_in_the_requested_area(make: Make, area: LowDoseArea,
+                                                  flags: tuple[bool, bool]) -> None:
+    twin, em = make()
+    tiles = em.montage((0.0, 0.0), (2, 1), overlap=0.25, area=area, settings=_lm(em, area))
+    assert (twin.state.montage_use_view, twin.state.montage_use_search) == flags
+    frames = _only_montage(twin).images.values()
+    assert {f.low_dose_area for f in frames} == {area.value}
+    assert {t.low_dose_area for t in tiles} == {area.value}
+
+
+def test_command_sequence(make: Make, links: dict[int, RecordingLink]) -> None:
+    _, em = make()
+    em.montage((0.0, 0.0), (1, 2), overlap=0.25, area=LowDoseArea.VIEW, settings=_lm(em))
+    skip = ("Report", "SetExposure", "SetBinning", "SetMagIndex")
+    calls = [c for c in links[id(em)].calls if not c.startswith(skip)]
+    assert calls[:3] == ["MoveStageTo", "SetLowDoseMode", "GoToLowDoseArea"]
+    assert calls[3:10] == ["ParamSetToUseForMontage", "ParamSetToUseForMontage",
+                           "MakeDirectory", "OpenNewMontage", "SetMontageParams", "Montage",
+                           "ReadMontagePiece"]
+    assert calls.count("ReadMontagePiece") == 2 and calls.count("get_image P") == 2
+    assert calls[-1] == "CloseFile"
+
+
+# --------------------------------------------------------------------------- refusals
+
+
+@pytest.mark.parametrize("case", ["outside-travel", "overlap-too-small", "frame-too-small",
+                                  "focus-area"])
+def test_refused_before_any_command(make: Make, links: dict[int, RecordingLink],
+                                    case: str) -> None:
+    twin, em = make()
+    lm = _lm(em)
+    with pytest.raises(LimitViolation) as err:
+        if case == "outside-travel":
+            em.montage((em.limits.x.upper - 5.0, 0.0), (3, 3), 0.25, LowDoseArea.VIEW, lm)
+        elif case == "overlap-too-small":        # 0.1 of 128 px is 13 px; SerialEM wants 16
+            em.montage((0.0, 0.0), (3, 3), 0.1, LowDoseArea.VIEW, lm)
+        elif case == "frame-too-small":          # View at binning 8: 16 px frames
+            em.montage((0.0, 0.0), (2, 2), 0.25, LowDoseArea.VIEW)
+        else:
+            em.montage((0.0, 0.0), (2, 1), 0.25, LowDoseArea.FOCUS, _lm(em, LowDoseArea.FOCUS))
+    assert links[id(em)].calls == [], err.value
+    assert twin.state.montages == []
+
+
+def test_positions_that_are_no_grid_are_refused() -> None:
+    twin_like = SimulatedElectronMicroscope.for_tests(Specimen.generate(seed=1), VirtualClock(),
+                                                      camera=CAMERA)
+    mag = twin_like.magnifications[LM_INDEX]
+    with pytest.raises(LimitViolation, match="row-by-row grid"):
+        plan_grid([(0.0, 0.0), (5.0, 1.0), (2.0, 9.0)], mag, CAMERA, 1, twin_like.limits)
+    with pytest.raises(LimitViolation, match="evenly spaced"):
+        settings = AcquisitionSettings(mag_index=LM_INDEX, exposure_s=1.0)
+        row = twin_like.montage_positions((0.0, 0.0), (4, 1), 0.25, settings)
+        uneven = [row[0], row[1], row[2], (2 * row[3][0] - row[2][0], 2 * row[3][1] - row[2][1])]
+        plan_grid(uneven, mag, CAMERA, 1, twin_like.limits)
+    grid = plan_grid(twin_like.montage_positions((0.0, 0.0), (1, 3), 0.3,
+                                                 AcquisitionSettings(LM_INDEX, 1.0)),
+                     mag, CAMERA, 1, twin_like.limits)
+    assert isinstance(grid, MontageGrid)
+    assert (grid.nx, grid.ny, grid.overlap_px[1]) == (1, 3, 96 - round(0.7 * 96))
+    assert grid.overlap_px[0] == round(grid.overlap_px[1] / 96 * 128)   # y's fraction
+
+
+def test_a_layout_serialem_does_not_share_is_a_hardware_fault(make: Make) -> None:
+    """The driver's table says the LM camera is rotated 0 deg; SerialEM (the twin) lays out
+    along its own 92.2 deg: pieces land far from the requested positions."""
+    table = [{"index": m.index, "magnification": m.magnification,
+              "pixel_size_um": m.pixel_size_um,
+              "rotation_deg": 0.0 if m.index == LM_INDEX else m.rotation_deg}
+             for m in ElectronSimConfig().magnifications]
+    twin2, em2 = make(magnifications=table)
+    with pytest.raises(HardwareFault, match="rotation_deg"):
+        em2.montage((0.0, 0.0), (3, 1), 0.25, LowDoseArea.VIEW, _lm(em2))
+    assert twin2.state.montage is None
+
+
+# --------------------------------------------------------------------------- failures
+
+
+def test_a_link_dropped_while_montaging_is_resent(make: Make) -> None:
+    twin, em = make(faults=TwinFaults(drop_link_on="Montage"))
+    tiles = em.montage((0.0, 0.0), (2, 2), 0.25, LowDoseArea.VIEW, _lm(em))
+    assert len(tiles) == 4 and twin.connections == 2
+
+
+def test_a_link_lost_while_montaging_raises_and_returns_nothing(
+        make: Make, links: dict[int, RecordingLink]) -> None:
+    twin, em = make(faults=TwinFaults(drop_link_on="Montage"), resend_window_s=0.0)
+    with pytest.raises(ConnectionLost):
+        em.montage((0.0, 0.0), (2, 2), 0.25, LowDoseArea.VIEW, _lm(em))
+    assert links[id(em)].calls[-1] == "CloseFile"   # cleanup reconnected, closed the file
+    assert twin.state.montage is None
+    assert _only_montage(twin).pieces == {}     # SerialEM never montaged
+
+
+def test_a_script_error_while_montaging_raises_and_closes_the_file(make: Make) -> None:
+    twin, em = make(sim={"faults": {"stage_fault_after_moves": 3}})
+    with pytest.raises(SerialEMScriptError, match="stage does not respond"):
+        em.montage((0.0, 0.0), (2, 2), 0.25, LowDoseArea.VIEW, _lm(em))
+    assert twin.state.montage is None
+    assert len(_only_montage(twin).pieces) == 2    # SerialEM stopped part way
+
+
+def test_without_a_montage_folder_the_tile_loop_runs(make: Make,
+                                                     links: dict[int, RecordingLink]) -> None:
+    twin, em = make(montage_dir=None)
+    assert not em.native_montage
+    tiles = em.montage((0.0, 0.0), (2, 1), 0.25, LowDoseArea.VIEW, _lm(em))
+    assert len(tiles) == 2 and twin.state.montages == []
+    assert "Montage" not in links[id(em)].calls
