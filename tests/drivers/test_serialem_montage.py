@@ -300,3 +300,75 @@ def test_without_a_montage_folder_the_tile_loop_runs(make: Make,
     tiles = em.montage((0.0, 0.0), (2, 1), 0.25, LowDoseArea.VIEW, _lm(em))
     assert len(tiles) == 2 and twin.state.montages == []
     assert "Montage" not in links[id(em)].calls
+
+
+# --------------------------------------------------------------------------- the twin itself
+
+
+@pytest.fixture
+def client(specimen: Specimen) -> Iterator[tuple[SerialEMTwin, SerialEMClient]]:
+    """A bare client on a twin in low dose, as a script would talk to SerialEM."""
+    sim = SimulatedElectronMicroscope.for_tests(specimen, VirtualClock(), camera=CAMERA)
+    twin = SerialEMTwin(sim).start()
+    host, port = twin.address
+    link = SerialEMClient(host, port, clock=VirtualClock())
+    link.call("SetLowDoseMode", 1)
+    yield twin, link
+    with contextlib.suppress(ConnectionLost, InvalidState):
+        link.close()
+    twin.close()
+
+
+@pytest.mark.parametrize(("calls", "message"), [
+    ([("SetMontageParams", 1)], "Montaging must be on already"),
+    ([("OpenNewMontage", 2, 2, "a.mrc"), ("SetMontageParams", 1, 8)],
+     "The X overlap must be at least 16"),
+    ([("OpenNewMontage", 2, 2, "a.mrc"), ("SetMontageParams", 1, 0, 20)],
+     "The Y overlap must be at least 16"),                 # SerialEM checks the X entry
+    ([("OpenNewMontage", 2, 2, "a.mrc"), ("SetMontageParams", 1, 70)],
+     "X overlap is more than half the frame size"),
+    ([("OpenNewMontage", 2, 2, "a.mrc"), ("CloseFile",), ("OpenNewMontage", 2, 2, "a.mrc")],
+     "a.mrc already exists"),
+    ([("OpenNewMontage", 0, 2, "a.mrc")], "Number of montages pieces is missing"),
+    ([("Montage",)], "montaging is not activated"),
+    ([("OpenNewMontage", 2, 2, "a.mrc"), ("Montage",)], "one stage montage per file"),
+    ([("OpenNewMontage", 2, 2, "a.mrc"), ("ParamSetToUseForMontage", 2)],
+     "should be selected before a montage is opened"),
+    ([("ReadMontagePiece", 1, 1, 0, "P")], "because there is no open file"),
+    ([("CloseFile", "x")], "there is no open file"),
+])
+def test_twin_refuses_as_serialem_does(client: tuple[SerialEMTwin, SerialEMClient],
+                                       calls: list[tuple[Any, ...]], message: str) -> None:
+    _, link = client
+    with pytest.raises(SerialEMScriptError, match=message):
+        for name, *args in calls:
+            link.call(name, *args)
+
+
+def test_twin_reads_pieces_and_their_metadata(client: tuple[SerialEMTwin, SerialEMClient]
+                                             ) -> None:
+    twin, link = client
+    link.call("ParamSetToUseForMontage", 2)                 # View: binning 8 -> 16 x 12 px
+    link.call("SetBinning", "V", 1)
+    link.call("OpenNewMontage", 2, 1, "b.mrc")
+    assert link.call("ReportNumMontagePieces") == 2.0
+    link.call("SetMontageParams", 1, 32, 24, 128, 96, 1, 1.0)
+    before = twin.em.stage_position()
+    link.call("Montage")
+    assert twin.em.stage_position() == pytest.approx(before)    # back at the centre
+    assert link.call("ReportFileZsize") == (2.0, 1.0)
+    link.call("ReadMontagePiece", 2, 1, 0, "Q")
+    montage = twin.state.montage
+    assert montage is not None
+    assert link.call("ReportMetadataValues", "Q", "StagePosition") == \
+        pytest.approx(montage.pieces[(1, 0)].meta["StagePosition"])
+    assert link.call("ReportMetadataValues", "Q", "PieceCoordinates") == (96.0, 0.0, 0.0)
+    assert link.get_image("Q").shape == CAMERA
+    with pytest.raises(SerialEMScriptError, match="Could not find piece"):
+        link.call("ReadMontagePiece", 1, 2, 0, "Q")
+    with pytest.raises(SerialEMScriptError, match="Key Nope does not exist"):
+        link.call("ReportMetadataValues", "Q", "Nope")
+    link.call("CloseFile")
+    assert twin.state.montage is None and link.call("ReportNumMontagePieces") == 1.0
+    link.call("Record")                                      # shots carry metadata too
+    assert link.call("ReportMetadataValues", "A", "StagePosition") == pytest.approx(before[:2])
