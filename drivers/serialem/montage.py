@@ -165,7 +165,8 @@ def montage_path(folder: str) -> str:
 
 def run_montage(link: SerialEMLink, grid: MontageGrid, area: LowDoseArea, folder: str,
                 path: str, buffer: str) -> list[Piece]:
-    """Steps 2b-6 of the module docstring; the stage is at the centre, the area set up.
+    """Steps 2 (ParamSetToUseForMontage) to 6 of the module docstring; the stage is at the
+    centre and the low-dose area set up.
 
     Raises SerialEMScriptError (SerialEM refused or failed a command), ConnectionLost (the
     link dropped), HardwareFault (SerialEM acquired a different number of pieces). The file
