@@ -4,41 +4,53 @@ Why the steps look like this (AutoCLEM step 1, docs/clem-workflow.md): the grid 
 dish whose bottom is tilted by a few um over 3 mm, more than the ~1 um depth of field of a
 20x/0.75, so focus has to follow the surface; and the stage misses commanded positions by
 about a micrometre, so the atlas is stitched by registering the overlaps and solving a global
-placement (protocols/stitching.py), never by trusting the stage.
+placement, never by trusting the stage.
 
 Steps (keys under ``prefix``, default ``lm-atlas``):
 
 - ``focus-KK``: with ``focus="map"`` (default) a few autofocus points (centre and a ring)
-  are measured and a plane is fitted to them; tiles are then imaged at the plane's z. The
-  plane is fitted from committed results only, so a resumed plan predicts the same z. A
-  plane is enough because the film is flat on the scale of the grid and one autofocus per
-  tile costs ~20 frames (5x the atlas time); ``focus="per_tile"`` refines every tile around
-  its neighbour's focus, ``"fixed"`` trusts ``start_z_um`` (hardware focus lock).
-- ``tile-rRR-cCC``: move, focus, snap every channel, write ``<key>.ome.tif``. Tiles follow
-  the camera axes (so overlaps are even whatever the camera rotation), in a serpentine
-  order; tiles that do not touch the disc of ``diameter_um`` are left out.
-- ``stitch``: re-read the tiles from disc (a resumed session has nothing in memory), stitch
-  the first channel, blend the others with the same placement, write ``atlas.ome.tif``
-  (downsampled when it would exceed ``max_atlas_pixels``) and ``atlas.json`` with the
-  pixel-to-stage affine, every overlap's quality and every tile's correction.
+  are measured and a plane is fitted to them (protocols/lm_atlas_focus.py); tiles are then
+  imaged at the plane's z. The plane is fitted from committed results only, so a resumed plan
+  predicts the same z. ``focus="per_tile"`` refines every tile around its neighbour's focus,
+  ``"fixed"`` trusts ``start_z_um`` (hardware focus lock).
+- ``tile-rRR-cCC``: move, focus, snap every channel; commits the tile's ``<key>.ome.tif`` and
+  its overlaps with the neighbours acquired before it. Tiles follow the camera axes (so
+  overlaps are even whatever the camera rotation), in a serpentine order; tiles that do not
+  touch the disc of ``diameter_um`` are left out.
+- ``stitch``: the global solve with every committed overlap, the atlas finished and written
+  as ``atlas.ome.tif`` (downsampled when it would exceed ``max_atlas_pixels``) with
+  ``atlas.json`` (pixel-to-stage affine, every overlap's quality, every tile's correction).
+
+Compute runs while the hardware works (protocols/lm_atlas_build.py): a tile's registration,
+file and blend are queued to background threads as its frames come in, and the tile's step
+acquires the *next* tile before it waits for them, so a step commits its tile (file and
+overlaps durable) after the next tile's exposures. A step interrupted or failed after that
+prefetch leaves the next tile to its own step: a plan object that continues uses the frames
+already taken, a rebuilt one (after a restart) acquires them again; no step runs twice. The
+instrument is driven only from the runner's thread, in the same order as without the
+background threads, so the same seed gives the same tiles, overlaps and atlas.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
 import structlog
-from numpy.typing import NDArray
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from drivers.base import LightMicroscope, LimitViolation
+from drivers.errors import ClemdError
 from drivers.imaging import Image, affine_from
-from protocols.lm_atlas_stitch import edge_json, load_atlas, register_neighbours, stitch_atlas
-from protocols.lm_io import affine_json, image_record, load_images, save_images
+from protocols.compute_lane import ComputeLane, Job
+from protocols.lm_atlas_build import AtlasBuilder
+from protocols.lm_atlas_focus import FocusPlaneFit, autofocus, fit_focus_plane, focus_points
+from protocols.lm_atlas_stitch import edge_from_json, edge_json, load_atlas, write_atlas
+from protocols.lm_io import affine_json, image_record
+from protocols.mosaic_solve import Edge
 from protocols.plan import Plan, Step, StepContext, StepResult
 
 __all__ = ["FocusPlaneFit", "LMAtlasParams", "LMAtlasPlan", "TileSpec", "fit_focus_plane",
@@ -73,6 +85,7 @@ class LMAtlasParams(BaseModel):
     max_atlas_pixels: int = Field(25_000_000, ge=10_000)
     max_tiles: int = Field(400, ge=1)
     flat_field: bool = True
+    flat_field_tiles: int = Field(9, ge=4, le=400)
     prefix: str = Field("lm-atlas", pattern=r"^[a-z0-9][a-z0-9_/-]*$")
 
     @model_validator(mode="after")
@@ -98,19 +111,6 @@ class TileSpec:
     @property
     def name(self) -> str:
         return f"tile-r{self.row:02d}-c{self.col:02d}"
-
-
-@dataclass(frozen=True)
-class FocusPlaneFit:
-    """Focus z = z0 + sx * x + sy * y (stage um); points used and their worst residual."""
-
-    z0_um: float
-    slope: tuple[float, float]
-    used: tuple[int, ...]
-    max_residual_um: float
-
-    def z_at(self, x_um: float, y_um: float) -> float:
-        return self.z0_um + self.slope[0] * x_um + self.slope[1] * y_um
 
 
 def tile_layout(centre_um: tuple[float, float], diameter_um: float, pixel_size_um: float,
@@ -144,41 +144,49 @@ def tile_layout(centre_um: tuple[float, float], diameter_um: float, pixel_size_u
     return tiles
 
 
-def focus_points(centre_um: tuple[float, float], diameter_um: float, n: int,
-                 ring_fraction: float) -> list[tuple[float, float]]:
-    """The centre and ``n - 1`` points on a ring at ``ring_fraction`` of the radius."""
-    r = ring_fraction * diameter_um / 2
-    pts = [(float(centre_um[0]), float(centre_um[1]))]
-    for k in range(n - 1):
-        a = 2 * math.pi * k / (n - 1) + math.pi / 4
-        pts.append((float(centre_um[0] + r * math.cos(a)), float(centre_um[1] + r * math.sin(a))))
-    return pts
-
-
-def fit_focus_plane(xyz: NDArray[np.float64], max_residual_um: float) -> FocusPlaneFit:
-    """Least-squares plane through (x, y, z) focus points, dropping the worst point while
-    its residual exceeds ``max_residual_um`` and more than three points remain (an autofocus
-    that locked onto dirt or a bar edge far from the film)."""
-    keep = list(range(len(xyz)))
-    while True:
-        p = xyz[keep]
-        a = np.column_stack([np.ones(len(p)), p[:, 0], p[:, 1]])
-        coef, *_ = np.linalg.lstsq(a, p[:, 2], rcond=None)
-        res = np.abs(a @ coef - p[:, 2])
-        worst = int(np.argmax(res))
-        if res[worst] <= max_residual_um or len(keep) <= 3:
-            return FocusPlaneFit(float(coef[0]), (float(coef[1]), float(coef[2])),
-                                 tuple(keep), float(res.max()))
-        keep.pop(worst)
-
-
-def _autofocus(lm: LightMicroscope, p: LMAtlasParams, start_z: float, wide: bool) -> float:
+def _autofocus(lm: LightMicroscope, p: LMAtlasParams, start_z: float, wide: bool,
+               lane: ComputeLane) -> float:
     """Coarse search (if ``wide``) then a fine one; both on the focus channel."""
     lm.set_channel(p.focus_channel)
     lm.move_z(start_z)
     if wide:
-        lm.autofocus(p.search_range_um, p.search_step_um)
-    return lm.autofocus(p.refine_range_um, p.refine_step_um)
+        autofocus(lm, p.search_range_um, p.search_step_um, lane)
+    return autofocus(lm, p.refine_range_um, p.refine_step_um, lane)
+
+
+@dataclass
+class _Flight:
+    """A tile acquired, its overlaps and file queued (not yet committed)."""
+
+    index: int
+    z_um: float
+    images: list[Image]
+    registered: Job[list[Edge]]
+    written: Job[dict[str, Any]]
+
+
+@dataclass
+class _AtlasRun:
+    """What one run of the plan holds between steps: the builder, the next tile if it was
+    acquired already, or the error that acquiring it raised (that tile's step raises it)."""
+
+    owner: tuple[str, int]
+    builder: AtlasBuilder
+    prefetched: dict[int, _Flight] = field(default_factory=dict)
+    errors: dict[int, ClemdError] = field(default_factory=dict)
+
+    def take(self, index: int) -> _Flight | None:
+        if index in self.errors:
+            raise self.errors.pop(index)
+        return self.prefetched.pop(index, None)
+
+    def prefetch(self, index: int, acquire: Callable[[], _Flight]) -> None:
+        if index in self.prefetched:
+            return
+        try:
+            self.prefetched[index] = acquire()
+        except ClemdError as err:   # the next tile's failure: raised by the next tile's step
+            self.errors[index] = err
 
 
 class LMAtlasPlan(Plan):
@@ -188,10 +196,7 @@ class LMAtlasPlan(Plan):
 
     def __init__(self, params: LMAtlasParams) -> None:
         self.p = params
-        # first-channel frames of recent tiles, for their later neighbours' overlaps (a
-        # resumed plan re-reads them from their files); bounded to about two rows
-        self._recent: dict[str, Image] = {}
-        self._keep = 2
+        self._run: _AtlasRun | None = None
 
     # -- geometry ------------------------------------------------------------------------------
 
@@ -245,6 +250,34 @@ class LMAtlasPlan(Plan):
     def key(self, name: str) -> str:
         return f"{self.p.prefix}/{name}"
 
+    def _state(self, ctx: StepContext) -> _AtlasRun:
+        """This run's builder (a new one for another session folder or journal)."""
+        owner = (str(ctx.data_dir), id(ctx.store))
+        if self._run is None or self._run.owner != owner:
+            if self._run is not None:
+                self._run.builder.close()
+            lm = ctx.require_lm()
+            obj = lm.objectives[self.p.objective]
+            shape = lm.camera_shape()
+            tiles = self.tiles(lm)
+            planned = [affine_from(obj.pixel_size_um, obj.rotation_deg, (t.x_um, t.y_um), shape,
+                                   obj.mirror) for t in tiles]
+            transmitted = {ch: lm.channels[ch].excitation_nm is None for ch in self.p.channels}
+            builder = AtlasBuilder(ctx, self.p, [self.key(t.name) for t in tiles], planned,
+                                   shape, obj.pixel_size_um, transmitted)
+            self._run = _AtlasRun(owner, builder)
+        return self._run
+
+    def _z_for(self, t: TileSpec, plane: FocusPlaneFit | None, prev_z: float | None
+               ) -> float | None:
+        """Where a tile is imaged: the focus plane, ``start_z_um``, or (per tile) the
+        previous tile's focus to refine around (None: the first tile, searched widely)."""
+        if plane is not None:
+            return plane.z_at(t.x_um, t.y_um)
+        if self.p.focus == "fixed":
+            return self.p.start_z_um
+        return prev_z
+
     # -- steps -------------------------------------------------------------------------------
 
     def steps(self, ctx: StepContext) -> Iterator[Step]:
@@ -263,78 +296,82 @@ class LMAtlasPlan(Plan):
             plane = fit_focus_plane(xyz, p.max_plane_residual_um)
         tiles = self.tiles(lm)
         exposure = sum(lm.channels[c].exposure_s for c in p.channels)
-        prev_key: str | None = None
         where = {(t.row, t.col): k for k, t in enumerate(tiles)}
-        # serpentine order: the tile above is at most two rows back
-        self._keep = 2 * (max((t.col for t in tiles), default=0) + 1) + 2
+        earlier = [[(where[rc], self.key(tiles[where[rc]].name))
+                    for rc in ((t.row, t.col - 1), (t.row, t.col + 1), (t.row - 1, t.col))
+                    if rc in where and where[rc] < index] for index, t in enumerate(tiles)]
+        prev_z: float | None = None
         for index, t in enumerate(tiles):
-            earlier = [(where[rc], self.key(tiles[where[rc]].name))
-                       for rc in ((t.row, t.col - 1), (t.row, t.col + 1), (t.row - 1, t.col))
-                       if rc in where and where[rc] < index]
-            if plane is not None:
-                z_plan: float | None = plane.z_at(t.x_um, t.y_um)
-            elif p.focus == "fixed":
-                z_plan = p.start_z_um
-            else:   # per tile: refine around the previous tile's focus
-                z_plan = None if prev_key is None else float(ctx.result(prev_key)["z_um"])
-            yield Step(self.key(t.name), self._tile_action(t, z_plan, plane, index, earlier),
-                       title=f"atlas {t.name}", estimate_s=0.3 + exposure, instrument="lm")
-            prev_key = self.key(t.name)
+            if index > 0 and p.focus == "per_tile":
+                prev_z = float(ctx.result(self.key(tiles[index - 1].name))["z_um"])
+            action = self._tile_action(tiles, index, self._z_for(t, plane, prev_z), plane,
+                                       earlier)
+            yield Step(self.key(t.name), action, title=f"atlas {t.name}",
+                       estimate_s=0.3 + exposure, instrument="lm")
         yield Step(self.key("stitch"), self._stitch_action([self.key(t.name) for t in tiles]),
-                   title="stitch the atlas", estimate_s=5.0 + 0.5 * len(tiles))
+                   title="stitch the atlas", estimate_s=1.0 + 0.05 * len(tiles))
 
     def _focus_action(self, xy: tuple[float, float], start_z: float, wide: bool
-                      ) -> Any:
+                      ) -> Callable[[StepContext], StepResult]:
         def action(ctx: StepContext) -> StepResult:
             lm = ctx.require_lm()
+            lane = self._state(ctx).builder.io
             lm.set_objective(self.p.objective)
             lm.move_xy(*xy)
-            z = _autofocus(lm, self.p, start_z, wide or self.p.focus != "map")
+            z = _autofocus(lm, self.p, start_z, wide or self.p.focus != "map", lane)
             ctx.log.info("lm_atlas.focus_point", x_um=xy[0], y_um=xy[1], z_um=round(z, 3))
             return {"xy_um": [xy[0], xy[1]], "z_um": float(z)}
         return action
 
-    def _neighbour(self, ctx: StepContext, key: str) -> Image:
-        img = self._recent.get(key)
-        if img is None:     # resumed: the neighbour's step ran in an earlier process
-            img = next(im for im in load_images(ctx, ctx.result(key)["path"])
-                       if im.channel == self.p.channels[0])
-        return img
+    def _acquire(self, ctx: StepContext, run: _AtlasRun, t: TileSpec, index: int,
+                 z_plan: float | None, earlier: list[tuple[int, str]]) -> _Flight:
+        """Move, focus and snap one tile; queue its overlaps as soon as the first channel is
+        in, then its file and its blend."""
+        lm = ctx.require_lm()
+        p = self.p
+        builder = run.builder
+        builder.start_tile(index)
+        lm.set_objective(p.objective)
+        lm.move_xy(t.x_um, t.y_um)
+        if p.focus == "per_tile":
+            z = _autofocus(lm, p, p.start_z_um if z_plan is None else z_plan,
+                           z_plan is None, builder.io)
+        else:
+            z = float(z_plan if z_plan is not None else p.start_z_um)
+            lm.move_z(z)
+        images: list[Image] = []
+        registered: Job[list[Edge]] | None = None
+        for ch in p.channels:
+            images.append(replace_index(lm.snap(ch)))
+            if registered is None:
+                registered = builder.register(index, images[0], earlier)
+        assert registered is not None           # channels has at least one entry
+        written = builder.write(index, images, name=t.name, row=t.row, col=t.col)
+        builder.blend(index, images, registered)
+        return _Flight(index, float(z), images, registered, written)
 
-    def _remember(self, key: str, img: Image, keep: int) -> None:
-        self._recent[key] = img
-        while len(self._recent) > keep:
-            self._recent.pop(next(iter(self._recent)))
+    def _tile_action(self, tiles: list[TileSpec], index: int, z_plan: float | None,
+                     plane: FocusPlaneFit | None, earlier: list[list[tuple[int, str]]]
+                     ) -> Callable[[StepContext], StepResult]:
+        t = tiles[index]
 
-    def _tile_action(self, t: TileSpec, z_plan: float | None, plane: FocusPlaneFit | None,
-                     index: int, earlier: list[tuple[int, str]]) -> Any:
         def action(ctx: StepContext) -> StepResult:
-            lm = ctx.require_lm()
-            p = self.p
-            lm.set_objective(p.objective)
-            lm.move_xy(t.x_um, t.y_um)
-            if p.focus == "per_tile":
-                z = _autofocus(lm, p, p.start_z_um if z_plan is None else z_plan,
-                               wide=z_plan is None)
-            else:
-                z = float(z_plan if z_plan is not None else p.start_z_um)
-                lm.move_z(z)
-            images = [replace_index(lm.snap(ch)) for ch in p.channels]
-            rel = f"{self.key(t.name)}.ome.tif"
-            art = save_images(ctx, rel, images, "lm_atlas_tile", name=t.name,
-                              row=t.row, col=t.col)
-            transmitted = {ch: lm.channels[ch].excitation_nm is None for ch in p.channels}
-            # this tile's overlaps with the neighbours already acquired, committed with it
-            first = images[0]
-            pairs = register_neighbours(first, index, [(i, self._neighbour(ctx, k))
-                                                       for i, k in earlier],
-                                        p.max_stage_error_um)
-            self._remember(self.key(t.name), first, keep=self._keep)
-            return {"row": t.row, "col": t.col, "path": rel, "artifacts": [art],
+            run = self._state(ctx)
+            flight = run.take(index) or self._acquire(ctx, run, t, index, z_plan,
+                                                        earlier[index])
+            if index + 1 < len(tiles):       # the next tile's hardware, while this one computes
+                nxt = tiles[index + 1]
+                z_next = self._z_for(nxt, plane, flight.z_um)
+                run.prefetch(index + 1, lambda: self._acquire(ctx, run, nxt, index + 1, z_next,
+                                                              earlier[index + 1]))
+            pairs = flight.registered.result()
+            art = flight.written.result()
+            images, z = flight.images, flight.z_um
+            return {"row": t.row, "col": t.col, "path": art["path"], "artifacts": [art],
                     "pairs": [edge_json(e) for e in pairs],
-                    "z_um": float(z), "stage_um": [t.x_um, t.y_um, float(z)],
+                    "z_um": z, "stage_um": [t.x_um, t.y_um, z],
                     "pixel_to_stage": affine_json(images[0].pixel_to_stage),
-                    "transmitted": transmitted,
+                    "transmitted": dict(run.builder.transmitted),
                     "focus_plane": None if plane is None else {
                         "z0_um": plane.z0_um, "slope": list(plane.slope),
                         "used_points": list(plane.used),
@@ -342,14 +379,24 @@ class LMAtlasPlan(Plan):
                     "frames": [image_record(im) for im in images]}
         return action
 
-    def _stitch_action(self, tile_keys: list[str]) -> Any:
+    def _stitch_action(self, tile_keys: list[str]) -> Callable[[StepContext], StepResult]:
         def action(ctx: StepContext) -> StepResult:
-            return stitch_atlas(ctx, self.p, tile_keys)
+            run = self._state(ctx)
+            results = [ctx.result(k) for k in tile_keys]
+            pairs = [edge_from_json(e) for r in results for e in r["pairs"]]
+            try:
+                product = run.builder.finish(results, pairs)
+            finally:
+                run.builder.close()
+                self._run = None
+            try:
+                return write_atlas(ctx, self.p, tile_keys, product)
+            except BaseException:
+                product.stream.discard()
+                raise
         return action
 
 
 def replace_index(img: Image) -> Image:
     """Tiles are single planes: t = 0, z = 0 whatever the focus, so channels stack as C."""
     return img.with_data(img.data, index={"t": 0, "z": 0})
-
-

@@ -1,11 +1,11 @@
-"""The LM atlas's overlaps and stitch: registered tile by tile, solved and blended at the end.
+"""The LM atlas's overlaps, and its last step's output: the atlas file and its report.
 
 Why register inside the tile steps: each tile's overlaps with the neighbours already acquired
-are measured while the tile is in memory (protocols/stitching.py ``measure_pair``) and
-committed with the tile's step, so the final step only solves the placement and blends, and
-never registers the whole atlas at once; a resumed plan re-reads a neighbour from its file.
-Registration uses the raw first channel (smoothed gradients ignore the slow illumination the
-flat field removes); blending uses flat-fielded tiles, read once.
+are measured while the tile is in memory (protocols/stitching.py ``measure_pair``, run in the
+background while the next tile is acquired: protocols/lm_atlas_build.py) and committed with
+the tile's step, so the last step only solves and never registers the whole atlas at once; a
+resumed plan re-reads a neighbour from its file. Registration uses the raw first channel
+(smoothed gradients ignore the slow illumination the flat field removes).
 """
 
 from __future__ import annotations
@@ -16,19 +16,18 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from numpy.typing import NDArray
 
-from drivers.imaging import Image, invert_affine
-from protocols.lm_flat_field import estimate_flat_field
-from protocols.lm_io import affine_from_json, affine_json, load_images, save_images, write_json
-from protocols.mosaic_blend import blend_tiles, plan_canvas
+from drivers.imaging import Image
+from protocols.lm_io import affine_from_json, affine_json, artifact, load_images, write_json
 from protocols.mosaic_solve import Edge
 from protocols.plan import StepContext, StepResult
-from protocols.stitching import Mosaic, StitchSettings, measure_pair, registration_settings, stitch
+from protocols.stitching import Mosaic, StitchSettings, measure_pair, registration_settings
 
 if TYPE_CHECKING:
     from protocols.lm_atlas import LMAtlasParams
+    from protocols.lm_atlas_build import AtlasProduct
 
 __all__ = ["atlas_report", "edge_from_json", "edge_json", "load_atlas", "register_neighbours",
-           "stitch_atlas"]
+           "write_atlas"]
 
 
 def edge_json(e: Edge) -> dict[str, Any]:
@@ -62,65 +61,26 @@ def register_neighbours(tile: Image, index: int, neighbours: list[tuple[int, Ima
     return out
 
 
-def atlas_pixel_um(p: LMAtlasParams, tiles: list[Image], positions: NDArray[np.float64]
-                   ) -> float | None:
-    """Output pixel: ``atlas_pixel_um`` if set, else full resolution if it fits
-    ``max_atlas_pixels``, else the smallest pixel that does (None = full resolution)."""
-    if p.atlas_pixel_um is not None:
-        return p.atlas_pixel_um
-    px = tiles[0].pixel_size_um
-    canvas = plan_canvas(positions, [t.shape for t in tiles], 1.0)
-    n = canvas.shape[0] * canvas.shape[1]
-    if n <= p.max_atlas_pixels:
-        return None
-    return float(px * math.sqrt(n / p.max_atlas_pixels) * 1.01)
-
-
-def _offsets_px(affines: list[NDArray[np.float64]], reference: NDArray[np.float64]
-                ) -> NDArray[np.float64]:
-    """(x, y) of each tile's pixel (0, 0) in the pixel frame of ``reference`` (stitching's
-    common frame is tile 0's nominal affine)."""
-    inv = invert_affine(reference)[:, :2]
-    return np.array([inv @ (np.asarray(a)[:, 2] - reference[:, 2]) for a in affines])
-
-
-def stitch_atlas(ctx: StepContext, p: LMAtlasParams, tile_keys: list[str]) -> StepResult:
-    """Read the tiles back, stitch the first channel, blend the rest, write atlas + report."""
-    per_tile = [load_images(ctx, ctx.result(k)["path"]) for k in tile_keys]
+def write_atlas(ctx: StepContext, p: LMAtlasParams, tile_keys: list[str],
+                product: AtlasProduct) -> StepResult:
+    """Commit the assembled atlas (``atlas.ome.tif``, written while the tiles were acquired)
+    and write its report (``atlas.json``)."""
     channels = list(p.channels)
-    by_channel = {ch: [next(im for im in planes if im.channel == ch) for planes in per_tile]
-                  for ch in channels}
-    transmitted = ctx.result(tile_keys[0])["transmitted"] if tile_keys else {}
-    flat: dict[str, list[float]] = {}
-    for ch in channels:
-        field = estimate_flat_field([im.data for im in by_channel[ch]]) if (
-            p.flat_field and transmitted.get(ch, False)) else None
-        if field is not None:
-            by_channel[ch] = [im.with_data(np.asarray(im.data, np.float32) / field)
-                              for im in by_channel[ch]]
-            flat[ch] = [float(field.min()), float(field.max())]
-    reg = by_channel[channels[0]]
-    nominal = _offsets_px([im.pixel_to_stage for im in reg], reg[0].pixel_to_stage)
-    out_px = atlas_pixel_um(p, reg, nominal)
-    settings = StitchSettings(max_stage_error_um=p.max_stage_error_um, output_pixel_um=out_px)
-    results = [ctx.result(k) for k in tile_keys]
-    # overlaps measured in the tile steps (None: an older journal, measure them here)
-    pairs = ([edge_from_json(e) for r in results for e in r["pairs"]]
-             if all("pairs" in r for r in results) else None)
-    mosaic = stitch(reg, settings, pairs=pairs)
-    positions = _offsets_px([t.pixel_to_stage for t in mosaic.tiles], reg[0].pixel_to_stage)
-    factor = 1.0 if out_px is None else out_px / reg[0].pixel_size_um
-    canvas = plan_canvas(positions, [t.shape for t in reg], factor)
-    planes = [mosaic.as_image(reg[0])]
-    for ch in channels[1:]:
-        data = blend_tiles([im.data for im in by_channel[ch]], positions, canvas)
-        planes.append(mosaic.as_image(by_channel[ch][0]).with_data(data))
-    planes = [im.with_data(im.data, index={"t": 0, "z": 0}, extra={}) for im in planes]
+    frames = [Image(data=np.zeros((1, 1), np.float32), pixel_size_um=1.0,
+                    pixel_to_stage=np.zeros((2, 3)), instrument="lm",
+                    stage_um=tuple(f["stage_um"]), time_s=float(f["time_s"]),
+                    channel=f["channel"], objective=f["objective"], z_um=f["z_um"],
+                    exposure_s=f["exposure_s"])
+              for f in ctx.result(tile_keys[0])["frames"]]      # tile 0's, one per channel
     rel = f"{p.prefix}/atlas.ome.tif"
-    arts = [save_images(ctx, rel, planes, "lm_atlas", name="LM atlas",
-                        pixel_size_um=mosaic.pixel_size_um)]
+    product.stream.commit(product.planes_meta(frames))
+    arts = [artifact(rel, "lm_atlas", name="LM atlas", pixel_size_um=product.pixel_size_um)]
+    placement = product.placement
+    mosaic = Mosaic(product.planes[0], product.pixel_size_um, product.pixel_to_stage,
+                    placement.tiles, placement.overlaps, 0.0, placement.stats)
     report = atlas_report(mosaic, tile_keys, channels)
-    report["flat_field_range"] = flat
+    report["flat_field_range"] = product.flat_range
+    report["assembly"] = product.assembly
     arts.append(write_json(ctx, f"{p.prefix}/atlas.json", report, "lm_atlas_report"))
     flagged = [r for r in report["tiles"] if r["flagged"]]
     ctx.log.info("lm_atlas.stitched", tiles=len(tile_keys), flagged=len(flagged),

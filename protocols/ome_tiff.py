@@ -28,7 +28,7 @@ from drivers.errors import ClemdError
 from drivers.imaging import Image, affine_from
 from protocols.atomic_write import atomic_path
 
-__all__ = ["OmeTiffError", "read_ome_tiff", "write_ome_tiff"]
+__all__ = ["OmeTiffError", "ome_layout", "read_ome_tiff", "write_ome_tiff"]
 
 _NAMESPACE = "clemd"
 _KEY = "clemd.planes"
@@ -66,12 +66,12 @@ def _plane_record(im: Image) -> dict[str, Any]:
             "stage_um": list(im.stage_um), "index": dict(im.index)}
 
 
-def write_ome_tiff(path: str | os.PathLike[str], images: Image | Sequence[Image],
-                   *, name: str | None = None) -> Path:
-    """Write one image or a T/C/Z set of planes as one OME-TIFF, atomically.
+def ome_layout(images: Image | Sequence[Image], *, name: str | None = None
+               ) -> tuple[list[Image], tuple[int, int, int], dict[str, Any]]:
+    """The planes in T, C, Z order, the (T, C, Z) shape and the OME metadata tifffile writes.
 
-    All planes must share shape, dtype and pixel size. Returns the path. Raises OmeTiffError
-    for an inconsistent set and DataWriteError if the file cannot be written.
+    Raises OmeTiffError for an inconsistent set (mixed shapes, dtypes or pixel sizes, a
+    missing or duplicated plane).
     """
     planes = [images] if isinstance(images, Image) else list(images)
     if not planes:
@@ -100,7 +100,6 @@ def write_ome_tiff(path: str | os.PathLike[str], images: Image | Sequence[Image]
         raise OmeTiffError(f"incomplete T/C/Z set: missing (t, channel, z) {missing[:5]}")
     order = [slot[(t, c, z)] for t in range(shape[0]) for c in range(shape[1])
              for z in range(shape[2])]
-    data = np.stack([planes[k].data for k in order]).reshape(*shape, *first.shape)
     ordered = [planes[k] for k in order]
     metadata: dict[str, Any] = {
         "axes": "TCZYX",
@@ -128,9 +127,35 @@ def write_ome_tiff(path: str | os.PathLike[str], images: Image | Sequence[Image]
             metadata["PhysicalSizeZUnit"] = _UM
     if name:
         metadata["Name"] = name
+    return ordered, shape, metadata
+
+
+def write_ome_tiff(path: str | os.PathLike[str], images: Image | Sequence[Image],
+                   *, name: str | None = None) -> Path:
+    """Write one image or a T/C/Z set of planes as one OME-TIFF, atomically.
+
+    All planes must share shape, dtype and pixel size. Returns the path. Raises OmeTiffError
+    for an inconsistent set and DataWriteError if the file cannot be written.
+    """
+    ordered, shape, metadata = ome_layout(images, name=name)
+    data = _stacked([im.data for im in ordered]).reshape(*shape, *ordered[0].shape)
     with atomic_path(path) as tmp:
         tifffile.imwrite(tmp, data, ome=True, metadata=metadata, photometric="minisblack")
     return Path(path)
+
+
+def _stacked(arrays: list[np.ndarray[Any, Any]]) -> np.ndarray[Any, Any]:
+    """The planes as one (N, H, W) array: the array they are consecutive planes of when they
+    are (a mosaic's channels blended in one buffer), else a stacked copy. Why: an atlas is
+    hundreds of MB, and a fresh copy costs as much in page faults as the write itself."""
+    base = arrays[0].base
+    if (isinstance(base, np.ndarray) and base.ndim == 3 and base.shape[0] == len(arrays)
+            and base.flags.c_contiguous
+            and all(a.base is base and a.shape == base.shape[1:]
+                    and a.__array_interface__["data"][0] == base[k].__array_interface__["data"][0]
+                    for k, a in enumerate(arrays))):
+        return base
+    return np.stack(arrays)
 
 
 def _as_list(value: Any) -> list[Any]:

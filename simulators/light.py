@@ -199,19 +199,24 @@ class SimulatedLightMicroscope(LightMicroscope):
     def _do_snap(self, channel: Channel, exposure_s: float) -> NDArray[Any]:
         if self._closed:
             raise InvalidState("simulated light microscope is closed")
-        view = self.current_view()
-        electrons = self.render_expected(channel.name, exposure_s, view)
-        cam = self.config.camera
-        frame_id = len(self._frames)
-        data = read_out(electrons, read_noise_e=cam.read_noise_e, e_per_adu=cam.e_per_adu,
-                        offset_adu=cam.offset_adu, full_well_e=cam.full_well_e,
-                        bit_depth=cam.bit_depth,
-                        rng=np.random.default_rng([self.seed, 2, frame_id]))
-        ccfg = self.config.channels[channel.name]
-        if ccfg.contrast not in TRANSMITTED:
-            self._bleach.expose(ccfg.contrast, view.pixel_to_grid, view.shape, exposure_s,
-                                self.objective.magnification)
-        self.clock.sleep(exposure_s + cam.shape[0] * cam.line_time_s)
+        # The frame is rendered inside the exposure and readout it models, and the camera
+        # delivers it when they end: rendering is the hardware's time, not the caller's
+        # (``uncounted``), and on a real-time clock only the remainder is slept.
+        with self.clock.uncounted():
+            start = self.clock.now()
+            view = self.current_view()
+            electrons = self.render_expected(channel.name, exposure_s, view)
+            cam = self.config.camera
+            frame_id = len(self._frames)
+            data = read_out(electrons, read_noise_e=cam.read_noise_e, e_per_adu=cam.e_per_adu,
+                            offset_adu=cam.offset_adu, full_well_e=cam.full_well_e,
+                            bit_depth=cam.bit_depth,
+                            rng=np.random.default_rng([self.seed, 2, frame_id]))
+            ccfg = self.config.channels[channel.name]
+            if ccfg.contrast not in TRANSMITTED:
+                self._bleach.expose(ccfg.contrast, view.pixel_to_grid, view.shape, exposure_s,
+                                    self.objective.magnification)
+            self.clock.sleep_until(start + exposure_s + cam.shape[0] * cam.line_time_s)
         self._frames[frame_id] = FrameTruth(view, self.objective.name, channel.name, exposure_s)
         self._last_frame_id = frame_id
         return data
