@@ -171,3 +171,26 @@ def test_late_time_points_are_logged_never_skipped_silently(
     assert t05["planned_start_s"] == pytest.approx(t05["schedule_origin_s"] + 1500.0)
     assert not t05["late"] and t05["first_frame_s"] == pytest.approx(t05["planned_start_s"],
                                                                      abs=0.5)
+
+
+def test_first_frames_on_schedule_with_a_slow_filter_turret(tmp_path: Path) -> None:
+    """Each time point moves, focuses and turns the turret to its first channel before its
+    planned start, so its first exposure starts on schedule: the first time point pays no
+    filter change the others do not (0.2 s, a slow Ti2 turret), with two positions."""
+    spec = small_grid(seed=3)
+    lm = SimulatedLightMicroscope.with_small_camera(
+        spec, shape=(64, 64), seed=1, exact_stage=True, timing={"channel_change_s": 0.2})
+    ctx = context(lm, tmp_path)
+    x, y = virus_site(spec)
+    seq = useq.MDASequence.model_validate({
+        "channels": [{"config": "488", "exposure": 50}, {"config": "640", "exposure": 20}],
+        "time_plan": {"interval": 30, "loops": 3}, "z_plan": {"range": 2, "step": 1},
+        "stage_positions": [{"x": x, "y": y, "z": 3.0}, {"x": x + 40, "y": y, "z": 4.0}]})
+    run_plan(TimeLapsePlan(TimeLapseParams(sequence=seq, final_channels=())), ctx)
+    summary = ctx.result("timelapse/summary")
+    assert summary["acquired"] == 6 and summary["late"] == []
+    assert summary["max_abs_drift_s"] < 1e-6
+    for p in (0, 1):
+        r = ctx.result(f"timelapse/p{p}/t01")
+        assert r["first_frame_s"] == pytest.approx(r["planned_start_s"] + 0.05
+                                                   + 64 * lm.config.camera.line_time_s)
