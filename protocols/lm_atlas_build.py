@@ -11,7 +11,8 @@ is acquired (protocols/compute_lane.py), and the last step is left with little t
   hardware.
 - lane ``blend``: the flat field of each transmitted channel, estimated once the first
   ``flat_field_tiles`` tiles are in (one illumination for all tiles: a few tiles fit its five
-  coefficients as well as all of them), and each tile blended into the atlas canvas
+  coefficients as well as all of them; the tiles that waited for it are then blended a few per
+  tile), and each tile blended into the atlas canvas
   (protocols/mosaic_blend.py ``FeatherCanvas``) at its *provisional* place: the global solve
   over the overlaps measured so far, in a frame where tile 0 stays at its nominal place.
 
@@ -32,6 +33,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import cv2
 import numpy as np
 import structlog
 from numpy.typing import NDArray
@@ -51,12 +53,15 @@ from protocols.stitching import StitchSettings
 if TYPE_CHECKING:
     from protocols.lm_atlas import LMAtlasParams
 
-__all__ = ["REBLEND_PX", "AtlasBuilder", "AtlasProduct"]
+__all__ = ["BLEND_PER_JOB", "REBLEND_PX", "AtlasBuilder", "AtlasProduct"]
 
 log = structlog.get_logger(__name__)
 FloatArray = NDArray[np.float64]
 #: largest distance (tile px) between where a tile was blended and its final place
 REBLEND_PX = 0.1
+#: tiles one blend job blends at most (but the last): the tiles that waited for the flat
+#: field are blended a few at a time, not in one burst that would compete with registration
+BLEND_PER_JOB = 3
 
 
 @dataclass(frozen=True)
@@ -200,12 +205,14 @@ class AtlasBuilder:
                 self._field = self._estimate_field([imgs for _, imgs in self._waiting])
             positions = self._provisional(index)
             self._follow(positions, {k: imgs for k, imgs in self._waiting})
-            for k, imgs in self._waiting:
+            last = index == len(self.keys) - 1
+            now = self._waiting if last else self._waiting[:BLEND_PER_JOB]
+            for k, imgs in now:
                 self._add(k, imgs, positions[k] - self._shift)
-            self._waiting.clear()
+                self._recent_planes[k] = imgs
+            self._waiting = [] if last else self._waiting[BLEND_PER_JOB:]
             self._canvas_now(images).settle()
             self._stream_now(images).flush()
-            self._recent_planes[index] = images
             while len(self._recent_planes) > self._keep:
                 self._recent_planes.pop(next(iter(self._recent_planes)))
         self._blend_jobs.append(self.blend_lane.submit(job, f"blend {self.keys[index]}"))
@@ -232,10 +239,11 @@ class AtlasBuilder:
              canvas: FeatherCanvas | None = None) -> None:
         target = canvas or self._canvas_now()
         assert self._field is not None
+        planes = {}
         for c, im in enumerate(images):
             f = self._field.get(im.channel or "")
-            data = im.data if f is None else np.asarray(im.data, np.float32) / f
-            target.add(c, data, (float(at[0]), float(at[1])), sign)
+            planes[c] = im.data if f is None else cv2.divide(im.data.astype(np.float32), f)
+        target.add_tile(planes, (float(at[0]), float(at[1])), sign)
         if sign > 0 and canvas is None:
             self._blended[index] = np.array(at, dtype=float)
 

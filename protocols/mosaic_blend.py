@@ -116,20 +116,31 @@ class FeatherCanvas:
             sign: float = 1.0) -> None:
         """Blend ``data`` with pixel (0, 0) at ``offset_px`` (common frame); ``sign=-1``
         takes back an earlier ``add`` of the same data at the same offset."""
-        placed = _window(data, offset_px, self.canvas)
-        if placed is None:
-            return
-        (v0, v1, u0, u1), xs, ys, warped = placed
-        tw = _tent(xs, ys, data.shape)
-        if sign > 0:
-            cv2.accumulateProduct(warped, tw, self.acc[channel, v0:v1, u0:u1])
-            if channel == 0:
-                cv2.accumulate(tw, self.weight[v0:v1, u0:u1])
-        else:
-            self.acc[channel, v0:v1, u0:u1] -= warped * tw
-            if channel == 0:
-                self.weight[v0:v1, u0:u1] -= tw
-        self._dirty.append((v0, v1, u0, u1))
+        self.add_tile({channel: data}, offset_px, sign)
+
+    def add_tile(self, planes: dict[int, NDArray[Any]], offset_px: tuple[float, float],
+                 sign: float = 1.0) -> None:
+        """``add`` for several channels of one tile: its window and weights computed once."""
+        tw: NDArray[np.float32] | None = None
+        for channel, data in planes.items():
+            placed = _window(data, offset_px, self.canvas)
+            if placed is None:
+                return
+            (v0, v1, u0, u1), xs, ys, warped = placed
+            if tw is None:
+                tw = _tent(xs, ys, data.shape)
+            if sign > 0:
+                cv2.accumulateProduct(warped, tw, self.acc[channel, v0:v1, u0:u1])
+                if channel == 0:
+                    cv2.accumulate(tw, self.weight[v0:v1, u0:u1])
+            else:
+                cv2.multiply(warped, tw, dst=warped)
+                cv2.subtract(self.acc[channel, v0:v1, u0:u1], warped,
+                             dst=self.acc[channel, v0:v1, u0:u1])
+                if channel == 0:
+                    cv2.subtract(self.weight[v0:v1, u0:u1], tw,
+                                 dst=self.weight[v0:v1, u0:u1])
+            self._dirty.append((v0, v1, u0, u1))
 
     def settle(self) -> int:
         """Write the blend into ``out`` where it changed since the last call; returns the
@@ -137,12 +148,15 @@ class FeatherCanvas:
         windows, self._dirty = self._dirty, []
         for v0, v1, u0, u1 in dict.fromkeys(windows):
             weight = self.weight[v0:v1, u0:u1]
-            uncovered = weight < 0.5      # a covered pixel weighs >= 1 (tent edge x edge)
+            covered = weight >= 0.5       # a covered pixel weighs >= 1 (tent edge x edge)
+            whole = bool(covered.all())
             for c in range(self.acc.shape[0]):
-                plane = np.divide(self.acc[c, v0:v1, u0:u1], weight,
-                                  out=np.full(weight.shape, self.fill_value, np.float32),
-                                  where=~uncovered)
-                self.out[c, v0:v1, u0:u1] = plane
+                out = self.out[c, v0:v1, u0:u1]
+                if whole:
+                    cv2.divide(self.acc[c, v0:v1, u0:u1], weight, dst=out)
+                else:
+                    np.copyto(out, np.float32(self.fill_value))
+                    np.divide(self.acc[c, v0:v1, u0:u1], weight, out=out, where=covered)
         return len(windows)
 
     def finish(self) -> NDArray[Any]:
