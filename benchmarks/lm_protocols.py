@@ -39,6 +39,7 @@ import json
 import sys
 import tempfile
 import time
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -103,13 +104,27 @@ def _timing(clock: CriticalPathClock, start: ThreadTimeline, wall0: float, rende
             "serial_overhead": (hardware + compute) / hardware if hardware > 0 else float("nan")}
 
 
-def _run(plan: Any, ctx: StepContext, lm: TimedScope) -> dict[str, float]:
+def _run(plan: Any, ctx: StepContext, lm: TimedScope) -> dict[str, Any]:
+    """Run ``plan``; its overheads, and where the instrument thread computed or waited for
+    background work, per kind of step (``focus``, ``tile``, ``stitch``) and the worst steps."""
     clock = lm.clock
     assert isinstance(clock, CriticalPathClock)
     wall0, render0 = time.perf_counter(), lm.render_s
     start = clock.timeline()
-    run_plan(plan, ctx)
-    return _timing(clock, start, wall0, render0, lm)
+    marks: list[tuple[str, ThreadTimeline]] = []
+    run_plan(plan, ctx, on_step_start=lambda step: marks.append((step.key, clock.timeline())))
+    marks.append(("end", clock.timeline()))
+    by_kind: dict[str, dict[str, float]] = {}
+    stalls = []
+    for (key, a), (_, b) in pairwise(marks):
+        kind = key.rsplit("/", 1)[-1].split("-")[0]
+        k = by_kind.setdefault(kind, {"compute_s": 0.0, "stalled_s": 0.0})
+        k["compute_s"] += b.compute_s - a.compute_s
+        k["stalled_s"] += b.stalled_s - a.stalled_s
+        stalls.append((b.stalled_s - a.stalled_s, key))
+    worst = sorted(stalls, reverse=True)[:3]
+    return {**_timing(clock, start, wall0, render0, lm), "instrument_thread_by_step": by_kind,
+            "worst_stalls": [{"step": key, "stalled_s": v} for v, key in worst]}
 
 
 def _corner_error(a: NDArray[np.float64], b: NDArray[np.float64], shape: tuple[int, int]

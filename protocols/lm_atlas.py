@@ -22,12 +22,11 @@ Steps (keys under ``prefix``, default ``lm-atlas``):
   ``atlas.json`` (pixel-to-stage affine, every overlap's quality, every tile's correction).
 
 Compute runs while the hardware works (protocols/lm_atlas_build.py): a tile's registration,
-file and blend are queued to background threads as its frames come in, and the tile's step
-acquires the *next* tile before it waits for them, so a step commits its tile (file and
-overlaps durable) after the next tile's exposures. A step interrupted or failed after that
-prefetch leaves the next tile to its own step: a plan object that continues uses the frames
-already taken, a rebuilt one (after a restart) acquires them again; no step runs twice. The
-instrument is driven only from the runner's thread, in the same order as without the
+file and blend are queued to background threads as its frames come in, and its step acquires
+the *next* tile before it waits for them, so it commits its tile (file and overlaps durable)
+after the next tile's exposures. After an interruption the next tile is its own step's: a plan
+object that continues uses the frames taken, a rebuilt one acquires them again; no step runs
+twice. The instrument is driven only from the runner's thread, in the same order as without
 background threads, so the same seed gives the same tiles, overlaps and atlas.
 """
 
@@ -205,9 +204,8 @@ class LMAtlasPlan(Plan):
         if obj is None:
             raise LimitViolation(f"atlas objective {self.p.objective!r} not available "
                                  f"(lm.objectives: {sorted(lm.objectives)})")
-        lm_shape = lm.camera_shape()
         return tile_layout(self.p.centre_um, self.p.diameter_um, obj.pixel_size_um,
-                           obj.rotation_deg, obj.mirror, lm_shape, self.p.overlap)
+                           obj.rotation_deg, obj.mirror, lm.camera_shape(), self.p.overlap)
 
     def _focus_xy(self) -> list[tuple[float, float]]:
         if self.p.focus != "map":

@@ -205,20 +205,28 @@ class SimulatedLightMicroscope(LightMicroscope):
         with self.clock.uncounted():
             start = self.clock.now()
             view = self.current_view()
-            electrons = self.render_expected(channel.name, exposure_s, view)
-            cam = self.config.camera
             frame_id = len(self._frames)
-            data = read_out(electrons, read_noise_e=cam.read_noise_e, e_per_adu=cam.e_per_adu,
-                            offset_adu=cam.offset_adu, full_well_e=cam.full_well_e,
-                            bit_depth=cam.bit_depth,
-                            rng=np.random.default_rng([self.seed, 2, frame_id]))
-            ccfg = self.config.channels[channel.name]
-            if ccfg.contrast not in TRANSMITTED:
-                self._bleach.expose(ccfg.contrast, view.pixel_to_grid, view.shape, exposure_s,
-                                    self.objective.magnification)
+            data = self._expose(channel.name, exposure_s, view, frame_id)
+            cam = self.config.camera
             self.clock.sleep_until(start + exposure_s + cam.shape[0] * cam.line_time_s)
         self._frames[frame_id] = FrameTruth(view, self.objective.name, channel.name, exposure_s)
         self._last_frame_id = frame_id
+        return data
+
+    def _expose(self, channel: str, exposure_s: float, view: View, frame_id: int
+                ) -> NDArray[np.uint16]:
+        """Render, read out and bleach one frame; its temporaries (tens of MB for a large
+        camera) are freed on return, inside the caller's exposure."""
+        electrons = self.render_expected(channel, exposure_s, view)
+        cam = self.config.camera
+        data = read_out(electrons, read_noise_e=cam.read_noise_e, e_per_adu=cam.e_per_adu,
+                        offset_adu=cam.offset_adu, full_well_e=cam.full_well_e,
+                        bit_depth=cam.bit_depth,
+                        rng=np.random.default_rng([self.seed, 2, frame_id]))
+        ccfg = self.config.channels[channel]
+        if ccfg.contrast not in TRANSMITTED:
+            self._bleach.expose(ccfg.contrast, view.pixel_to_grid, view.shape, exposure_s,
+                                self.objective.magnification)
         return data
 
     def _wrap(self, data: NDArray[Any], exposure_s: float, **extra: Any) -> Image:
