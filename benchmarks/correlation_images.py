@@ -7,7 +7,9 @@ error included) and an EM map of the same square. The map is one binned frame co
 the square (1,600x, 16k camera binned 4: 27 nm pixels, the pixel size of a binned
 4,700x montage) because montage stitching is not part of this benchmark. Targets are
 random film points within +-27 um of the square centre, carried to both images through
-the simulators' true pixel-to-stage affines and the specimen's ground truth.
+the simulators' true pixel-to-stage affines and the specimen's ground truth. The oracle
+ratio follows the issue (true correspondences, same localisation noise); the ratio against
+the true bead positions is reported beside it (see :func:`_oracle_ratios`).
 """
 
 from __future__ import annotations
@@ -20,9 +22,9 @@ from numpy.typing import NDArray
 
 from drivers.base import LowDoseArea
 from drivers.clock import VirtualClock
-from protocols.correlation.bead_images import correlate_bead_images
+from protocols.correlation.bead_images import BeadImageCorrelation, correlate_bead_images
 from protocols.correlation.errors import CorrelationInputError
-from protocols.correlation.transforms import fit_transform
+from protocols.correlation.transforms import Transform2D, fit_transform
 from simulators.electron import SimulatedElectronMicroscope
 from simulators.electron_config import ElectronSimConfig, LowDosePreset, mag_index_of
 from simulators.light import SimulatedLightMicroscope
@@ -91,14 +93,50 @@ def _square_case(spec: Specimen, lm: SimulatedLightMicroscope, em: SimulatedElec
                matched_error_nm=float(np.median(err)))
     t = res.points.transform
     if t is not None and shared >= 3:
-        # Oracle: the same model on the true bead positions of the shared beads.
-        oracle = fit_transform(b_lm[both] * lm_img.pixel_size_um, b_em[both] * em_img.pixel_size_um,
-                               t.model, mirrored=t.mirrored, field_length_um=t.length_um or 30.0,
-                               field_ratio=t.signal_ratio)
-        o_err = np.linalg.norm(oracle.apply(t_lm * lm_img.pixel_size_um) / em_img.pixel_size_um
-                               - t_em, axis=1) * em_px_um * 1000
-        row["oracle_ratio"] = float(np.median(err) / max(float(np.median(o_err)), 1e-6))
+        row.update(_oracle_ratios(t, res, b_lm[both], b_em[both], t_lm, t_em, err,
+                                  lm_img.pixel_size_um, em_img.pixel_size_um))
     return row
+
+
+def _oracle_ratios(t: Transform2D, res: BeadImageCorrelation, b_lm: FloatArray, b_em: FloatArray, t_lm: FloatArray,
+                   t_em: FloatArray, err_nm: FloatArray, lm_px: float, em_px: float
+                   ) -> dict[str, float]:
+    """Our median target error over two oracles' (same model and residual field).
+
+    ``oracle_ratio`` is the issue's definition: the model fitted to *our detections*
+    paired by the truth (each detection within 3 LM / 8 EM pixels of a shared bead's true
+    position), i.e. true correspondences with the same localisation noise; it measures
+    what matching, outlier dropping and model choice cost. ``oracle_ratio_noise_free``
+    fits the true bead positions instead, so it also charges localisation (~2 nm per
+    bead here): on squares whose error is 5-10 nm that alone reads as 1.3-3.5.
+    """
+    def ids(det_px: FloatArray, true_px: FloatArray, tol: float) -> NDArray[np.intp]:
+        if len(det_px) == 0:
+            return np.zeros(0, np.intp)
+        d = np.linalg.norm(det_px[:, None] - true_px[None], axis=2)
+        j = np.argmin(d, axis=1)
+        return np.where(d[np.arange(len(det_px)), j] <= tol, j, -1).astype(np.intp)
+
+    def median_err(src: FloatArray, dst: FloatArray) -> float:
+        o = fit_transform(src, dst, t.model, mirrored=t.mirrored,
+                          field_length_um=t.length_um or 30.0, field_ratio=t.signal_ratio)
+        return float(np.median(np.linalg.norm(o.apply(t_lm * lm_px) / em_px - t_em, axis=1))
+                     * em_px * 1000)
+
+    ours = float(np.median(err_nm))
+    out = {"oracle_ratio_noise_free": ours / max(median_err(b_lm * lm_px, b_em * em_px), 1e-6)}
+    lm_id = ids(res.lm_beads.xy_px, b_lm, 3.0)
+    em_id = ids(res.em_beads.xy_px, b_em, 8.0)
+    common = sorted(set(lm_id[lm_id >= 0].tolist()) & set(em_id[em_id >= 0].tolist()))
+    if len(common) >= 3:
+        li = [int(np.flatnonzero(lm_id == c)[0]) for c in common]
+        ei = [int(np.flatnonzero(em_id == c)[0]) for c in common]
+        try:
+            o_err = median_err(res.lm_beads.xy_px[li] * lm_px, res.em_beads.xy_px[ei] * em_px)
+        except CorrelationInputError:  # e.g. collinear: no oracle of this model
+            return out
+        out["oracle_ratio"] = ours / max(o_err, 1e-6)
+    return out
 
 
 def _inside(px: FloatArray, shape: tuple[int, ...]) -> NDArray[np.bool_]:

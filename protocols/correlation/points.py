@@ -1,7 +1,7 @@
 """Point-set correlation end to end: match beads, choose a model, transfer targets.
 
 This is the one place that chains :func:`match_points` (which pairs) with
-:func:`select_model` (which transform, by leave-one-out error) so that the CLI, the bead
+:func:`choose_model` (which transform, by leave-one-out error, and its predicted error) so that the CLI, the bead
 and atlas pipelines and the session protocol all get the same answer from the same inputs.
 """
 
@@ -15,12 +15,8 @@ from scipy.spatial import ConvexHull, QhullError
 
 from protocols.correlation.errors import CorrelationInputError
 from protocols.correlation.matching import MatchConfig, MatchResult, MatchStatus, match_points
-from protocols.correlation.transforms import (
-    Transform2D,
-    as_points,
-    fit_transform,
-    select_model,
-)
+from protocols.correlation.model_selection import choose_model, select_model
+from protocols.correlation.transforms import Transform2D, as_points, fit_transform
 
 FloatArray = NDArray[np.float64]
 # A pair whose error under a fit of the others exceeds both this floor (um) and
@@ -34,17 +30,22 @@ MIN_FIT_PAIRS = 5
 # A target whose predicted RMS error exceeds this (um) is flagged unreliable (250 nm is
 # where a 39,000x field of ~1 um stops containing the target reliably after realign).
 MAX_TARGET_ERROR_UM = 0.25
-# Beyond the matched beads' hull the error comes from how the unseen distortion continues,
-# which no fit can check; the kriging variance alone under-predicts it there (simulated
-# squares: true/predicted median ~1.1, 90th percentile ~2.5 for targets > 20 um out, against
-# 0.85 and 1.6 inside). Each target's predicted error therefore adds, in quadrature, this
-# much per um of distance outside the hull: a distortion gradient of 1%, the same allowance
-# the similarity model makes for the anisotropy it cannot represent.
-EXTRAPOLATION_SD_PER_UM = 0.01
+# Beyond the matched beads' hull the error also comes from how the distortion continues
+# where no bead can check it. The averaged kriging error (model_selection.py) tracks it on
+# average, but its tail was thin there: over 8 x 120 simulated squares (seeds 1-3, 6-9 and
+# the benchmark's; 0.1-0.5 um of bend across a 90 um square) 90% of true errors 30-100 um
+# outside fell within 2x the prediction, against 96% inside. Adding, in quadrature, this
+# much per um outside the hull brings every 10 um band to 95-96% within 2x (71-77% within
+# 1x). The former 1% per um made predictions there 2-3x pessimistic and refused squares
+# whose targets were within 100 nm.
+EXTRAPOLATION_SD_PER_UM = 0.004
 # A square's answer is refused when its median target's predicted RMS radial error exceeds
-# this (um): the median radial error of a 2D Gaussian is ~0.83 of its RMS, so 0.3 um is
-# where the median target stops being within 250 nm.
-SQUARE_MAX_ERROR_UM = 0.3
+# this (um). With calibrated predictions the chance that a target with an RMS error of
+# 0.15 um misses by more than 250 nm is about exp(-(0.25/0.15)^2) = 6% (at the former
+# 0.3 um it was 50%). On the same 960 squares: 1 confidently wrong answer (0.31 um off),
+# against 9 at 0.3 um; refusing costs a manual pick, a wrong answer a tilt series in the
+# wrong place.
+SQUARE_MAX_ERROR_UM = 0.15
 
 
 @dataclass(frozen=True)
@@ -127,7 +128,7 @@ def _transfer_refusal(errors: FloatArray, outside: FloatArray) -> str:
         return ""
     med_err = float(np.median(errors))
     if med_err > SQUARE_MAX_ERROR_UM:
-        return (f"the targets lie too far from them: median predicted error {med_err:.2f} um "
+        return (f"the targets lie too far from them for the fit: median predicted error {med_err:.2f} um "
                 f"> {SQUARE_MAX_ERROR_UM:g} um (median target {np.median(outside):.0f} um "
                 "outside the matched beads)")
     return ""
@@ -141,9 +142,9 @@ def correlate_points(lm_um: ArrayLike, em_um: ArrayLike, targets_lm_um: ArrayLik
     """Match LM and EM bead positions (um), fit the LOO-chosen model, map the targets.
 
     Targets are (K, 2) LM positions in the same frame as ``lm_um``; the result gives their
-    EM positions and predicted RMS errors (um: the transform's, plus the extrapolation
-    allowance beyond the matched beads), each flagged reliable when within
-    ``max_target_error_um``. Raises CorrelationInputError for unusable
+    EM positions and predicted RMS errors (um: averaged over the residual fields the beads
+    support, plus the allowance for distortion beyond the matched beads), each flagged
+    reliable when within ``max_target_error_um``. Raises CorrelationInputError for unusable
     input (see :func:`match_points`); an unmatchable pair of sets is a result, not an error.
     """
     lm = as_points(lm_um, "LM points", 2)
@@ -158,12 +159,12 @@ def correlate_points(lm_um: ArrayLike, em_um: ArrayLike, targets_lm_um: ArrayLik
                                 None, None, None)
     mirrored = match.best.mirrored
     pairs = _drop_outliers(lm, em, match.pairs, mirrored, MIN_FIT_PAIRS)
-    transform = select_model(lm[pairs[:, 0]], em[pairs[:, 1]], mirrored=mirrored,
-                             from_frame=from_frame, to_frame=to_frame)
+    choice = choose_model(lm[pairs[:, 0]], em[pairs[:, 1]], mirrored=mirrored,
+                          from_frame=from_frame, to_frame=to_frame)
+    transform = choice.best
     mapped = transform.apply(targets) if len(targets) else np.zeros((0, 2))
     outside = hull_excess_um(targets, lm[pairs[:, 0]])
-    errors = (np.hypot(transform.predicted_error(targets), EXTRAPOLATION_SD_PER_UM * outside)
-              if len(targets) else np.zeros(0))
+    errors = np.hypot(choice.predicted_error(targets), EXTRAPOLATION_SD_PER_UM * outside)
     reliable = errors <= max_target_error_um
     refusal = _transfer_refusal(errors, outside)
     if refusal:

@@ -13,9 +13,9 @@ bend grows with the distance from the nearest bead. The kriging predictor
   leave-one-out (LOO) residual and LOO predictive variance of every bead come in closed
   form from the bordered kriging matrix, without refitting.
 
-The residual field's length scale and signal-to-noise ratio, and the noise level, are
-chosen from the data by LOO predictive log-density (``signal_ratio`` = 0 is the plain
-parametric model), so the field is used only when leaving beads out shows it helps.
+The residual field's length scale and signal-to-noise ratio are chosen from the data by
+LOO predictive log-density in model_selection.py (``signal_ratio`` = 0 is the plain
+parametric model); the noise level is estimated here from the LOO residuals.
 Coordinates are micrometres; internally they are centred and scaled for conditioning.
 """
 
@@ -31,26 +31,13 @@ from protocols.correlation.errors import CorrelationInputError
 
 ModelName = Literal["similarity", "affine"]
 MODEL_NAMES: tuple[ModelName, ...] = ("similarity", "affine")
-# Fewest pairs for which a model is *considered* during selection (its LOO must be defined
-# and not pure extrapolation noise). Fitting itself needs 2 / 3.
-MIN_PAIRS: dict[str, int] = {"similarity": 3, "affine": 4}
-MIN_PAIRS_FIELD = 6
 # Prior on the per-axis noise (um) with PRIOR_DOF pseudo-observations per axis: keeps sigma
-# from collapsing to zero when a 3-bead similarity fit happens to be perfect.
-PRIOR_SIGMA_UM = 0.05
-PRIOR_DOF = 2.0
-# Residual-field hyperparameters tried: length scales (um) and signal/noise variance ratios.
-FIELD_LENGTHS_UM = (15.0, 30.0, 60.0)
-FIELD_RATIOS = (1.0, 10.0, 100.0, 1000.0)
-# A residual field must raise the LOO log-density by this much (nats) to be used: it costs
-# two hyperparameters chosen from a handful of beads.
-FIELD_GAIN_NATS = 0.0
-FIELD_ALLOW_NONE = False
-# A richer mean must lower the LOO RMS below this fraction of the simpler one's...
-SELECTION_GAIN = 0.85
-# ...except the affine from AFFINE_DEFAULT_FROM pairs, which only must not be much worse.
-AFFINE_DEFAULT_FROM = 6
-AFFINE_DEFAULT_GAIN = 1.15
+# from collapsing to zero when a 3-bead similarity fit happens to be perfect. Weak, so that
+# the residuals set the noise: 50 nm with 2 pseudo-observations made bead-image squares
+# (localisation ~2 nm, residual scatter ~5-10 nm) predict 2x their true error, and changed
+# which residual field won (median target error 17 nm against 12 nm now).
+PRIOR_SIGMA_UM = 0.02
+PRIOR_DOF = 1.0
 # Similarity fits cannot see anisotropic scale when the beads are few or bunched; its
 # predicted error adds this much error per um of distance from the beads' centroid.
 SIMILARITY_MODEL_SD = 0.01
@@ -187,19 +174,23 @@ class Transform2D:
         """Map (N, 2) source points (um) into the destination frame (um)."""
         return self._features(points) @ self.theta
 
-    def predicted_error(self, points: ArrayLike) -> FloatArray:
+    def predicted_error(self, points: ArrayLike, *,
+                        anisotropy_allowance: bool = True) -> FloatArray:
         """Predicted RMS radial error (um) of :meth:`apply` at each point.
 
         The kriging variance ``sigma^2 (2 ratio + trace(Phi C Phi^T))``: the uncertainty of
         the parametric part (grows outside the beads' hull) plus that of the residual
         field (near zero next to a bead, growing to the field's variance one length scale
         away), and for the similarity an allowance for anisotropic scale it cannot
-        represent. It does not include the localisation error of the target itself.
+        represent (``anisotropy_allowance``). It does not include the localisation error
+        of the target itself, nor
+        the uncertainty of the field's hyperparameters: model_selection.ModelChoice adds
+        that, and it is what the correlation reports.
         """
         f = self._features(points)
         var = np.einsum("nip,pq,niq->n", f, self.pred_cov, f) + 2.0 * self.signal_ratio
         var = self.sigma_um ** 2 * np.maximum(var, 0.0)
-        if self.model == "similarity":
+        if self.model == "similarity" and anisotropy_allowance:
             dist = np.linalg.norm(np.asarray(points, float).reshape(-1, 2) - self.origin, axis=1)
             var = var + (SIMILARITY_MODEL_SD * dist) ** 2
         return np.asarray(np.sqrt(var), np.float64)
@@ -346,73 +337,3 @@ def fit_transform(src: ArrayLike, dst: ArrayLike, model: ModelName, *,
         length=length if ratio > 0 else 0.0, signal_ratio=ratio if ratio > 0 else 0.0,
         pred_cov=pred_cov, sigma_um=float(np.sqrt(sigma2)), residuals_um=resid,
         loo_errors_um=loo, loo_sd_um=loo_sd, loo_lpd=float(lpd))
-
-
-def loo_rms(t: Transform2D) -> float:
-    """RMS leave-one-out error (um); infinite when any point is undetermined without itself."""
-    loo = t.loo_errors_um
-    if loo.size == 0 or not np.all(np.isfinite(loo)):
-        return float("inf")
-    return float(np.sqrt(np.mean(np.sum(loo ** 2, axis=1))))
-
-
-def loo_log_density(t: Transform2D) -> float:
-    """Sum over beads of the LOO predictive log-density (nats); higher is better.
-
-    Scores both the LOO errors and how well the predicted spread matches them, which is
-    what choosing the residual field needs (an over-confident field loses here).
-    """
-    if not np.all(np.isfinite(t.loo_errors_um)):
-        return float("-inf")
-    return t.loo_lpd
-
-
-def _add_field(t: Transform2D, src: FloatArray, dst: FloatArray) -> Transform2D:
-    """The best residual field on ``t``'s mean, if the LOO log-density says it helps."""
-    if len(src) < MIN_PAIRS_FIELD:
-        return t
-    best, best_score = t, (loo_log_density(t) + FIELD_GAIN_NATS) if FIELD_ALLOW_NONE else -np.inf
-    for length in FIELD_LENGTHS_UM:
-        for ratio in FIELD_RATIOS:
-            cand = fit_transform(src, dst, t.model, mirrored=t.mirrored, field_length_um=length,
-                                 field_ratio=ratio, from_frame=t.from_frame, to_frame=t.to_frame)
-            score = loo_log_density(cand)
-            if score > best_score:
-                best, best_score = cand, score
-    return best
-
-
-def select_model(src: ArrayLike, dst: ArrayLike, *, mirrored: bool | None = None,
-                 models: tuple[ModelName, ...] = MODEL_NAMES, use_field: bool = True,
-                 from_frame: str = "lm", to_frame: str = "em") -> Transform2D:
-    """Fit the candidate models and keep the one leave-one-out error supports.
-
-    The mean: the affine replaces the similarity only if its LOO RMS is below
-    ``SELECTION_GAIN`` times the similarity's; from ``AFFINE_DEFAULT_FROM`` pairs the affine
-    is the default unless the similarity's LOO is clearly better (anisotropic scale is the
-    rule between two microscopes). Then a residual field is added if it raises the LOO
-    log-density by ``FIELD_GAIN_NATS`` (from ``MIN_PAIRS_FIELD`` pairs). Models with fewer
-    pairs than ``MIN_PAIRS`` are skipped; with fewer than 3 pairs the similarity is
-    returned without a LOO check.
-    """
-    s = as_points(src, "source points", 2)
-    d = as_points(dst, "destination points", 2)
-    fits: dict[str, Transform2D] = {}
-    for model in MODEL_NAMES:
-        if model not in models or len(s) < MIN_PAIRS[model]:
-            continue
-        try:
-            fits[model] = fit_transform(s, d, model, mirrored=mirrored,
-                                        from_frame=from_frame, to_frame=to_frame)
-        except CorrelationInputError:
-            continue  # e.g. collinear points: this model is not identifiable here
-    best: Transform2D | None = fits.get("similarity")
-    aff = fits.get("affine")
-    if aff is not None:
-        gain = AFFINE_DEFAULT_GAIN if len(s) >= AFFINE_DEFAULT_FROM else SELECTION_GAIN
-        if best is None or loo_rms(aff) < gain * loo_rms(best):
-            best = aff
-    if best is None:
-        return fit_transform(s, d, "similarity", mirrored=mirrored,
-                             from_frame=from_frame, to_frame=to_frame)
-    return _add_field(best, s, d) if use_field else best

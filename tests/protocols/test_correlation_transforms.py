@@ -8,13 +8,9 @@ import numpy as np
 import pytest
 
 from protocols.correlation.errors import CorrelationInputError
+from protocols.correlation.model_selection import loo_rms, select_model
 from protocols.correlation.targets import pixel_to_stage, stage_to_pixel, transfer_pixels
-from protocols.correlation.transforms import (
-    Transform2D,
-    fit_transform,
-    loo_rms,
-    select_model,
-)
+from protocols.correlation.transforms import Transform2D, fit_transform
 
 RNG_SRC = np.random.default_rng(7).uniform(-45, 45, (12, 2)) + [1500.0, -800.0]
 

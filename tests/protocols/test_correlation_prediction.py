@@ -1,0 +1,110 @@
+"""Predicted target error: calibrated against the truth, and the transfer gate built on it."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from protocols.correlation.model_selection import choose_model
+from protocols.correlation.points import SQUARE_MAX_ERROR_UM, correlate_points
+
+
+def _lin(deg: float, sx: float, sy: float, mirrored: bool) -> np.ndarray:
+    t = np.deg2rad(deg)
+    rot = np.array([[np.cos(t), -np.sin(t)], [np.sin(t), np.cos(t)]])
+    return rot @ np.diag([sx, sy]) @ (np.diag([-1.0, 1.0]) if mirrored else np.eye(2))
+
+
+def _bend(rng: np.random.Generator, across_um: float):  # type: ignore[no-untyped-def]
+    """A smooth random displacement (wavelengths >= 60 um) of about ``across_um``."""
+    k = rng.normal(0, 2 * np.pi / 150, (3, 2))
+    k *= np.minimum(1.0, (2 * np.pi / 60) / np.linalg.norm(k, axis=1, keepdims=True))
+    amp, ph = rng.normal(0, across_um / 4, (3, 2)), rng.uniform(0, 2 * np.pi, 3)
+    return lambda p: np.sin(p @ k.T + ph) @ amp
+
+
+@pytest.mark.parametrize("layout", ["uniform", "bunched"])
+def test_predicted_error_is_calibrated(layout: str) -> None:
+    """About 63-68% of true errors within 1x the predicted RMS, ~95% within 2x.
+
+    Targets anywhere in the square, beads spread over it or bunched in a third of it (so
+    that many targets are extrapolated), localisation noise and bend vary per square.
+    """
+    rng = np.random.default_rng(5 if layout == "uniform" else 6)
+    ratios = []
+    for _ in range(40):
+        n = int(rng.integers(6, 16))
+        lo, hi = (-45, 45) if layout == "uniform" else (-45, -15)
+        src = rng.uniform(lo, hi, (n, 2))
+        bend = _bend(rng, rng.uniform(0.1, 0.5))
+        lin = _lin(rng.uniform(0, 360), *rng.uniform(0.97, 1.03, 2), bool(rng.integers(2)))
+        noise = rng.uniform(0.005, 0.04)
+
+        def truth(p: np.ndarray) -> np.ndarray:
+            return p @ lin.T + bend(p)  # noqa: B023
+
+        dst = truth(src) + rng.normal(0, noise, src.shape)
+        src_obs = src + rng.normal(0, noise, src.shape)
+        targets = rng.uniform(-30, 30, (5, 2))
+        choice = choose_model(src_obs, dst)
+        err = np.linalg.norm(choice.best.apply(targets) - truth(targets), axis=1)
+        ratios.append(err / choice.predicted_error(targets))
+    r = np.concatenate(ratios)
+    assert 0.55 <= np.mean(r <= 1.0) <= 0.85, np.mean(r <= 1.0)
+    assert np.mean(r <= 2.0) >= 0.88, np.mean(r <= 2.0)
+
+
+def test_similarity_choice_weighs_the_affine_instead_of_a_fixed_allowance() -> None:
+    """From 6 pairs a chosen similarity is averaged with the affine alternatives, so its
+    anisotropy allowance comes from the beads; with 4 pairs the fixed allowance stays."""
+    rng = np.random.default_rng(3)
+    src = rng.uniform(-40, 40, (8, 2))
+    dst = src @ _lin(40, 1.0, 1.0, True).T + rng.normal(0, 0.01, src.shape)
+    many = choose_model(src, dst)
+    assert many.best.model == "similarity"
+    assert {c.model for c in many.candidates} == {"similarity", "affine"}
+    assert not many.anisotropy_allowance
+    few = choose_model(src[:4], dst[:4])
+    assert few.best.model == "similarity" and few.anisotropy_allowance
+    far = np.array([[45.0, 45.0]])
+    assert few.predicted_error(far)[0] > 0.4  # 1% per um from the beads' centroid
+
+
+def test_targets_outside_the_beads_are_not_refused_for_distance_alone() -> None:
+    """A dozen beads bunched on one side of a barely bent square: targets 20-30 um outside
+    them are transferred (ok) within their predicted error; refusal follows the
+    predicted error, not the distance."""
+    rng = np.random.default_rng(11)
+    g = rng.uniform(-45, -5, (12, 2))
+    lin = _lin(-70, 1.01, 0.99, False)
+    em = g @ lin.T + [300.0, 50.0] + rng.normal(0, 0.01, g.shape)
+    lm = g + rng.normal(0, 0.02, g.shape)
+    targets = np.array([[15.0, 10.0], [20.0, -20.0], [-20.0, 20.0]])
+    res = correlate_points(lm, em, targets)
+    assert res.status == "ok", res.reason
+    assert res.targets_um is not None and res.target_errors_um is not None
+    err = np.linalg.norm(res.targets_um - (targets @ lin.T + [300.0, 50.0]), axis=1)
+    assert np.all(err < 3 * res.target_errors_um), (err, res.target_errors_um)
+    assert np.median(res.target_errors_um) <= SQUARE_MAX_ERROR_UM
+
+
+def test_far_targets_of_few_bunched_beads_are_refused() -> None:
+    """Five beads within 15 um and targets 50-70 um away on a square bent by ~0.5 um: the
+    beads match, but the transfer is refused with the reason and the per-target flags,
+    and rightly so (the answer would be over 250 nm off)."""
+    rng = np.random.default_rng(2)
+    g = np.concatenate([rng.uniform(-45, -35, (4, 2)), [[-40.0, -28.0]]])
+    lin = _lin(25, 1.01, 0.99, False)
+
+    def truth(p: np.ndarray) -> np.ndarray:
+        return p @ lin.T + 0.25 * np.sin(2 * np.pi * p[:, ::-1] / 80.0)
+
+    em = truth(g) + rng.normal(0, 0.01, g.shape)
+    targets = np.array([[20.0, 20.0], [10.0, 25.0], [25.0, 5.0]])
+    res = correlate_points(g, em, targets)
+    assert res.match.status == "ok", res.match.reason
+    assert res.status == "no_confident_match" and "too far" in res.reason, res.reason
+    assert res.target_reliable is not None and not res.target_reliable.any()
+    assert res.targets_um is not None
+    err = np.linalg.norm(res.targets_um - truth(targets), axis=1)
+    assert np.median(err) > 0.25, err
