@@ -287,8 +287,8 @@ def transfer_targets(ctx: StepContext, p: AutoCLEMParams) -> StepResult:
             row["reason"] = f"outside the square map at pixel ({x:.0f}, {y:.0f})"
         elif tile_err > limit:
             row["reason"] = (f"on square-map tile {shaky[0][0]}, which the stitching could not "
-                             f"place (expected error {tile_err * 1e3:.0f} nm): realign would "
-                             "align to a misplaced picture")
+                             f"place reliably (expected error {tile_err * 1e3:.0f} nm): realign "
+                             "would align to a misplaced picture")
         elif row["predicted_error_um"] > limit:
             row["reason"] = (f"predicted error {row['predicted_error_um'] * 1e3:.0f} nm over "
                              f"{limit * 1e3:.0f} nm (correlation.max_target_error_um)")

@@ -3,7 +3,9 @@
 A square map is stitched from tiles; a tile that neither shared a usable overlap with its
 neighbours nor matched the overview (a corner on the bars, a thick cell body) is kept where
 the stage said it was, up to the stage's repeatability (~1 um) from the truth
-(protocols/stitching.py ``expected_error_um``). Everything else in the map shares one common
+(protocols/stitching.py ``expected_error_um``). The stitching flags it, and also tiles it
+placed but cannot vouch for (a group linked only to itself; a tile moved so far it may be a
+hole-lattice period, 4 um, off); the session trusts no flagged tile. Everything else in the map shares one common
 offset, which the bead correlation absorbs. Two consequences for the session:
 
 - beads the EM finds on such a tile are mispositioned by up to a micrometre; matched, they
@@ -16,9 +18,7 @@ offset, which the bead correlation absorbs. Two consequences for the session:
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
@@ -55,17 +55,13 @@ class UnplacedTile:
 
 def unplaced_tiles(ctx: StepContext, square_id: str, map_res: StepResult
                    ) -> list[UnplacedTile]:
-    """The map's flagged tiles that no used overlap and no used overview match placed."""
-    sidecar: dict[str, Any] = json.loads((ctx.data_dir / map_res["json"]).read_text(
-        encoding="utf-8"))
-    placed = {int(o[key]) for o in sidecar.get("overlaps", []) if o["status"] == "used"
-              for key in ("i", "j")}
-    placed |= {int(a["tile"]) for a in sidecar.get("anchors", []) if a["status"] == "used"}
+    """The map's flagged tiles: those nothing placed (opaque, no usable overlap or overview
+    match), and also those placed but not trusted (a group not linked to the rest of the
+    map, whose absolute position is the stage's; a tile moved far enough to be a lattice
+    period off), each with the expected error the stitching gave it."""
     out = []
     for flag in map_res.get("flagged_tiles", []):
         k = int(flag["index"])
-        if k in placed:
-            continue
         tile = ctx.result(f"square-{square_id}/map/tile-{k:03d}")
         a = np.asarray(tile["pixel_to_stage"], float).copy()
         a[:, 2] += np.asarray(flag["correction_um"], float)

@@ -193,7 +193,7 @@ def _stitch_action(layout: MontageLayout, extra: Callable[[StepContext], dict[st
             overview_meta = ctx.result(layout.overview_key)
             anchors = match_tiles(tiles, load_frame(ctx.data_dir, overview_meta),
                                   2.0 * layout.stitch.max_stage_error_um,
-                                  layout.overview_sigma_px)
+                                  layout.overview_sigma_px, layout.stitch.log_gradient)
         mosaic = stitch(tiles, layout.stitch, anchors=anchors)
         mrc_rel, json_rel = f"{layout.stem}.mrc", f"{layout.stem}.json"
         write_mrc(ctx.data_dir / mrc_rel, mosaic.data.astype(np.float32), mosaic.pixel_size_um,

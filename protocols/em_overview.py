@@ -132,10 +132,12 @@ def _centre_um(img: Image) -> FloatArray:
 
 
 def match_tile(tile: Image, overview: Image, index: int, max_shift_um: float,
-               sigma_px: float = 1.0, min_inside: float = 0.5) -> AnchorMatch | None:
+               sigma_px: float = 1.0, min_inside: float = 0.5, log_scale: bool = False
+               ) -> AnchorMatch | None:
     """Match ``tile`` against ``overview`` within ``max_shift_um`` (per axis) of where the
     nominal affines put it; None when less than ``min_inside`` of the tile lies in the
-    overview with room to search."""
+    overview with room to search. ``log_scale``: compare log-compressed gradients
+    (protocols/overlap_registration.py ``structure``)."""
     ratio = overview.pixel_size_um / tile.pixel_size_um
     # tile pixel -> overview pixel
     t2o = (np.vstack([invert_affine(overview.pixel_to_stage), [0, 0, 1]])
@@ -169,7 +171,7 @@ def match_tile(tile: Image, overview: Image, index: int, max_shift_um: float,
                                                                  np.uint8)) > 0
     a_raw = np.asarray(overview.data[cy0 - margin:cy1 + margin, cx0 - margin:cx1 + margin],
                        np.float32)
-    a, fb = structure(a_raw, sigma_px), structure(b, sigma_px)
+    a, fb = structure(a_raw, sigma_px, log_scale), structure(b, sigma_px, log_scale)
     a_mask = np.ones(a.shape, bool)
     reg = RegistrationSettings(max_shift_px=search, peak_sigma_px=sigma_px)
     match = register_overlap(a, fb, (margin, margin), reg, a_mask, mask_b)
@@ -182,12 +184,12 @@ def match_tile(tile: Image, overview: Image, index: int, max_shift_um: float,
 
 
 def match_tiles(tiles: Sequence[Image], overview: Image, max_shift_um: float,
-                sigma_px: float = 1.0) -> list[AnchorMatch]:
+                sigma_px: float = 1.0, log_scale: bool = False) -> list[AnchorMatch]:
     """``match_tile`` for every tile (tile index = position in ``tiles``); tiles outside the
     overview are left out."""
     out = []
     for k, tile in enumerate(tiles):
-        m = match_tile(tile, overview, k, max_shift_um, sigma_px)
+        m = match_tile(tile, overview, k, max_shift_um, sigma_px, log_scale=log_scale)
         if m is not None:
             out.append(m)
     return out

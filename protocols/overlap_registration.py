@@ -76,8 +76,8 @@ class OverlapMatch:
     z_score: float = 0.0
 
 
-def structure(image: NDArray[np.floating] | NDArray[np.integer], sigma_px: float
-              ) -> NDArray[np.float32]:
+def structure(image: NDArray[np.floating] | NDArray[np.integer], sigma_px: float,
+              log_scale: bool = False) -> NDArray[np.float32]:
     """Gradient magnitude after Gaussian smoothing: what registration compares.
 
     Smoothing by ``sigma_px`` removes the pixel noise of low-dose EM tiles; the gradient removes
@@ -85,6 +85,14 @@ def structure(image: NDArray[np.floating] | NDArray[np.integer], sigma_px: float
     serves both. Its support is only ~3 sigma, so a crop taken with that much context from
     its tile is filtered exactly as the whole tile would be (a wide high-pass is not: on a
     narrow overlap strip it sees different neighbours in the two tiles).
+
+    ``log_scale``: compare ``log(1 + g / median(g))`` instead of ``g``. On an EM square map
+    the edge of a grid bar or of a thick cell body is ten times stronger than the holes and
+    bead edges around it, so NCC sees one straight edge and slides along it (every shift
+    along the edge scores alike: the overlap is refused as ambiguous). Compressed, the holes
+    and beads weigh as much as the edge and pin the shift along it too (square maps on the
+    session's simulated grid: 20-21 of 25 tiles placed instead of 15-16, placed tiles still
+    within 0.13 um of each other). The median makes the scale independent of the dose.
     """
     img: NDArray[np.float32] = np.asarray(image, dtype=np.float32)
     if sigma_px > 0:
@@ -98,6 +106,11 @@ def structure(image: NDArray[np.floating] | NDArray[np.integer], sigma_px: float
     # match) between two runs of one seed. numpy's multiply, add and sqrt round the same
     # way whatever the alignment.
     out: NDArray[np.float32] = np.sqrt(gx * gx + gy * gy, dtype=np.float32)
+    if log_scale:
+        scale = float(np.median(out))
+        if not scale > 0:
+            scale = float(out.max()) or 1.0
+        out = np.log1p(out / np.float32(scale), dtype=np.float32)
     return out
 
 

@@ -112,7 +112,8 @@ class SquareMapPlan(Plan):
             stitch=StitchSettings(max_stage_error_um=s.max_stage_error_um,
                                   smoothing_sigma_px=s.smoothing_sigma_px, min_ncc=s.min_ncc,
                                   output_pixel_um=s.output_pixel_um,
-                                  stage_rms_um=s.stage_rms_um, dark_fraction=0.01),
+                                  stage_rms_um=s.stage_rms_um, dark_fraction=0.01,
+                                  log_gradient=True),
             approach_um=p.approach_um, acquisition=p.acquisition, overview=overview,
             overview_sigma_px=(1.0 if p.overview is None
                                else p.overview.smoothing_sigma_px))

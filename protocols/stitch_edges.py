@@ -73,8 +73,8 @@ def common_frame(tiles: Sequence[Image]) -> tuple[FloatArray, FloatArray]:
     return linear, offsets
 
 
-def _filtered_crop(tile: Image, x0: int, x1: int, y0: int, y1: int, sigma_px: float
-                   ) -> tuple[NDArray[np.float32], NDArray[np.bool_]]:
+def _filtered_crop(tile: Image, x0: int, x1: int, y0: int, y1: int, sigma_px: float,
+                   log_scale: bool = False) -> tuple[NDArray[np.float32], NDArray[np.bool_]]:
     """``structure`` of a tile region, filtered with context from the tile around it.
 
     The mask excludes pixels next to the tile's own edges, where the filter had no context:
@@ -84,7 +84,8 @@ def _filtered_crop(tile: Image, x0: int, x1: int, y0: int, y1: int, sigma_px: fl
     h, w = tile.shape
     c = context_px(sigma_px)
     cx0, cy0 = max(0, x0 - c), max(0, y0 - c)
-    filtered = structure(tile.data[cy0:min(h, y1 + c), cx0:min(w, x1 + c)], sigma_px)
+    filtered = structure(tile.data[cy0:min(h, y1 + c), cx0:min(w, x1 + c)], sigma_px,
+                         log_scale)
     xs, ys = np.arange(x0, x1), np.arange(y0, y1)
     mask = np.outer((ys >= c) & (ys < h - c), (xs >= c) & (xs < w - c))
     return filtered[y0 - cy0:y1 - cy0, x0 - cx0:x1 - cx0], mask
@@ -117,8 +118,10 @@ def measure_pair(tile_i: Image, tile_j: Image, i: int, j: int, nominal: FloatArr
     ay0, ay1 = max(0, y0 - margin), min(hi, y1 + margin)
     bx0, bx1 = max(0, ax0 - dx), min(wj, ax1 - dx)
     by0, by1 = max(0, ay0 - dy), min(hj, ay1 - dy)
-    a, mask_a = _filtered_crop(tile_i, ax0, ax1, ay0, ay1, s.smoothing_sigma_px)
-    b, mask_b = _filtered_crop(tile_j, bx0, bx1, by0, by1, s.smoothing_sigma_px)
+    a, mask_a = _filtered_crop(tile_i, ax0, ax1, ay0, ay1, s.smoothing_sigma_px,
+                               s.log_gradient)
+    b, mask_b = _filtered_crop(tile_j, bx0, bx1, by0, by1, s.smoothing_sigma_px,
+                               s.log_gradient)
     match = register_overlap(a, b, (bx0 + dx - ax0, by0 + dy - ay0), reg, mask_a, mask_b)
     measured = np.array([dx + match.shift_px[0], dy + match.shift_px[1]])
     status: OverlapStatus = "used"

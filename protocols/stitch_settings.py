@@ -43,6 +43,9 @@ class StitchSettings:
     ``dark_fraction`` (EM): a tile whose mean is under this fraction of the median tile mean
     let (almost) no electrons through (a thick cell body, a bar) and is not registered at all:
     matches between a few stray counts score well by chance and drag tiles by microns.
+    ``log_gradient``: register log-compressed gradients (protocols/overlap_registration.py
+    ``structure``), so that a bar or cell edge does not drown the holes and beads that fix
+    the shift along it (EM square maps; the overview matches of a montage follow it).
     """
 
     max_stage_error_um: float = 5.0
@@ -61,6 +64,7 @@ class StitchSettings:
     min_anchor_ncc: float = 0.5
     stage_rms_um: float | None = None
     dark_fraction: float | None = None
+    log_gradient: bool = False
 
     @property
     def stage_error_rms_um(self) -> float:

@@ -129,6 +129,8 @@ def stitch(tiles: Sequence[Image], settings: StitchSettings | None = None, *,
             reason = (f"moved ({correction[0]:.2f}, {correction[1]:.2f}) um from nominal, more "
                       f"than 1.5 x stitching.max_stage_error_um {s.max_stage_error_um:g}: "
                       "possibly one lattice period off")
+            # it may be off by as much as it moved (a period): its residuals cannot say
+            expected = max(expected, float(np.hypot(*correction)))
         placements.append(TilePlacement(
             k, np.hstack([linear, translation[:, None]]),
             (float(correction[0]), float(correction[1])), int(used_count[k]), bool(reason),

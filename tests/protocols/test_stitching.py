@@ -218,11 +218,12 @@ def test_structure_and_placement_are_bit_identical_from_call_to_call(em_truth: T
     decide the same): cv2.magnitude rounded differently with the output buffer's alignment,
     which moved placements by 1e-10 um between calls and, downstream, a bead match."""
     image = np.asarray(em_truth.tiles[0].data, np.float32)
-    outputs, junk = set(), []
-    for k in range(12):
-        junk.append(np.empty(1 + 4099 * k, np.float32))    # vary where the next arrays land
-        outputs.add(structure(image, 1.5).tobytes())
-    assert len(outputs) == 1
+    for log_scale in (False, True):
+        outputs, junk = set(), []
+        for k in range(12):
+            junk.append(np.empty(1 + 4099 * k, np.float32))    # vary where arrays land
+            outputs.add(structure(image, 1.5, log_scale).tobytes())
+        assert len(outputs) == 1
     settings = StitchSettings(max_stage_error_um=0.6)
     placements = {np.stack([t.pixel_to_stage for t in stitch(em_truth.tiles, settings).tiles])
                   .tobytes() for _ in range(3)}
