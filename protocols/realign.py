@@ -114,6 +114,13 @@ def realign(em: ElectronMicroscope, target_um: tuple[float, float], reference: I
         dose += img.dose_e_per_a2
         search = params.search_um if i == 0 else params.fine_search_um
         a = align_to_reference(reference, img, max_shift_um=search, expect_um=shift)
+        widened = i > 0 and _on_window_edge(a.shift_um, shift, search, img.pixel_size_um)
+        if widened:
+            # the best match lies on the rim of the fine search: the peak is beyond it (the
+            # first estimate was off by more than fine_search_um), and a search that small
+            # only walks towards it by its own radius per iteration and never converges
+            a = align_to_reference(reference, img, max_shift_um=params.search_um,
+                                   expect_um=shift)
         if i > 0 and a.score < params.min_fine_score:
             # a finer field can hold too little of the map (all carbon, all hole): keep the
             # estimate we have rather than chase a weak peak
@@ -145,7 +152,8 @@ def realign(em: ElectronMicroscope, target_um: tuple[float, float], reference: I
             last = change
         iterations.append({"mag_index": img.mag_index, "pixel_size_um": img.pixel_size_um,
                            "offset_um": list(a.shift_um), "change_um": round(change, 5),
-                           "score": round(a.score, 4), "stage_moved": moved_stage})
+                           "score": round(a.score, 4), "stage_moved": moved_stage,
+                           "search_widened": widened})
         if log is not None:
             log.info("em.realign.iteration", iteration=i, mag_index=img.mag_index,
                      offset_um=[round(v, 4) for v in a.shift_um], score=round(a.score, 3))
@@ -154,3 +162,11 @@ def realign(em: ElectronMicroscope, target_um: tuple[float, float], reference: I
     return RealignResult(target_um=(float(x), float(y)), stage_um=em.stage_position(),
                          image_shift_um=(float(shift[0]), float(shift[1])), residual_um=last,
                          iterations=iterations, dose_e_per_a2=dose)
+
+
+def _on_window_edge(found_um: tuple[float, float], expect_um: tuple[float, float],
+                    search_um: float, pixel_um: float) -> bool:
+    """Whether a match found within ``search_um`` of ``expect_um`` lies on the search's rim
+    (within 1.5 pixels of it): then it is no peak but the highest point of a slope."""
+    d = math.hypot(found_um[0] - expect_um[0], found_um[1] - expect_um[1])
+    return d >= search_um - 1.5 * pixel_um

@@ -55,3 +55,15 @@ def test_realign_refuses_a_target_off_its_map(mapped: MappedSquare) -> None:
 def test_realign_params_refuse_unknown_keys(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="tolerance"):
         RealignParams.model_validate({"tolerance": 0.1})
+
+
+@pytest.mark.parametrize(("found", "rim"), [((0.0, 0.0), False), ((0.12, 0.1), False),
+                                            ((0.185, 0.094), True), ((-0.2, 0.0), True)],
+                         ids=["centre", "inside", "seed-5-session-rim", "on-rim"])
+def test_a_fine_match_on_the_search_rim_is_recognised(found: tuple[float, float],
+                                                       rim: bool) -> None:
+    """A fine iteration whose best match sits on the rim of its 0.2 um search found a slope,
+    not a peak (the session's seed 5 walked 208 nm per iteration that way and never
+    converged): realign then searches again at the coarse radius."""
+    from protocols.realign import _on_window_edge
+    assert _on_window_edge(found, (0.0, 0.0), 0.2, 0.0273) is rim
