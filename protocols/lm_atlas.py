@@ -44,9 +44,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from drivers.base import LightMicroscope, LimitViolation
 from drivers.errors import ClemdError
 from drivers.imaging import Image, affine_from
-from protocols.compute_lane import ComputeLane, Job
+from protocols.compute_lane import Job
 from protocols.lm_atlas_build import AtlasBuilder
-from protocols.lm_atlas_focus import FocusPlaneFit, autofocus, fit_focus_plane, focus_points
+from protocols.lm_atlas_focus import FocusPlaneFit, fit_focus_plane, focus_points, focus_search
 from protocols.lm_atlas_stitch import edge_from_json, edge_json, load_atlas, write_atlas
 from protocols.lm_io import affine_json, image_record
 from protocols.mosaic_solve import Edge
@@ -59,7 +59,11 @@ log = structlog.get_logger(__name__)
 
 
 class LMAtlasParams(BaseModel):
-    """Parameters of an LM grid atlas; lengths in um, stage frame of the light microscope."""
+    """Parameters of an LM grid atlas; lengths in um, stage frame of the light microscope.
+
+    ``flat_field_tiles``: the illumination of transmitted channels is fitted on the first
+    this many tiles, so the others can be blended as they arrive (protocols/lm_atlas_build.py).
+    """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -141,16 +145,6 @@ def tile_layout(centre_um: tuple[float, float], diameter_um: float, pixel_size_u
             d = linear @ local
             tiles.append(TileSpec(r, c, float(centre_um[0] + d[0]), float(centre_um[1] + d[1])))
     return tiles
-
-
-def _autofocus(lm: LightMicroscope, p: LMAtlasParams, start_z: float, wide: bool,
-               lane: ComputeLane) -> float:
-    """Coarse search (if ``wide``) then a fine one; both on the focus channel."""
-    lm.set_channel(p.focus_channel)
-    lm.move_z(start_z)
-    if wide:
-        autofocus(lm, p.search_range_um, p.search_step_um, lane)
-    return autofocus(lm, p.refine_range_um, p.refine_step_um, lane)
 
 
 @dataclass
@@ -316,7 +310,7 @@ class LMAtlasPlan(Plan):
             lane = self._state(ctx).builder.io
             lm.set_objective(self.p.objective)
             lm.move_xy(*xy)
-            z = _autofocus(lm, self.p, start_z, wide or self.p.focus != "map", lane)
+            z = focus_search(lm, self.p, start_z, wide or self.p.focus != "map", lane)
             ctx.log.info("lm_atlas.focus_point", x_um=xy[0], y_um=xy[1], z_um=round(z, 3))
             return {"xy_um": [xy[0], xy[1]], "z_um": float(z)}
         return action
@@ -332,7 +326,7 @@ class LMAtlasPlan(Plan):
         lm.set_objective(p.objective)
         lm.move_xy(t.x_um, t.y_um)
         if p.focus == "per_tile":
-            z = _autofocus(lm, p, p.start_z_um if z_plan is None else z_plan,
+            z = focus_search(lm, p, p.start_z_um if z_plan is None else z_plan,
                            z_plan is None, builder.io)
         else:
             z = float(z_plan if z_plan is not None else p.start_z_um)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import partial
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
@@ -27,7 +28,11 @@ from drivers.base import LightMicroscope, LimitViolation
 from drivers.errors import ConfigError
 from protocols.compute_lane import ComputeLane
 
-__all__ = ["FocusPlaneFit", "autofocus", "fit_focus_plane", "focus_points", "focus_score"]
+if TYPE_CHECKING:
+    from protocols.lm_atlas import LMAtlasParams
+
+__all__ = ["FocusPlaneFit", "autofocus", "fit_focus_plane", "focus_points", "focus_score",
+           "focus_search"]
 
 
 @dataclass(frozen=True)
@@ -115,3 +120,14 @@ def autofocus(lm: LightMicroscope, range_um: float, step_um: float, lane: Comput
             best = float(zs[i] + 0.5 * step_um * (s0 - s2) / denom)
     lm.move_z(best)
     return best
+
+
+def focus_search(lm: LightMicroscope, p: LMAtlasParams, start_z: float, wide: bool,
+                 lane: ComputeLane) -> float:
+    """The atlas's focus at the current place: a coarse search (if ``wide``) then a fine one,
+    both on ``p.focus_channel``, starting at ``start_z``."""
+    lm.set_channel(p.focus_channel)
+    lm.move_z(start_z)
+    if wide:
+        autofocus(lm, p.search_range_um, p.search_step_um, lane)
+    return autofocus(lm, p.refine_range_um, p.refine_step_um, lane)

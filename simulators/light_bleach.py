@@ -70,4 +70,4 @@ class BleachLedger:
         return len(self._fields)
 
 
-__all__ = ["BleachLedger", "REFERENCE_MAGNIFICATION"]
+__all__ = ["REFERENCE_MAGNIFICATION", "BleachLedger"]

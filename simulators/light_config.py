@@ -225,5 +225,13 @@ def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-__all__ = ["CameraConfig", "ChannelConfig", "Contrast", "LightSimConfig", "ObjectiveConfig",
-           "StageConfig", "TRANSMITTED", "TimingConfig"]
+__all__ = [
+    "TRANSMITTED",
+    "CameraConfig",
+    "ChannelConfig",
+    "Contrast",
+    "LightSimConfig",
+    "ObjectiveConfig",
+    "StageConfig",
+    "TimingConfig",
+]
