@@ -7,7 +7,6 @@ simulator's own nominal metadata alone.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -18,7 +17,7 @@ from numpy.typing import NDArray
 from scipy.optimize import curve_fit
 
 from drivers.clock import VirtualClock
-from drivers.errors import Aborted, ConfigError, LimitViolation
+from drivers.errors import ConfigError, LimitViolation
 from drivers.imaging import apply_affine, invert_affine
 from simulators.light import SimulatedLightMicroscope
 from simulators.light_config import LightSimConfig
@@ -331,52 +330,7 @@ def test_same_seed_same_images_other_seed_different(spec: Specimen) -> None:
     assert not any(np.array_equal(p, q) for p, q in zip(first, other, strict=True))
 
 
-# -- acquisitions on the clock ------------------------------------------------------------------
-
-
-def test_timing_model(lm: SimulatedLightMicroscope) -> None:
-    t = lm.config.timing
-    clock = lm.clock
-    t0 = clock.now()
-    lm.move_xy(1000.0, -400.0)
-    assert clock.now() - t0 == pytest.approx(t.xy_settle_s + 1000.0 / t.xy_speed_um_s)
-    t0 = clock.now()
-    lm.move_z(3.0)
-    assert clock.now() - t0 == pytest.approx(t.z_settle_s + 3.0 / t.z_speed_um_s)
-    t0 = clock.now()
-    lm.set_channel("DIC")
-    lm.set_objective("100x")
-    assert clock.now() - t0 == pytest.approx(t.channel_change_s + t.objective_change_s)
-    t0 = clock.now()
-    img = lm.snap(exposure_s=0.25)
-    readout = lm.config.camera.shape[0] * lm.config.camera.line_time_s
-    assert clock.now() - t0 == pytest.approx(0.25 + readout)
-    assert img.time_s == clock.now()
-
-
-def test_forty_minute_time_lapse_runs_in_seconds(spec: Specimen) -> None:
-    m = scope(spec, (96, 96))
-    cell = spec.cells[0]
-    lm_xy = spec.truth.grid_to_lm_stage(np.array(cell.centre_um))
-    m.set_objective("100x")
-    z0 = m.focus_z_for((float(lm_xy[0]), float(lm_xy[1])))
-    seq = mda(stage_positions=[(float(lm_xy[0]), float(lm_xy[1]), z0)],
-              time_plan={"interval": 300, "loops": 9}, channels=["488", "640"],
-              z_plan={"range": 8, "step": 1}, axis_order="tpzc")
-    t_clock = m.clock.now()
-    t_wall = time.perf_counter()
-    images = list(m.run_events(seq))
-    wall_s = time.perf_counter() - t_wall
-    assert len(images) == 9 * 9 * 2
-    assert wall_s < 10.0
-    virtual_s = m.clock.now() - t_clock
-    assert 2400.0 < virtual_s < 2400.0 + 30.0
-    assert {img.channel for img in images} == {"488", "640"}
-    zs = sorted({round(img.z_um or 0.0, 6) for img in images})
-    assert zs == pytest.approx(list(z0 + np.arange(-4.0, 4.5, 1.0)))
-    firsts = [img for img in images if img.index.get("z") == 0 and img.index.get("c") == 0]
-    assert np.diff([img.time_s for img in firsts]) == pytest.approx([300.0] * 8, abs=1.0)
-    assert all(img.extra["late_s"] == 0.0 for img in firsts)   # the stack fits the interval
+# -- moving specimen ---------------------------------------------------------------------------
 
 
 def _virus_pair(spec: Specimen, motion: VirusMotion, t1: float,
@@ -415,18 +369,6 @@ def test_viruses_move_as_truth_says(spec: Specimen, motion: VirusMotion) -> None
         assert shift < 0.3
     else:
         assert shift > 1.0 / 0.065 * 0.8
-
-
-def test_abort_stops_run_events(lm: SimulatedLightMicroscope) -> None:
-    seq = mda(time_plan={"interval": 1, "loops": 10}, channels=["BF"])
-    got = []
-    with pytest.raises(Aborted):
-        for img in lm.run_events(seq):
-            got.append(img)
-            if len(got) == 3:
-                lm.abort()
-    assert len(got) == 3
-    lm.snap()                                   # usable again afterwards
 
 
 def test_lost_beads_gone_after_freezing(spec: Specimen) -> None:
