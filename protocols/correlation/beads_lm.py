@@ -82,7 +82,7 @@ def check_image(image: ArrayLike, name: str) -> NDArray[np.float64]:
     if arr.dtype.kind not in "uif" and arr.dtype != np.bool_:
         raise CorrelationInputError(f"{name}: unsupported pixel type {arr.dtype}")
     out = arr.astype(np.float64)
-    if not np.all(np.isfinite(out)):
+    if arr.dtype.kind == "f" and not np.all(np.isfinite(out)):  # integers always are
         raise CorrelationInputError(f"{name}: image contains NaN or infinite pixels")
     return out
 
