@@ -9,7 +9,8 @@ the final folder, and memory-mapped: regions are written into it as they are fin
 region, rewrites the OME-XML with the final metadata (the atlas's affine is known only at the
 end; tifffile rewrites the description in place or appends it), fsyncs the file, renames it
 over the final name and fsyncs the folder, so a reader sees no atlas or the whole atlas, as
-with protocols/atomic_write.py. ``discard`` removes an unfinished file.
+with protocols/atomic_write.py. ``discard`` removes an unfinished file; a commit removes those
+of writers that were abandoned.
 """
 
 from __future__ import annotations
@@ -107,6 +108,10 @@ class OmeTiffStream:
         except OSError as err:
             raise DataWriteError(f"cannot write {self.path}: {err}") from err
         self.committed = True
+        # streams for this file that were never committed (their writer was abandoned: a
+        # plan rebuilt after a pause, a process killed) are of no use now
+        for stale in self.path.parent.glob(f".{self.path.stem}.*.tmp{self.path.suffix}"):
+            stale.unlink(missing_ok=True)
         return self.path
 
     def discard(self) -> None:

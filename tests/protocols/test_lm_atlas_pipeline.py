@@ -158,3 +158,5 @@ def test_restart_before_the_stitch_assembles_the_same_atlas_from_files(tmp_path:
     covered = (a[inner] > 0) & (seen[inner] > 0)
     diff = np.abs(a[inner] - seen[inner])[covered]
     assert np.median(diff) < 0.01 * float(np.median(a[inner][covered]))
+    # the first plan's unfinished atlas file went with the commit of the second's
+    assert not list((tmp_path / "restart" / "lm-atlas").glob(".*tmp*"))
