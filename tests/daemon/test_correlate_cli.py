@@ -130,6 +130,25 @@ def test_bad_targets_and_unwritable_out(files: dict[str, Path], tmp_path: Path,
     assert "cannot write" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("change", ["lm-is-directory", "em-one-bead", "em-empty", "target-nan"])
+def test_more_unusable_inputs_exit_2_with_one_line(files: dict[str, Path], tmp_path: Path,
+                                                   change: str,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """An unreadable LM path, a one-bead or empty EM list, a NaN target: exit 2, one line."""
+    if change == "lm-is-directory":
+        files["lm"] = tmp_path
+    elif change == "em-one-bead":
+        _write(files["em"], "x,y", np.array([[1.0, 2.0]]))
+    elif change == "em-empty":
+        files["em"].write_text("x,y\n")
+    else:
+        _write(files["targets"], "id,x,y", ["a,nan,2.0"])
+    assert main(_argv(files)) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("clemd correlate: ") and "Traceback" not in err
+    assert not files["out"].exists()
+
+
 def test_subprocess_entry_point(files: dict[str, Path]) -> None:
     proc = subprocess.run([sys.executable, "-m", "daemon.correlate_cmd", *_argv(files)],
                           cwd=ROOT, capture_output=True, text=True, timeout=60, check=False)
