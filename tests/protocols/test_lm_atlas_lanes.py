@@ -42,18 +42,18 @@ def test_overlapped_compute_costs_nothing_on_the_critical_path() -> None:
     instrument thread's timeline; collected at once, it does, by its duration."""
     clock = CriticalPathClock()
     lane = ComputeLane(clock, "test")
-    job = lane.submit(lambda: _busy(0.05))
+    job = lane.submit(lambda: _busy(0.2))
     clock.sleep(1.0)                                     # the stage moves meanwhile
     job.result()
     overlapped = clock.timeline()
     assert overlapped.waited_s == pytest.approx(1.0)
     assert overlapped.stalled_s == 0.0
-    assert overlapped.now_s - overlapped.waited_s < 0.04    # only the thread's own bookkeeping
+    assert overlapped.now_s - overlapped.waited_s < 0.1     # only the thread's own bookkeeping
 
-    lane.submit(lambda: _busy(0.05)).result()           # the next step needs it now
+    lane.submit(lambda: _busy(0.2)).result()            # the next step needs it now
     serial = clock.timeline()
-    assert serial.stalled_s == pytest.approx(0.05, abs=0.04)
-    assert serial.now_s - overlapped.now_s >= 0.05
+    assert serial.stalled_s == pytest.approx(0.2, abs=0.1)
+    assert serial.now_s - overlapped.now_s >= 0.2
     lane.close()
 
 
@@ -65,6 +65,6 @@ def test_instrument_thread_compute_counts_and_uncounted_stretches_do_not() -> No
         _busy(0.03)
         clock.sleep(0.02)                                # the exposure it models
     end = clock.timeline()
-    assert end.compute_s - start.compute_s == pytest.approx(0.03, abs=0.02)
+    assert 0.03 <= end.compute_s - start.compute_s < 0.06     # the uncounted 0.03 s is out
     assert end.waited_s == pytest.approx(0.02)
     assert end.now_s == pytest.approx(end.compute_s + 0.02)

@@ -109,13 +109,15 @@ def test_a_snap_takes_its_exposure_and_readout_on_the_virtual_clock(spec: Specim
 def test_rendering_is_inside_the_exposure_not_the_callers_compute(spec: Specimen) -> None:
     """On an accounting clock the frame costs exactly its modelled exposure and readout,
     however long this machine took to render it (a 512 x 512 frame takes longer to render
-    than its 2 ms exposure)."""
+    than its 2 ms exposure): the caller is charged a fraction of the wall time."""
     clock = CriticalPathClock()
     lm = SimulatedLightMicroscope.with_small_camera(spec, clock, shape=(512, 512))
     before = clock.timeline()
-    for _ in range(3):
+    t0 = time.perf_counter()
+    for _ in range(5):
         lm.snap("BF", 0.002)
+    wall = time.perf_counter() - t0
     after = clock.timeline()
     readout = 512 * lm.config.camera.line_time_s
-    assert after.waited_s - before.waited_s == pytest.approx(3 * (0.002 + readout))
-    assert after.compute_s - before.compute_s < 0.02
+    assert after.waited_s - before.waited_s == pytest.approx(5 * (0.002 + readout))
+    assert after.compute_s - before.compute_s < min(0.05, wall / 2)
