@@ -54,6 +54,18 @@ __all__ = ["AnchorMatch", "AnchorReport", "Mosaic", "OverlapReport", "StitchSett
            "registration_settings", "stitch"]
 
 
+def _anchor_agreement_um(edges: Sequence[Edge], residuals_px: Sequence[float], px_um: float
+                         ) -> dict[int, float]:
+    """Per tile, how far (um) its best unambiguous overview match that passed the score gates
+    lies from where the solve put the tile (used or refused as an outlier)."""
+    out: dict[int, float] = {}
+    for e, r in zip(edges, residuals_px, strict=True):
+        if e.is_anchor and not e.ambiguous and e.status in ("used", "outlier") \
+                and np.isfinite(r):
+            out[e.j] = min(out.get(e.j, np.inf), float(r) * px_um)
+    return out
+
+
 def _expected_error_um(k: int, edges: Sequence[Edge], residuals: Sequence[float],
                        group_size: int, px_um: float, s: StitchSettings) -> float:
     """How far tile k may be from the truth: the stage repeatability when nothing placed
@@ -104,6 +116,7 @@ def stitch(tiles: Sequence[Image], settings: StitchSettings | None = None, *,
     placed = (used_count + anchor_count) > 0
     main = int(np.bincount(labels[placed]).argmax()) if placed.any() else -1
     t0 = np.asarray(tiles[0].pixel_to_stage, float)[:, 2]
+    overview_says = _anchor_agreement_um(solved.edges, solved.residuals_px, px_um)
     placements = []
     for k in range(n):
         translation = linear @ positions[k] + t0
@@ -124,8 +137,12 @@ def stitch(tiles: Sequence[Image], settings: StitchSettings | None = None, *,
         elif labels[k] != main:
             reason = (f"not linked to the main mosaic: placed within its own group of {group} "
                       "tiles, whose absolute position is only as good as the stage")
-        elif np.abs(correction).max() > 1.5 * s.max_stage_error_um:
-            # 1.5x: a correct tile moves by its own error plus the mosaic's common offset
+        elif (np.abs(correction).max() > 1.5 * s.max_stage_error_um
+              and not overview_says.get(k, np.inf) < 2.0 * s.max_stage_error_um):
+            # 1.5x: a correct tile moves by its own error plus the mosaic's common offset.
+            # A stage that misses by 1 um rms moves many tiles that far, so an unambiguous
+            # overview match that agrees within half a lattice period (twice the bound)
+            # clears it; tiles a period off disagree with theirs by the period (session sim)
             reason = (f"moved ({correction[0]:.2f}, {correction[1]:.2f}) um from nominal, more "
                       f"than 1.5 x stitching.max_stage_error_um {s.max_stage_error_um:g}: "
                       "possibly one lattice period off")
