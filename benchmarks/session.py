@@ -11,8 +11,10 @@ five tilts from -6 to +6 degrees), the operator checkpoint confirmed at once:
 - ``targets``: per target, the predicted error (nm), the true error (nm: the 0-degree record's
   centre against the virus the target came from, simulator truth), or the reason it was
   skipped;
-- summary: targets collected, fraction within 100 nm and within 150 nm, median true error,
-  over all seeds.
+- summary, over all seeds: targets, targets collected, targets reached within 100 nm and
+  150 nm as fractions of all targets (the issue's measure: a skipped target is not reached)
+  and of those collected, median and worst true error, and how many targets were skipped
+  for each kind of reason (``skip_reasons``).
 
 Run: ``python -m benchmarks.session [--seeds N] [--first S]`` from the repository root.
 """
@@ -64,9 +66,34 @@ def session_case(seed: int) -> dict[str, Any]:
             "targets": targets}
 
 
+#: Skip reasons by their first words (protocols/autoclem_correlate.py transfer_targets,
+#: protocols/autoclem.py realign), for counting.
+SKIP_KINDS = (("square ", "square not placed in the EM"),
+              ("bead correlation", "bead correlation refused"),
+              ("outside the square map", "outside the square map"),
+              ("on square-map tile", "on an unplaced square-map tile"),
+              ("predicted error", "predicted error over the limit"),
+              ("far outside the matched beads", "extrapolated"),
+              ("realign did not converge", "realign did not converge"),
+              ("RealignError", "realign found no match"),
+              ("AlignmentError", "realign found no match"))
+
+
+def skip_kind(reason: str) -> str:
+    """The kind of a skip reason, for the summary's counts."""
+    return next((kind for start, kind in SKIP_KINDS if reason.startswith(start)), "other")
+
+
 def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
     true = [t["true_error_nm"] for r in rows for t in r["targets"]
             if t["status"] == "collected" and t["true_error_nm"] is not None]
+    n_targets = sum(len(r["targets"]) for r in rows)
+    skips: dict[str, int] = {}
+    for r in rows:
+        for t in r["targets"]:
+            if t["status"] != "collected":
+                kind = skip_kind(t["reason"] or "")
+                skips[kind] = skips.get(kind, 0) + 1
     stages: dict[str, dict[str, float]] = {}
     for r in rows:
         for s in r["stages"]:
@@ -77,8 +104,13 @@ def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
                 agg["autoclem_s"] = agg.get("autoclem_s", 0.0) + s["autoclem_s"] / len(rows)
     return {
         "seeds": [r["seed"] for r in rows],
-        "targets": sum(len(r["targets"]) for r in rows),
+        "targets": n_targets,
         "collected": len(true),
+        "reached_within_100nm": (sum(v <= 100.0 for v in true) / n_targets
+                                 if n_targets else None),
+        "reached_within_150nm": (sum(v <= 150.0 for v in true) / n_targets
+                                 if n_targets else None),
+        "skip_reasons": dict(sorted(skips.items())),
         "fraction_within_100nm": float(np.mean(np.array(true) <= 100.0)) if true else None,
         "fraction_within_150nm": float(np.mean(np.array(true) <= 150.0)) if true else None,
         "median_true_error_nm": float(np.median(true)) if true else None,
