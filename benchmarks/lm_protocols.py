@@ -30,7 +30,9 @@ hardware time, both on a ``CriticalPathClock`` (drivers/clock.py):
 Why this and not wall time on a real-time clock: rendering a 1024 x 1024 frame takes ~0.1 s,
 five times the 20 ms exposure and readout it stands for, so a simulated microscope paced in
 real time runs late by its own rendering, and background threads would get that extra time
-for free. The accounting gives each thread its own core (an acquisition PC has several) and
+for free. Here a background job costs its own measured duration, placed on the modelled
+timeline from the moment it was queued, so the wall time the simulator spends rendering gives
+it nothing. The accounting gives each thread its own core (an acquisition PC has several) and
 measures compute as wall time on this machine, shared with other work and with the
 simulator's own rendering: if anything it overstates compute. The simulator's rendering is
 excluded by the simulator itself (``Clock.uncounted``, simulators/light.py), not by this
