@@ -18,7 +18,7 @@ Sections (more to come: realign, tracking, overhead):
   which no stitcher can see); mosaic feature error (the stitched array resampled against the specimen through the
   mosaic's affine, at 9 points), flagged tiles, overlaps used, solve residuals, seconds.
 
-Run: ``.venv/bin/python benchmarks/protocols.py [--seeds N] [--section stitching]``
+Run: ``.venv/bin/python -m benchmarks.protocols [--seeds N] [--section stitching]`` from the root
 (the file name shadows the ``protocols`` package for scripts run from benchmarks/; this
 script puts the repository root first on sys.path for that reason).
 """
@@ -41,9 +41,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests" / "protocols"))
 from mosaic_truth import TiledTruth, cut_tiles, field_shape_for, render_field
-from lm_protocols import lm_section
-from protocols_em import em_section
 
+from benchmarks.lm_protocols import lm_section
+from benchmarks.protocols_em import em_section
 from drivers.imaging import affine_from, invert_affine
 from protocols.overlap_registration import structure
 from protocols.stitching import Mosaic, StitchSettings, stitch
