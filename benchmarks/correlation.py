@@ -199,6 +199,8 @@ def _summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
     ratios = np.array([r["oracle_ratio"] for r in ok if r["correct"] and "oracle_ratio" in r])
     free = np.array([r["oracle_ratio_noise_free"] for r in ok
                      if r["correct"] and "oracle_ratio_noise_free" in r])
+    excess = np.array([r["oracle_excess_noise_free_nm"] for r in ok
+                       if r["correct"] and "oracle_excess_noise_free_nm" in r])
     # Every accepted square's targets, right or wrong: calibration must hold where it is
     # relied on. For an isotropic 2D Gaussian error, 63% / 98% of errors fall within 1x /
     # 2x its RMS (68% / 95% are the 1D figures).
@@ -217,7 +219,10 @@ def _summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "oracle_ratio_median": float(np.median(ratios)) if ratios.size else None,
         "oracle_ratio_p90": float(np.percentile(ratios, 90)) if ratios.size else None,
         **({"oracle_ratio_noise_free_median": float(np.median(free)),
-            "oracle_ratio_noise_free_p90": float(np.percentile(free, 90))} if free.size else {}),
+            "oracle_ratio_noise_free_p90": float(np.percentile(free, 90)),
+            "oracle_excess_noise_free_nm_median": float(np.median(excess)),
+            "oracle_excess_noise_free_nm_p90": float(np.percentile(excess, 90))}
+           if free.size else {}),
         "calibration_median_true_over_predicted": float(np.median(cal)) if cal.size else None,
         "calibration_fraction_within_predicted": float(np.mean(cal <= 1)) if cal.size else None,
         "calibration_fraction_within_2x_predicted": float(np.mean(cal <= 2)) if cal.size else None,

@@ -12,9 +12,12 @@ where its choice matters most, far from the beads. Measured on 8 x 120 simulated
 (benchmarks/correlation.py, seeds 6-13): with the best hyperparameters alone 63% / 94% of
 true errors fell within 1x / 2x the predicted RMS error (57% / 93% for targets more than
 30 um outside the matched beads); averaged, 73% / 97%. With the weaker noise prior of
-transforms.py and the misfit term below, 70% / 95% on 960 squares and 73% / 96% on the
-simulated bead images (previously 79% / 96%: 2x pessimistic). points.py adds a small
-allowance beyond the beads' hull, where the tail was still thin.
+transforms.py, the misfit term below and points.py's allowance beyond the beads' hull
+(where the tail was still thin): 73% / 96% on 960 squares, every 10 um band of distance
+outside the beads within 71-77% / 95-96%; on the simulated bead images 79% / 97% (median
+true/predicted 0.55, was 0.46 with 79% / 96%). For a 2D Gaussian error the fractions
+within 1x / 2x its RMS are 63% / 98%: the 2x tail, which the transfer gate relies on, is
+right; the bulk is up to 1.5x pessimistic on images, whose errors are heavier-tailed.
 """
 
 from __future__ import annotations
