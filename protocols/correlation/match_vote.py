@@ -1,0 +1,73 @@
+"""Candidate (rotation, shift) hypotheses from pair voting.
+
+With the scale known to ~10%, every LM bead pair and every EM pair of similar length vote for
+one (rotation, shift); true pairs pile up in one cell while missing and spurious beads spread
+thin, which keeps this working with half the beads missing on each side.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy.ndimage import maximum_filter, uniform_filter
+
+from protocols.correlation.match_types import MIRROR, FloatArray, MatchConfig, rot
+
+__all__ = ["vote_peaks"]
+
+
+def vote_peaks(lm: FloatArray, em: FloatArray, w_lm: FloatArray, w_em: FloatArray,
+                mirrored: bool, cfg: MatchConfig) -> list[FloatArray]:
+    """Initial LM->EM affines from the strongest (rotation, shift) cells of pair voting."""
+    c_lm, c_em = lm.mean(0), em.mean(0)
+    p = (lm - c_lm) @ (MIRROR if mirrored else np.eye(2))
+    q = em - c_em
+    i, j = np.triu_indices(len(p), 1)
+    k, l = np.nonzero(~np.eye(len(q), dtype=bool))
+    d, e = p[j] - p[i], q[l] - q[k]
+    ld, le = np.hypot(d[:, 0], d[:, 1]), np.hypot(e[:, 0], e[:, 1])
+    keep_d, keep_e = ld >= cfg.min_pair_dist_um, le >= cfg.min_pair_dist_um
+    i, j, d, ld = i[keep_d], j[keep_d], d[keep_d], ld[keep_d]
+    k, l, e, le = k[keep_e], l[keep_e], e[keep_e], le[keep_e]
+    ratio = le[None, :] / ld[:, None]
+    a, b = np.nonzero((ratio >= cfg.scale_range[0]) & (ratio <= cfg.scale_range[1]))
+    if a.size == 0:
+        return []
+    s = ratio[a, b]
+    theta = np.mod(np.arctan2(e[b, 1], e[b, 0]) - np.arctan2(d[a, 1], d[a, 0]), 2 * np.pi)
+    pm = 0.5 * (p[i[a]] + p[j[a]])
+    qm = 0.5 * (q[k[b]] + q[l[b]])
+    cos, sin = np.cos(theta), np.sin(theta)
+    tx = qm[:, 0] - s * (cos * pm[:, 0] - sin * pm[:, 1])
+    ty = qm[:, 1] - s * (sin * pm[:, 0] + cos * pm[:, 1])
+    weight = w_lm[i[a]] * w_lm[j[a]] * w_em[k[b]] * w_em[l[b]]
+
+    n_theta = round(360.0 / cfg.angle_bin_deg)
+    half = float(np.max(np.abs(q))) + cfg.scale_range[1] * float(np.max(np.abs(p))) + 1.0
+    step = max(cfg.shift_bin_um, 2 * half / 300.0)
+    n_t = int(np.ceil(2 * half / step)) + 1
+    bt = np.floor(theta / (2 * np.pi) * n_theta).astype(np.intp) % n_theta
+    bx = np.clip(np.floor((tx + half) / step).astype(np.intp), 0, n_t - 1)
+    by = np.clip(np.floor((ty + half) / step).astype(np.intp), 0, n_t - 1)
+    flat = (bt * n_t + bx) * n_t + by
+    grid = np.bincount(flat, weights=weight, minlength=n_theta * n_t * n_t).reshape(
+        n_theta, n_t, n_t)
+    smooth = uniform_filter(grid, size=3, mode=("wrap", "constant", "constant"))
+    is_peak = (smooth == maximum_filter(smooth, size=3, mode=("wrap", "constant", "constant")))
+    is_peak &= smooth > 0
+    cells = np.flatnonzero(is_peak.ravel())
+    top = cells[np.argsort(smooth.ravel()[cells])[::-1][: cfg.peaks_per_mirror]]
+
+    out: list[FloatArray] = []
+    for cell in top:
+        ct, rem = divmod(int(cell), n_t * n_t)
+        cx, cy = divmod(rem, n_t)
+        dt = (bt - ct + n_theta // 2) % n_theta - n_theta // 2
+        sel = (np.abs(dt) <= 1) & (np.abs(bx - cx) <= 1) & (np.abs(by - cy) <= 1)
+        if not np.any(sel):
+            continue
+        th = float(np.angle(np.sum(np.exp(1j * theta[sel]))))
+        sc = float(np.median(s[sel]))
+        t = np.array([np.median(tx[sel]), np.median(ty[sel])])
+        lin = sc * rot(th) @ (MIRROR if mirrored else np.eye(2))
+        out.append(np.concatenate([lin, (c_em + t - lin @ c_lm)[:, None]], axis=1))
+    return out
