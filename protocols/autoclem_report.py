@@ -289,8 +289,13 @@ def _targets_figure(ctx: StepContext, corr: StepResult, rows: list[dict[str, Any
         row = by_id.get(t["id"], {})
         ok = row.get("status") == "collected"
         true = row.get("true_error_nm")
-        text = f"{t['id']} {row.get('predicted_error_um', t['predicted_error_um']) * 1e3:.0f}" + (
-            "" if true is None else f"/{true:.0f}") + " nm"
+        # the transfer's figure, else the correlation's; neither when the correlation refused
+        # (it may still have mapped the targets, e.g. an ambiguous match)
+        predicted = row.get("predicted_error_um")
+        if predicted is None:
+            predicted = t.get("predicted_error_um")
+        text = (f"{t['id']} " + ("-" if predicted is None else f"{predicted * 1e3:.0f}")
+                + ("" if true is None else f"/{true:.0f}") + " nm")
         marks.append(Marker(t["em_px"][0], t["em_px"][1], text, MAGENTA if ok else RED, 16,
                             "cross"))
     name = f"targets-{corr['id']}.png"
