@@ -21,7 +21,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from enum import Enum
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Self
 
 import numpy as np
 from numpy.typing import NDArray
@@ -359,7 +359,7 @@ class LightMicroscope(_Abortable, ABC):
         """Release the instrument; the object is unusable afterwards."""
         self._do_close()
 
-    def __enter__(self) -> LightMicroscope:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -659,6 +659,17 @@ class ElectronMicroscope(_Abortable, ABC):
         ``settings`` replaces the area's preset for every tile, as in ``acquire``. Every tile
         position is checked against the stage limits before the first move.
         """
+        use = self._settings_for(area, settings)
+        positions = self.check_montage(centre_um, tiles_xy, overlap, area, use)
+        self._check_abort()
+        return self._do_montage(positions, area, use)
+
+    def check_montage(self, centre_um: tuple[float, float], tiles_xy: tuple[int, int],
+                      overlap: float = 0.2, area: LowDoseArea = LowDoseArea.VIEW,
+                      settings: AcquisitionSettings | None = None) -> list[tuple[float, float]]:
+        """Everything ``montage`` would refuse, refused now without moving (a plan's
+        ``validate``); returns the tile positions. Backends add their own limits through
+        ``_check_montage`` (SerialEM lays its pieces out itself and has its own)."""
         nx, ny = tiles_xy
         if nx < 1 or ny < 1:
             raise LimitViolation(f"montage tiles {tiles_xy} must be >= 1 in each direction")
@@ -668,8 +679,8 @@ class ElectronMicroscope(_Abortable, ABC):
         positions = self.montage_positions(centre_um, tiles_xy, overlap, use)
         for x, y in positions:
             self.limits.check_xy(x, y)
-        self._check_abort()
-        return self._do_montage(positions, area, use)
+        self._check_montage(positions, area, use)
+        return positions
 
     def montage_positions(self, centre_um: tuple[float, float], tiles_xy: tuple[int, int],
                           overlap: float, settings: AcquisitionSettings) -> list[tuple[float, float]]:
@@ -719,7 +730,7 @@ class ElectronMicroscope(_Abortable, ABC):
     def close(self) -> None:
         self._do_close()
 
-    def __enter__(self) -> ElectronMicroscope:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -769,6 +780,10 @@ class ElectronMicroscope(_Abortable, ABC):
 
     @abstractmethod
     def _do_camera_shape(self) -> tuple[int, int]: ...
+
+    def _check_montage(self, positions: list[tuple[float, float]], area: LowDoseArea,
+                       settings: AcquisitionSettings) -> None:
+        """Backend limits of ``_do_montage`` (raise LimitViolation); the tile loop has none."""
 
     def _do_montage(self, positions: list[tuple[float, float]], area: LowDoseArea,
                     settings: AcquisitionSettings) -> list[Image]:

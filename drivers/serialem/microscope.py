@@ -207,6 +207,14 @@ class SerialEMElectronMicroscope(ElectronMicroscope):
         return self._image(data, area, settings, start, binning=_binning(props[2]),
                            exposure_s=props[3], serialem_pixel_nm=props[4])
 
+    def _check_montage(self, positions: list[tuple[float, float]], area: LowDoseArea,
+                       settings: AcquisitionSettings) -> None:
+        if self.config.montage_dir is None:
+            return
+        param_sets(area)
+        plan_grid(positions, self.magnification(settings.mag_index),
+                  self.camera_shape(settings.binning), settings.binning, self.limits)
+
     def _do_montage(self, positions: list[tuple[float, float]], area: LowDoseArea,
                     settings: AcquisitionSettings) -> list[Image]:
         folder = self.config.montage_dir

@@ -217,20 +217,33 @@ def test_command_sequence(make: Make, links: dict[int, RecordingLink]) -> None:
 
 @pytest.mark.parametrize("case", ["outside-travel", "overlap-too-small", "frame-too-small",
                                   "focus-area"])
+@pytest.mark.parametrize("call", ["montage", "check_montage"])
 def test_refused_before_any_command(make: Make, links: dict[int, RecordingLink],
-                                    case: str) -> None:
+                                    case: str, call: str) -> None:
+    """``montage`` refuses before sending anything, and ``check_montage`` (what a plan's
+    validate calls, long before the montage) refuses the same requests."""
     twin, em = make()
     lm = _lm(em)
+    run = getattr(em, call)
     with pytest.raises(LimitViolation) as err:
         if case == "outside-travel":
-            em.montage((em.limits.x.upper - 5.0, 0.0), (3, 3), 0.25, LowDoseArea.VIEW, lm)
+            run((em.limits.x.upper - 5.0, 0.0), (3, 3), 0.25, LowDoseArea.VIEW, lm)
         elif case == "overlap-too-small":        # 0.1 of 128 px is 13 px; SerialEM wants 16
-            em.montage((0.0, 0.0), (3, 3), 0.1, LowDoseArea.VIEW, lm)
+            run((0.0, 0.0), (3, 3), 0.1, LowDoseArea.VIEW, lm)
         elif case == "frame-too-small":          # View at binning 8: 16 px frames
-            em.montage((0.0, 0.0), (2, 2), 0.25, LowDoseArea.VIEW)
+            run((0.0, 0.0), (2, 2), 0.25, LowDoseArea.VIEW)
         else:
-            em.montage((0.0, 0.0), (2, 1), 0.25, LowDoseArea.FOCUS, _lm(em, LowDoseArea.FOCUS))
+            run((0.0, 0.0), (2, 1), 0.25, LowDoseArea.FOCUS, _lm(em, LowDoseArea.FOCUS))
     assert links[id(em)].calls == [], err.value
+    assert twin.state.montages == []
+
+
+def test_check_montage_passes_what_montage_runs_and_moves_nothing(
+        make: Make, links: dict[int, RecordingLink]) -> None:
+    twin, em = make()
+    lm = _lm(em)
+    positions = em.check_montage((0.0, 0.0), (2, 1), 0.25, LowDoseArea.VIEW, lm)
+    assert len(positions) == 2 and links[id(em)].calls == []
     assert twin.state.montages == []
 
 
