@@ -80,7 +80,7 @@ class SquareMapSettings(_Frozen):
     settings: SettingsOverride | None = None
     stitch: StitchParams = StitchParams()
     approach_um: float = Field(default=5.0, ge=0, le=50)
-    acquisition: Literal["tiles", "montage"] = "tiles"
+    acquisition: Literal["auto", "tiles", "montage"] = "auto"
 
     def to_params(self, square: SquareSpec) -> SquareMapParams:
         return SquareMapParams.model_validate({**self.model_dump(), "squares": (square,)})

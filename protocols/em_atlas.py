@@ -21,7 +21,14 @@ import numpy as np
 from pydantic import Field
 
 from drivers.base import ElectronMicroscope, LowDoseArea
-from protocols.em_montage import MontageLayout, check_positions, grid_positions, montage_steps
+from protocols.em_montage import (
+    Acquisition,
+    MontageLayout,
+    check_layout,
+    grid_positions,
+    montage_steps,
+    resolve_acquisition,
+)
 from protocols.em_params import FrozenParams, SettingsOverride, StitchParams
 from protocols.plan import Plan, Step, StepContext
 from protocols.stitching import StitchSettings
@@ -43,7 +50,7 @@ class EMAtlasParams(FrozenParams):
     settings: SettingsOverride | None = None
     stitch: StitchParams = StitchParams(max_stage_error_um=5.0, smoothing_sigma_px=1.0)
     approach_um: float = Field(default=0.0, ge=0, le=50)
-    acquisition: Literal["tiles", "montage"] = "tiles"
+    acquisition: Acquisition = "auto"
 
 
 class EMAtlasPlan(Plan):
@@ -66,7 +73,9 @@ class EMAtlasPlan(Plan):
                                                                                strict=True)]
         tiles_xy = (int(n[0]), int(n[1]))
         positions = grid_positions(em, p.centre_um, tiles_xy, p.overlap, settings)
-        if p.acquisition == "tiles":
+        acquisition = resolve_acquisition(em, p.acquisition, p.centre_um, tiles_xy, p.overlap,
+                                          p.area, settings)
+        if acquisition == "tiles":
             reach = p.grid_radius_um + 0.5 * float(np.hypot(*field))
             c = np.asarray(p.centre_um)
             positions = [xy for xy in positions if np.hypot(*(np.asarray(xy) - c)) <= reach]
@@ -78,12 +87,11 @@ class EMAtlasPlan(Plan):
             stitch=StitchSettings(max_stage_error_um=s.max_stage_error_um,
                                   smoothing_sigma_px=s.smoothing_sigma_px, min_ncc=s.min_ncc,
                                   output_pixel_um=s.output_pixel_um),
-            approach_um=p.approach_um, acquisition=p.acquisition)
+            approach_um=p.approach_um, acquisition=acquisition)
 
     def validate(self, ctx: StepContext) -> None:
         em = ctx.require_em()
-        layout = self.layout(em)
-        check_positions(em, layout.positions, "EM atlas", layout.approach_um)
+        check_layout(em, self.layout(em), "EM atlas")
 
     def total_steps(self, ctx: StepContext) -> int | None:
         return len(self.layout(ctx.require_em()).tile_keys) + 1

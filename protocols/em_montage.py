@@ -10,8 +10,11 @@ whole montage at a lower magnification; the stitch step matches every tile again
 uses the matches as absolute constraints (protocols/em_overview.py), which places tiles whose
 overlaps show nothing (thick cell bodies).
 
-On a real SerialEM the plan can instead run one ``montage`` step (``acquisition="montage"``):
-SerialEM's own montage, one journal entry for all tiles.
+On a real SerialEM with a montage folder (``em.native_montage``) the plan instead runs one
+``montage`` step: SerialEM's own montage, one journal entry for all tiles (a crash mid-way
+repeats the montage). ``acquisition="auto"``, the default, chooses it whenever the driver has
+it and SerialEM can lay this montage out (its own limits: area, frame and overlap in pixels,
+the whole rectangle inside the stage limits); else tiles. "tiles" and "montage" force one.
 
 Every tile position (and its backlash take-up point) is checked against the stage limits
 in ``validate`` before anything moves; a refusal names the tile, its position and the limit.
@@ -26,6 +29,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+import structlog
 
 from drivers.base import AcquisitionSettings, ElectronMicroscope, Image, LowDoseArea
 from drivers.errors import LimitViolation
@@ -36,10 +40,31 @@ from protocols.mrc_io import write_mrc
 from protocols.plan import Step, StepContext, StepResult
 from protocols.stitching import Mosaic, StitchSettings, stitch
 
-__all__ = ["MontageLayout", "check_positions", "grid_positions", "map_image", "montage_steps",
-           "read_map_sidecar", "tile_metas"]
+__all__ = ["Acquisition", "MontageLayout", "check_layout", "check_positions", "grid_positions",
+           "map_image", "montage_steps", "read_map_sidecar", "resolve_acquisition", "tile_metas"]
 
-Acquisition = Literal["tiles", "montage"]
+Acquisition = Literal["auto", "tiles", "montage"]
+Resolved = Literal["tiles", "montage"]
+log = structlog.get_logger("clemd.protocols.em_montage")
+
+
+def resolve_acquisition(em: ElectronMicroscope, requested: Acquisition,
+                        centre_um: tuple[float, float], tiles_xy: tuple[int, int],
+                        overlap: float, area: LowDoseArea,
+                        settings: AcquisitionSettings) -> Resolved:
+    """"auto" -> SerialEM's own montage when the driver has one and accepts this montage
+    (``check_montage``, which moves nothing), else tile steps; the choice depends only on the
+    config and the params, so a resumed plan makes it again the same way."""
+    if requested != "auto":
+        return requested
+    if not em.native_montage:
+        return "tiles"
+    try:
+        em.check_montage(centre_um, tiles_xy, overlap, area, settings)
+    except LimitViolation as err:
+        log.info("em.montage.tiles_instead", reason=str(err))
+        return "tiles"
+    return "montage"
 
 
 @dataclass(frozen=True)
@@ -62,7 +87,7 @@ class MontageLayout:
     positions: tuple[tuple[float, float], ...]
     stitch: StitchSettings
     approach_um: float
-    acquisition: Acquisition = "tiles"
+    acquisition: Resolved = "tiles"
     overview: AcquisitionSettings | None = None
     overview_sigma_px: float = 1.0
 
@@ -90,6 +115,18 @@ def grid_positions(em: ElectronMicroscope, centre_um: tuple[float, float],
                    settings: AcquisitionSettings) -> list[tuple[float, float]]:
     """Tile centres of a rectangular montage in the camera's axes, row by row."""
     return em.montage_positions(centre_um, tiles_xy, overlap, settings)
+
+
+def check_layout(em: ElectronMicroscope, layout: MontageLayout, what: str) -> None:
+    """Refuse the montage before anything moves: every tile position, and for SerialEM's
+    montage what SerialEM itself would refuse."""
+    check_positions(em, layout.positions, what, layout.approach_um)
+    if layout.acquisition == "montage":
+        try:
+            em.check_montage(layout.centre_um, layout.tiles_xy, layout.overlap, layout.area,
+                             layout.settings)
+        except LimitViolation as err:
+            raise LimitViolation(f"{what} refused before moving: {err}") from err
 
 
 def check_positions(em: ElectronMicroscope, positions: Sequence[tuple[float, float]],

@@ -27,7 +27,14 @@ from pydantic import Field, field_validator
 
 from drivers.base import ElectronMicroscope, LowDoseArea
 from protocols.em_acquire import APPROACH_UM
-from protocols.em_montage import MontageLayout, check_positions, grid_positions, montage_steps
+from protocols.em_montage import (
+    Acquisition,
+    MontageLayout,
+    check_layout,
+    grid_positions,
+    montage_steps,
+    resolve_acquisition,
+)
 from protocols.em_overview import OverviewParams, montage_corners, overview_settings
 from protocols.em_params import FrozenParams, SettingsOverride, StitchParams
 from protocols.plan import Plan, Step, StepContext
@@ -69,7 +76,7 @@ class SquareMapParams(FrozenParams):
     settings: SettingsOverride | None = None
     stitch: StitchParams = StitchParams()
     approach_um: float = Field(default=APPROACH_UM, ge=0, le=50)
-    acquisition: Literal["tiles", "montage"] = "tiles"
+    acquisition: Acquisition = "auto"
     overview: OverviewParams | None = OverviewParams()
 
     @field_validator("tiles_xy")
@@ -114,15 +121,17 @@ class SquareMapPlan(Plan):
                                   output_pixel_um=s.output_pixel_um,
                                   stage_rms_um=s.stage_rms_um, dark_fraction=0.01,
                                   log_gradient=True),
-            approach_um=p.approach_um, acquisition=p.acquisition, overview=overview,
+            approach_um=p.approach_um,
+            acquisition=resolve_acquisition(em, p.acquisition, centre, p.tiles_xy, p.overlap,
+                                            p.area, settings),
+            overview=overview,
             overview_sigma_px=(1.0 if p.overview is None
                                else p.overview.smoothing_sigma_px))
 
     def validate(self, ctx: StepContext) -> None:
         em = ctx.require_em()
         for square in self.p.squares:
-            layout = self.layout(em, square)
-            check_positions(em, layout.positions, f"square {square.id} map", layout.approach_um)
+            check_layout(em, self.layout(em, square), f"square {square.id} map")
 
     def total_steps(self, ctx: StepContext) -> int | None:
         em = ctx.require_em()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -22,6 +23,8 @@ from drivers.errors import ConnectionLost, HardwareFault, InvalidState, LimitVio
 from drivers.serialem.client import Result, SerialEMClient, SerialEMLink, SerialEMScriptError
 from drivers.serialem.microscope import SerialEMElectronMicroscope
 from drivers.serialem.montage import MontageGrid, plan_grid
+from protocols.plan import MemoryStepStore, StepContext, run_plan
+from protocols.square_map import SquareMapParams, SquareMapPlan, map_key
 from simulators.electron import SimulatedElectronMicroscope
 from simulators.electron_config import ElectronSimConfig
 from simulators.serialem_server import SerialEMTwin, TwinFaults
@@ -385,3 +388,47 @@ def test_twin_reads_pieces_and_their_metadata(client: tuple[SerialEMTwin, Serial
     assert twin.state.montage is None and link.call("ReportNumMontagePieces") == 1.0
     link.call("Record")                                      # shots carry metadata too
     assert link.call("ReportMetadataValues", "A", "StagePosition") == pytest.approx(before[:2])
+
+
+# --------------------------------------------------------------------------- in a plan
+
+
+@pytest.mark.parametrize("folder", [FOLDER, None], ids=["montage-folder", "no-folder"])
+def test_square_map_uses_serialems_montage_when_the_driver_has_one(
+        make: Make, specimen: Specimen, links: dict[int, RecordingLink], tmp_path: Path,
+        folder: str | None) -> None:
+    """``acquisition="auto"`` (the default): one journal step running SerialEM's Montage
+    with a montage folder, one step per tile without; the map is stitched either way."""
+    _, em = make(montage_dir=folder)
+    x, y = _square_centre(specimen)
+    params = SquareMapParams(squares=({"id": "s1", "x_um": x, "y_um": y},), tiles_xy=(3, 2),
+                             overlap=0.25, overview=None,
+                             settings={"mag_index": LM_INDEX, "binning": 1})
+    ctx = StepContext(clock=em.clock, data_dir=tmp_path, store=MemoryStepStore(), em=em)
+    ran = run_plan(SquareMapPlan(params), ctx)
+    tile_steps = [k for k in ran if not k.endswith(("/stitch", "/overview"))]
+    if folder is None:
+        assert tile_steps == [f"square-s1/map/tile-{k:03d}" for k in range(6)]
+        assert "Montage" not in links[id(em)].calls
+    else:
+        assert tile_steps == ["square-s1/map/montage"]
+        assert links[id(em)].calls.count("Montage") == 1
+        assert len(ctx.result("square-s1/map/montage")["tiles"]) == 6
+    result = ctx.result(map_key("s1"))
+    assert (tmp_path / result["mrc"]).exists()
+
+
+def test_a_montage_serialem_cannot_lay_out_falls_back_to_tiles(
+        make: Make, specimen: Specimen) -> None:
+    """Overlap 0.1 of a 128 px frame is 13 px, below SerialEM's 16: "auto" takes tile steps
+    and says why; asking for "montage" outright is refused before anything moves."""
+    _, em = make()
+    x, y = _square_centre(specimen)
+    common = {"squares": ({"id": "s1", "x_um": x, "y_um": y},), "tiles_xy": (3, 3),
+              "overlap": 0.1, "overview": None, "settings": {"mag_index": LM_INDEX, "binning": 1}}
+    auto = SquareMapPlan(SquareMapParams(**common))
+    assert auto.layout(em, auto.p.squares[0]).acquisition == "tiles"
+    forced = SquareMapPlan(SquareMapParams(**common, acquisition="montage"))
+    ctx = StepContext(clock=em.clock, data_dir=Path("."), store=MemoryStepStore(), em=em)
+    with pytest.raises(LimitViolation, match="square s1 map refused before moving"):
+        forced.validate(ctx)
