@@ -126,8 +126,8 @@ class AutoCLEMPlan(Plan):
         with the squares inspected, chosen and mapped and the targets transferred taken from
         committed results once they exist and from the params before (``n_squares`` squares,
         ``max_targets_per_square`` each; a target whose realign was skipped counts only the
-        steps it ran). The service asks again whenever it starts the plan (after the
-        checkpoint, after a restart), so the total sharpens as the session goes."""
+        steps it ran). The runner asks again after every step, so the total sharpens as
+        the session decides."""
         p = self.p
         store = ctx.store
         sel = p.selection()
