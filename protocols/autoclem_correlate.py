@@ -27,7 +27,7 @@ from numpy.typing import NDArray
 
 from drivers.base import LimitViolation
 from drivers.imaging import apply_affine, invert_affine
-from protocols.autoclem_maps import correlate_map_beads, unplaced_tiles
+from protocols.autoclem_maps import correlate_map_beads, placed_tile_error, unplaced_tiles
 from protocols.autoclem_params import AutoCLEMParams
 from protocols.correlation.atlas import AtlasConfig, register_atlas
 from protocols.correlation.errors import CorrelationInputError
@@ -280,8 +280,15 @@ def transfer_targets(ctx: StepContext, p: AutoCLEMParams) -> StepResult:
         shaky = sorted(((u.index, u.expected_error_um) for u in unplaced_tiles(
             ctx, sq["id"], map_res) if u.holds(xy)[0]), key=lambda ke: -ke[1])
         tile_err = max((e for _, e in shaky), default=0.0)
-        row["predicted_error_um"] = float(np.hypot(mine["predicted_error_um"], tile_err))
+        # the placed tile's own misplacement (its edges' residuals): the beads, fitted over
+        # the whole map, do not absorb it
+        placed = placed_tile_error(ctx, map_res, xy)
+        local_err = 0.0 if placed is None else placed[1]
+        row["predicted_error_um"] = float(np.hypot(mine["predicted_error_um"],
+                                                   max(tile_err, local_err)))
         row["correlation_error_um"] = mine["predicted_error_um"]
+        row["map_tile_local_error_um"] = None if placed is None else {
+            "tile": placed[0], "local_error_um": placed[1]}
         row["map_tiles_unplaced"] = [{"tile": k, "expected_error_um": e} for k, e in shaky]
         if not (0 <= x <= w - 1 and 0 <= y <= h - 1):
             row["reason"] = f"outside the square map at pixel ({x:.0f}, {y:.0f})"

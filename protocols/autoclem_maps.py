@@ -14,6 +14,12 @@ offset, which the bead correlation absorbs. Two consequences for the session:
 - a target on such a tile is reached where the tile was drawn (realign aligns to the map's
   picture), so that tile's expected error joins the target's predicted error
   (``UnplacedTile.holds``, used by the transfer).
+
+A tile the stitching placed and trusts is still only as well placed as its overlaps agree:
+its local error (the rms residual of its own edges, at least half a pixel; the map sidecar's
+``tiles``) is not shared with the rest of the map, so the bead correlation, fitted over the
+whole map, cannot absorb it. It joins the predicted error of a target on that tile
+(``placed_tile_error``).
 """
 
 from __future__ import annotations
@@ -29,9 +35,10 @@ from protocols.correlation.beads_em import detect_em_beads
 from protocols.correlation.beads_lm import BeadDetections, detect_lm_beads
 from protocols.correlation.errors import CorrelationInputError
 from protocols.correlation.points import correlate_points
+from protocols.em_montage import read_map_sidecar
 from protocols.plan import StepContext, StepResult
 
-__all__ = ["UnplacedTile", "correlate_map_beads", "unplaced_tiles"]
+__all__ = ["UnplacedTile", "correlate_map_beads", "placed_tile_error", "unplaced_tiles"]
 
 FloatArray = NDArray[np.float64]
 
@@ -68,6 +75,25 @@ def unplaced_tiles(ctx: StepContext, square_id: str, map_res: StepResult
         h, w = (int(v) for v in tile["shape"])
         out.append(UnplacedTile(k, float(flag["expected_error_um"]), invert_affine(a), (h, w)))
     return out
+
+
+def placed_tile_error(ctx: StepContext, map_res: StepResult, xy_um: FloatArray
+                      ) -> tuple[int, float] | None:
+    """The placed (unflagged) map tile under EM stage point ``xy_um`` with the largest local
+    error, from the map's sidecar, as (tile, local error in um); None when no such tile
+    holds it or the sidecar predates per-tile footprints."""
+    sidecar, _ = read_map_sidecar(ctx.data_dir / map_res["json"])
+    flagged = {int(f["index"]) for f in map_res.get("flagged_tiles", [])}
+    best: tuple[int, float] | None = None
+    for t in sidecar.get("tiles", []):
+        if int(t["index"]) in flagged:
+            continue
+        h, w = (int(v) for v in t["shape"])
+        tile = UnplacedTile(int(t["index"]), float(t["local_error_um"]),
+                            invert_affine(np.asarray(t["pixel_to_stage"], float)), (h, w))
+        if tile.holds(xy_um)[0] and (best is None or tile.expected_error_um > best[1]):
+            best = (tile.index, tile.expected_error_um)
+    return best
 
 
 def correlate_map_beads(lm: FloatArray, lm_pixel_um: float, em: FloatArray,

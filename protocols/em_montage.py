@@ -269,7 +269,13 @@ def _stitch_action(layout: MontageLayout, extra: Callable[[StepContext], dict[st
                                for a in mosaic.anchors],
                    "tile_corrections_um": [list(t.correction_um) for t in mosaic.tiles],
                    "tile_expected_error_um": [round(t.expected_error_um, 3)
-                                              for t in mosaic.tiles]}
+                                              for t in mosaic.tiles],
+                   # each tile's footprint as placed and how far it may be from where the
+                   # rest of the map puts it (the session adds it to a target's error)
+                   "tiles": [{"index": t.index, "shape": list(img.shape),
+                              "pixel_to_stage": np.asarray(t.pixel_to_stage).tolist(),
+                              "local_error_um": round(t.local_error_um, 4)}
+                             for t, img in zip(mosaic.tiles, tiles, strict=True)]}
         write_text_atomic(ctx.data_dir / json_rel, json.dumps(sidecar, indent=1))
         ctx.log.info("em.montage.stitched", plan=layout.prefix, shape=[h, w],
                      flagged=len(result["flagged_tiles"]), **mosaic.stats)

@@ -60,7 +60,11 @@ class TilePlacement:
     """Where one tile ended up: its corrected affine and how far it moved from nominal.
 
     ``n_anchors_used``: overview matches that placed it; ``expected_error_um``: how far from
-    the truth it may be (the stage's repeatability when nothing placed it).
+    the truth it may be (the stage's repeatability when nothing placed it);
+    ``local_error_um``: how far it may be from where the rest of the mosaic says it is (its
+    own edges' residuals, at least half a pixel of the measurement; for a flagged tile, its
+    expected error). The mosaic's common offset, which ``expected_error_um`` adds, is left out:
+    a correlation to the mosaic as a whole (beads) absorbs it, not a tile's own misplacement.
     """
 
     index: int
@@ -71,6 +75,7 @@ class TilePlacement:
     reason: str = ""
     n_anchors_used: int = 0
     expected_error_um: float = 0.0
+    local_error_um: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -67,17 +67,24 @@ def _anchor_agreement_um(edges: Sequence[Edge], residuals_px: Sequence[float], p
     return out
 
 
-def _expected_error_um(k: int, edges: Sequence[Edge], residuals: Sequence[float],
-                       group_size: int, px_um: float, s: StitchSettings) -> float:
-    """How far tile k may be from the truth: the stage repeatability when nothing placed
-    it; otherwise the mosaic's common offset (stage / sqrt(group)) and its edges' residuals
-    (at least half a pixel of the measurement)."""
+def _local_error_um(k: int, edges: Sequence[Edge], residuals: Sequence[float],
+                    px_um: float) -> float | None:
+    """How far tile k may be from where the rest of the mosaic puts it: its used edges' rms
+    residual, at least half a pixel of the measurement; None when no edge placed it."""
     own = [(r, e.scale) for e, r in zip(edges, residuals, strict=True)
            if e.status == "used" and k in (e.i, e.j)]
     if not own:
-        return s.stage_error_rms_um
+        return None
     res = max(float(np.sqrt(np.mean([r * r for r, _ in own]))), 0.5 * min(sc for _, sc in own))
-    return float(np.hypot(s.stage_error_rms_um / np.sqrt(max(group_size, 1)), res * px_um))
+    return res * px_um
+
+
+def _expected_error_um(local_um: float | None, group_size: int, s: StitchSettings) -> float:
+    """How far tile k may be from the truth: the stage repeatability when nothing placed
+    it; otherwise the mosaic's common offset (stage / sqrt(group)) and its local error."""
+    if local_um is None:
+        return s.stage_error_rms_um
+    return float(np.hypot(s.stage_error_rms_um / np.sqrt(max(group_size, 1)), local_um))
 
 
 def stitch(tiles: Sequence[Image], settings: StitchSettings | None = None, *,
@@ -127,7 +134,8 @@ def stitch(tiles: Sequence[Image], settings: StitchSettings | None = None, *,
         group = int((labels == labels[k]).sum())
         # a group not linked to the main mosaic is placed as a whole only by the stage, and
         # its inner matches had no overview to check them: the stage's error, undivided
-        expected = (_expected_error_um(k, solved.edges, solved.residuals_px, group, px_um, s)
+        local = _local_error_um(k, solved.edges, solved.residuals_px, px_um)
+        expected = (_expected_error_um(local, group, s)
                     if labels[k] == main else s.stage_error_rms_um)
         reason = ""
         if k in dark:
@@ -165,7 +173,8 @@ def stitch(tiles: Sequence[Image], settings: StitchSettings | None = None, *,
         placements.append(TilePlacement(
             k, np.hstack([linear, translation[:, None]]),
             (float(correction[0]), float(correction[1])), int(used_count[k]), bool(reason),
-            reason, int(anchor_count[k]), expected))
+            reason, int(anchor_count[k]), expected,
+            expected if reason or local is None else local))
     reports, anchor_reports = [], []
     for e, r in zip(solved.edges, solved.residuals_px, strict=True):
         if e.is_anchor:

@@ -137,6 +137,13 @@ def test_featureless_tile_keeps_nominal_position_and_is_flagged(lm_truth: TiledT
     assert np.delete(_errors(lm_truth, mosaic), k).max() < 1.0
     assert np.delete(_relative_errors(lm_truth, mosaic), k).max() < 0.3
     assert sum(t.flagged for t in mosaic.tiles) == 1
+    # the unplaced tile's local error is the stage's, like its expected error; a placed tile's
+    # is its own edges' residuals (at least half a pixel), without the mosaic's common offset
+    assert tile.local_error_um == tile.expected_error_um
+    px = float(tiles[0].pixel_size_um)
+    for t in mosaic.tiles:
+        if not t.flagged:
+            assert 0.5 * px - 1e-12 <= t.local_error_um < t.expected_error_um
 
 
 def _lattice(shape: tuple[int, int], period_px: float, shift: tuple[float, float] = (0, 0)
