@@ -25,6 +25,7 @@ whole map, cannot absorb it. It joins the predicted error of a target on that ti
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
@@ -69,12 +70,22 @@ def unplaced_tiles(ctx: StepContext, square_id: str, map_res: StepResult
     out = []
     for flag in map_res.get("flagged_tiles", []):
         k = int(flag["index"])
-        tile = ctx.result(f"square-{square_id}/map/tile-{k:03d}")
+        tile = _tile_meta(ctx, square_id, k)
         a = np.asarray(tile["pixel_to_stage"], float).copy()
         a[:, 2] += np.asarray(flag["correction_um"], float)
         h, w = (int(v) for v in tile["shape"])
         out.append(UnplacedTile(k, float(flag["expected_error_um"]), invert_affine(a), (h, w)))
     return out
+
+
+def _tile_meta(ctx: StepContext, square_id: str, k: int) -> dict[str, Any]:
+    """Tile ``k``'s committed metadata: its own step with tile steps, else the one step of
+    SerialEM's montage (tiles in index order)."""
+    single = ctx.store.get(f"square-{square_id}/map/tile-{k:03d}")
+    if single is not None:
+        return single
+    tiles: list[dict[str, Any]] = ctx.result(f"square-{square_id}/map/montage")["tiles"]
+    return tiles[k]
 
 
 def placed_tile_error(ctx: StepContext, map_res: StepResult, xy_um: FloatArray

@@ -80,3 +80,18 @@ def test_a_placed_tiles_local_error_joins_the_targets_predicted_error(tmp_path: 
     assert rows["t0"]["map_tile_local_error_um"] == {"tile": 0, "local_error_um": 0.12}
     assert rows["t2"]["predicted_error_um"] == np.hypot(0.05, 0.02)
     assert all(r["status"] == "transferred" for r in rows.values())
+
+
+def test_flagged_tiles_of_a_serialem_montage_come_from_its_one_step(tmp_path: Path) -> None:
+    """With SerialEM's Montage the tiles' metadata sit in the montage step, not in per-tile
+    steps: the same flagged tiles, the same footprints."""
+    ctx, result = _context(tmp_path)
+    tiles = [ctx.store.get(f"square-s1/map/tile-{k:03d}") for k in range(4)]
+    montage = StepContext(clock=ctx.clock, data_dir=tmp_path, store=MemoryStepStore())
+    montage.store.put("square-s1/map/montage", {"tiles": tiles})
+    expected = unplaced_tiles(ctx, "s1", result)
+    got = unplaced_tiles(montage, "s1", result)
+    assert [(t.index, t.expected_error_um, t.shape) for t in got] == \
+        [(t.index, t.expected_error_um, t.shape) for t in expected]
+    assert all(np.allclose(a.stage_to_px, b.stage_to_px) for a, b in zip(got, expected,
+                                                                           strict=True))
