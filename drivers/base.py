@@ -50,8 +50,8 @@ __all__ = [
     "Clock", "ConfigError", "ConnectionLost", "DeviceBusy", "DeviceTimeout", "EMStatus",
     "ElectronMicroscope", "HardwareFault", "Image", "InvalidState", "LightMicroscope",
     "LimitViolation", "LowDoseArea", "Magnification", "NavItem", "Objective", "ProtocolError",
-    "RealClock", "StageLimits", "VirtualClock", "affine_from", "apply_affine", "check_low_dose_presets",
-    "invert_affine",
+    "RealClock", "StageLimits", "VirtualClock", "affine_from", "apply_affine",
+    "check_low_dose_presets", "focus_peak", "invert_affine",
 ]
 
 
@@ -334,26 +334,27 @@ class LightMicroscope(_Abortable, ABC):
         coarse scan and a parabolic refinement, so it needs no hardware autofocus; backends
         with one may override.
         """
-        _positive(range_um, "autofocus.range_um")
-        _positive(step_um, "autofocus.step_um")
-        z0 = self.position_z()
-        zs = np.arange(-range_um / 2, range_um / 2 + 1e-9, step_um) + z0
-        zs = np.array([z for z in zs if self.limits.z.contains(float(z))])
-        if zs.size == 0:
-            raise LimitViolation(f"autofocus range around z {z0:g} um lies outside the z limits")
+        zs = self.focus_planes(range_um, step_um)
         scores = []
         for z in zs:
             self.move_z(float(z))
             scores.append(sharpness(self.snap().data))
-        i = int(np.argmax(scores))
-        best = float(zs[i])
-        if 0 < i < len(zs) - 1:
-            s0, s1, s2 = scores[i - 1], scores[i], scores[i + 1]
-            denom = s0 - 2 * s1 + s2
-            if denom < 0:
-                best = float(zs[i] + 0.5 * step_um * (s0 - s2) / denom)
+        best = focus_peak(zs, scores, step_um)
         self.move_z(best)
         return best
+
+    def focus_planes(self, range_um: float, step_um: float) -> NDArray[np.float64]:
+        """The planes an autofocus scan visits: +-range_um/2 around the current z in steps,
+        those within the z limits. Raises ConfigError for a bad range or step, LimitViolation
+        when no plane is within the limits."""
+        _positive(range_um, "autofocus.range_um")
+        _positive(step_um, "autofocus.step_um")
+        z0 = self.position_z()
+        zs = np.arange(-range_um / 2, range_um / 2 + 1e-9, step_um) + z0
+        zs = np.array([z for z in zs if self.limits.z.contains(float(z))], dtype=np.float64)
+        if zs.size == 0:
+            raise LimitViolation(f"autofocus range around z {z0:g} um lies outside the z limits")
+        return zs
 
     def close(self) -> None:
         """Release the instrument; the object is unusable afterwards."""
@@ -393,6 +394,19 @@ class LightMicroscope(_Abortable, ABC):
 
     def _do_close(self) -> None:
         """Backend hook: release resources (default: nothing)."""
+
+
+def focus_peak(zs: NDArray[np.float64], scores: Sequence[float], step_um: float) -> float:
+    """The sharpest plane of a scan, refined by a parabola through it and its neighbours
+    (between planes: a coarse scan need not hit the focus)."""
+    i = int(np.argmax(scores))
+    best = float(zs[i])
+    if 0 < i < len(zs) - 1:
+        s0, s1, s2 = scores[i - 1], scores[i], scores[i + 1]
+        denom = s0 - 2 * s1 + s2
+        if denom < 0:
+            best = float(zs[i] + 0.5 * step_um * (s0 - s2) / denom)
+    return best
 
 
 def sharpness(data: NDArray[Any]) -> float:

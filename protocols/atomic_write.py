@@ -18,7 +18,7 @@ from pathlib import Path
 
 from drivers.errors import ClemdError
 
-__all__ = ["DataWriteError", "atomic_path", "write_text_atomic"]
+__all__ = ["DataWriteError", "atomic_path", "fsync_path", "write_text_atomic"]
 
 
 class DataWriteError(ClemdError, OSError):
@@ -29,7 +29,7 @@ class DataWriteError(ClemdError, OSError):
     """
 
 
-def _fsync_path(path: Path, directory: bool = False) -> None:
+def fsync_path(path: Path, directory: bool = False) -> None:
     flags = os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0)
     try:
         fd = os.open(path, flags)
@@ -58,9 +58,9 @@ def atomic_path(final: str | os.PathLike[str]) -> Iterator[Path]:
     tmp = target.with_name(f".{target.stem}.{uuid.uuid4().hex[:8]}.tmp{target.suffix}")
     try:
         yield tmp
-        _fsync_path(tmp)
+        fsync_path(tmp)
         os.replace(tmp, target)
-        _fsync_path(target.parent, directory=True)
+        fsync_path(target.parent, directory=True)
     except OSError as err:
         tmp.unlink(missing_ok=True)
         raise DataWriteError(f"cannot write {target}: {err}") from err

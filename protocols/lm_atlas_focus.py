@@ -24,8 +24,7 @@ import cv2
 import numpy as np
 from numpy.typing import NDArray
 
-from drivers.base import LightMicroscope, LimitViolation
-from drivers.errors import ConfigError
+from drivers.base import LightMicroscope, focus_peak
 from protocols.compute_lane import ComputeLane
 
 if TYPE_CHECKING:
@@ -98,26 +97,12 @@ def autofocus(lm: LightMicroscope, range_um: float, step_um: float, lane: Comput
     """
     if type(lm).autofocus is not LightMicroscope.autofocus:
         return lm.autofocus(range_um, step_um)
-    for name, value in (("autofocus.range_um", range_um), ("autofocus.step_um", step_um)):
-        if not (math.isfinite(value) and value > 0):
-            raise ConfigError(name, f"must be a positive number, got {value!r}")
-    z0 = lm.position_z()
-    zs = np.arange(-range_um / 2, range_um / 2 + 1e-9, step_um) + z0
-    zs = np.array([z for z in zs if lm.limits.z.contains(float(z))])
-    if zs.size == 0:
-        raise LimitViolation(f"autofocus range around z {z0:g} um lies outside the z limits")
+    zs = lm.focus_planes(range_um, step_um)
     jobs = []
     for z in zs:
         lm.move_z(float(z))
         jobs.append(lane.submit(partial(focus_score, lm.snap().data), "focus score"))
-    scores = [job.result() for job in jobs]
-    i = int(np.argmax(scores))
-    best = float(zs[i])
-    if 0 < i < len(zs) - 1:
-        s0, s1, s2 = scores[i - 1], scores[i], scores[i + 1]
-        denom = s0 - 2 * s1 + s2
-        if denom < 0:
-            best = float(zs[i] + 0.5 * step_um * (s0 - s2) / denom)
+    best = focus_peak(zs, [job.result() for job in jobs], step_um)
     lm.move_z(best)
     return best
 

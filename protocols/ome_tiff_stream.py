@@ -26,24 +26,10 @@ import tifffile
 from numpy.typing import NDArray
 
 from drivers.imaging import Image
-from protocols.atomic_write import DataWriteError
+from protocols.atomic_write import DataWriteError, fsync_path
 from protocols.ome_tiff import OmeTiffError, ome_layout
 
 __all__ = ["OmeTiffStream"]
-
-
-def _fsync(path: Path, directory: bool = False) -> None:
-    flags = os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0)
-    try:
-        fd = os.open(path, flags)
-    except OSError:
-        if directory:       # some platforms cannot open folders; the rename is still atomic
-            return
-        raise
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class OmeTiffStream:
@@ -102,9 +88,9 @@ class OmeTiffStream:
             with tifffile.TiffFile(self.tmp, mode="r+") as tif:
                 page = tif.pages.first
                 page.tags["ImageDescription"].overwrite(omexml.tostring(declaration=True).encode())
-            _fsync(self.tmp)
+            fsync_path(self.tmp)
             os.replace(self.tmp, self.path)
-            _fsync(self.path.parent, directory=True)
+            fsync_path(self.path.parent, directory=True)
         except OSError as err:
             raise DataWriteError(f"cannot write {self.path}: {err}") from err
         self.committed = True
