@@ -17,7 +17,14 @@ import numpy as np
 from numpy.typing import NDArray
 
 from protocols.mosaic_solve import Edge, solve_placement
-from protocols.stitching import OverlapReport, StitchingError, StitchSettings, TilePlacement
+from protocols.stitching import (
+    OverlapReport,
+    StitchingError,
+    StitchSettings,
+    TilePlacement,
+    tile_expected_error_um,
+    tile_local_error_um,
+)
 
 __all__ = ["AtlasPlacement", "offsets_px", "place_tiles"]
 
@@ -53,18 +60,6 @@ def offsets_px(affines: Sequence[NDArray[np.float64]], reference: NDArray[np.flo
     return out
 
 
-def _expected_error_um(k: int, edges: Sequence[Edge], residuals: Sequence[float],
-                       group_size: int, px_um: float, s: StitchSettings) -> float:
-    """As stitching's: the stage repeatability when nothing placed the tile; otherwise the
-    group's common offset (stage / sqrt(group)) and its edges' residuals (>= half a pixel)."""
-    own = [r for e, r in zip(edges, residuals, strict=True)
-           if e.status == "used" and k in (e.i, e.j)]
-    if not own:
-        return s.stage_error_rms_um
-    res = max(float(np.sqrt(np.mean([r * r for r in own]))), 0.5)
-    return float(np.hypot(s.stage_error_rms_um / np.sqrt(max(group_size, 1)), res * px_um))
-
-
 def place_tiles(affines: Sequence[NDArray[np.float64]], pairs: Sequence[Edge], px_um: float,
                 s: StitchSettings, reference: NDArray[np.float64] | None = None
                 ) -> AtlasPlacement:
@@ -93,7 +88,8 @@ def place_tiles(affines: Sequence[NDArray[np.float64]], pairs: Sequence[Edge], p
         translation = linear @ positions[k] + t0
         correction = linear @ (positions[k] - offsets[k])
         group = int((labels == labels[k]).sum())
-        expected = (_expected_error_um(k, solved.edges, solved.residuals_px, group, px_um, s)
+        local = tile_local_error_um(k, solved.edges, solved.residuals_px, px_um)
+        expected = (tile_expected_error_um(local, group, s)
                     if labels[k] == main else s.stage_error_rms_um)
         reason = ""
         if not placed[k]:
@@ -109,7 +105,7 @@ def place_tiles(affines: Sequence[NDArray[np.float64]], pairs: Sequence[Edge], p
         placements.append(TilePlacement(
             k, np.hstack([linear, translation[:, None]]),
             (float(correction[0]), float(correction[1])), int(used_count[k]), bool(reason),
-            reason, 0, expected))
+            reason, 0, expected, expected if reason or local is None else local))
     reports = [OverlapReport(e.i, e.j, (float(e.nominal[0]), float(e.nominal[1])),
                              (float(e.measured[0]), float(e.measured[1])), e.ncc, e.peak_ratio,
                              e.ambiguous, e.status, float(r), px_um)

@@ -51,7 +51,7 @@ log = structlog.get_logger(__name__)
 
 __all__ = ["AnchorMatch", "AnchorReport", "Mosaic", "OverlapReport", "StitchSettings",
            "StitchingError", "TilePlacement", "common_frame", "measure_pair",
-           "registration_settings", "stitch"]
+           "registration_settings", "stitch", "tile_expected_error_um", "tile_local_error_um"]
 
 
 def _anchor_agreement_um(edges: Sequence[Edge], residuals_px: Sequence[float], px_um: float,
@@ -67,7 +67,7 @@ def _anchor_agreement_um(edges: Sequence[Edge], residuals_px: Sequence[float], p
     return out
 
 
-def _local_error_um(k: int, edges: Sequence[Edge], residuals: Sequence[float],
+def tile_local_error_um(k: int, edges: Sequence[Edge], residuals: Sequence[float],
                     px_um: float) -> float | None:
     """How far tile k may be from where the rest of the mosaic puts it: its used edges' rms
     residual, at least half a pixel of the measurement; None when no edge placed it."""
@@ -79,7 +79,7 @@ def _local_error_um(k: int, edges: Sequence[Edge], residuals: Sequence[float],
     return res * px_um
 
 
-def _expected_error_um(local_um: float | None, group_size: int, s: StitchSettings) -> float:
+def tile_expected_error_um(local_um: float | None, group_size: int, s: StitchSettings) -> float:
     """How far tile k may be from the truth: the stage repeatability when nothing placed
     it; otherwise the mosaic's common offset (stage / sqrt(group)) and its local error."""
     if local_um is None:
@@ -134,8 +134,8 @@ def stitch(tiles: Sequence[Image], settings: StitchSettings | None = None, *,
         group = int((labels == labels[k]).sum())
         # a group not linked to the main mosaic is placed as a whole only by the stage, and
         # its inner matches had no overview to check them: the stage's error, undivided
-        local = _local_error_um(k, solved.edges, solved.residuals_px, px_um)
-        expected = (_expected_error_um(local, group, s)
+        local = tile_local_error_um(k, solved.edges, solved.residuals_px, px_um)
+        expected = (tile_expected_error_um(local, group, s)
                     if labels[k] == main else s.stage_error_rms_um)
         reason = ""
         if k in dark:
