@@ -307,19 +307,23 @@ class LightMicroscope(_Abortable, ABC):
                 due = t0 + current_start
                 late_s = max(0.0, self.clock.now() - due)
                 self._wait_until(due)
-            if ev.x_pos is not None or ev.y_pos is not None:
-                x0, y0 = self.position_xy()
-                self.move_xy(x0 if ev.x_pos is None else ev.x_pos,
-                             y0 if ev.y_pos is None else ev.y_pos)
-            if ev.z_pos is not None:
-                self.move_z(ev.z_pos)
-            if ev.channel is not None:
-                self.set_channel(ev.channel.config)
+            self.apply_event(ev)
             exposure = self.channel.exposure_s if ev.exposure is None else ev.exposure / 1000.0
             self._check_abort()
             data = self._do_snap(self.channel, exposure)
             img = self._wrap(data, exposure, late_s=late_s)
             yield replace(img, index={str(k): int(v) for k, v in ev.index.items()})
+
+    def apply_event(self, ev: useq.MDAEvent) -> None:
+        """Put stage, focus and channel where ``ev`` wants them (what it leaves unset stays)."""
+        if ev.x_pos is not None or ev.y_pos is not None:
+            x0, y0 = self.position_xy()
+            self.move_xy(x0 if ev.x_pos is None else ev.x_pos,
+                         y0 if ev.y_pos is None else ev.y_pos)
+        if ev.z_pos is not None:
+            self.move_z(ev.z_pos)
+        if ev.channel is not None:
+            self.set_channel(ev.channel.config)
 
     def _wait_until(self, due: float, poll_s: float = 0.2) -> None:
         """Wait on the clock until ``due`` in short slices, so an abort is not held up."""

@@ -87,14 +87,7 @@ def prime(lm: LightMicroscope, first: useq.MDAEvent) -> None:
     time point's first exposure begins on schedule; ``run_events`` then finds nothing to
     change for the first event.
     """
-    if first.x_pos is not None or first.y_pos is not None:
-        x0, y0 = lm.position_xy()
-        lm.move_xy(x0 if first.x_pos is None else first.x_pos,
-                   y0 if first.y_pos is None else first.y_pos)
-    if first.z_pos is not None:
-        lm.move_z(first.z_pos)
-    if first.channel is not None:
-        lm.set_channel(first.channel.config)
+    lm.apply_event(first)
 
 
 def run_group(lm: LightMicroscope, events: Sequence[useq.MDAEvent], due_s: float) -> list[Image]:
