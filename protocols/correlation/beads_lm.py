@@ -125,8 +125,21 @@ def _score(fits: list[SpotFit], sigma_px: float, noise: FloatArray, saturated: N
     dim = np.clip(rel / cfg.dim_fraction, 0.02, 1.0)           # virus-like faint spots
     clump = np.clip(1.0 / np.maximum(rel / 2.2, 1.0) ** 2, 0.1, 1.0)  # two or more beads
     snr = np.clip((amp / np.maximum(noise, 1e-12)) / 10.0, 0.05, 1.0)
-    sat = np.where(saturated, 0.1, 1.0)
+    sat = np.where(saturated, _saturation_weight(saturated, strong | saturated), 1.0)
     return np.asarray(size * shape * dim * clump * snr * sat, dtype=np.float64)
+
+
+def _saturation_weight(saturated: NDArray[np.bool_], strong: NDArray[np.bool_]) -> float:
+    """Weight of a clipped spot: 0.1 when clipping is the exception, 1 when it is the rule.
+
+    A lone clipped spot among normal beads is likely a clump or debris (its brightness is
+    unknown); when most strong spots are clipped (an 8-bit export with auto-contrast, a
+    long exposure) clipping says nothing about which spot is a bead, and the centre of a
+    clipped plateau is still the centre of a symmetric spot.
+    """
+    n_strong = int(np.sum(strong))
+    frac = float(np.sum(saturated & strong)) / n_strong if n_strong else 0.0
+    return float(np.clip(0.1 + 0.9 * (frac - 0.2) / 0.3, 0.1, 1.0))
 
 
 def detect_lm_beads(image: ArrayLike, pixel_um: float,

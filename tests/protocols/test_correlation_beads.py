@@ -110,3 +110,27 @@ def test_blank_images_give_too_few_beads() -> None:
     em = render_em(spread_points(3, 6, 50, 700, 50), seed=2).image
     with pytest.raises(CorrelationInputError, match="LM image: 0 bead"):
         correlate_bead_images(blank, 0.1, em, 0.04)
+
+
+def test_em_beads_on_signed_map_with_a_bar() -> None:
+    """A map saved mean-subtracted (int16, negative pixels) with dark beads and a bar: the
+    no-beam mask must not be taken from 0 (half the square would be masked) and a dark
+    bead must not mask itself."""
+    beads = spread_points(21, 12, 80, 700, 50)
+    r = render_em(beads, bead_od=1.2, bar_rows=40, seed=22)
+    signed = np.rint(r.image - np.median(r.image)).astype(np.int16)
+    det = detect_em_beads(signed, 0.0333)
+    dist, idx = _nearest(det.xy_px, beads)
+    assert np.sum((dist < 0.5) & (det.score[idx] > 0.3)) >= 11, (dist, det.score[idx])
+
+
+def test_lm_all_beads_clipped_still_score_high() -> None:
+    """An 8-bit export with auto-contrast clips every bead: clipping is then the rule and
+    says nothing about which spot is a bead."""
+    beads = spread_points(28, 12, 20, 360, 25)
+    r = render_lm(beads, seed=29, saturate_at=1500)
+    img8 = np.clip(r.image.astype(np.float64) / 1500 * 255, 0, 255).astype(np.uint8)
+    det = detect_lm_beads(img8, 0.1)
+    dist, idx = _nearest(det.xy_px, beads)
+    assert np.all(dist < 0.5), dist
+    assert det.score[idx].min() > 0.3, det.score[idx]
