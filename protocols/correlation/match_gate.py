@@ -105,13 +105,22 @@ def gate(ranked: list[Hypothesis], lm: FloatArray, em: FloatArray, cfg: MatchCon
     different = [h for h in ranked[1:] if float(np.max(np.linalg.norm(
         h.apply(probes) - where, axis=1))) > cfg.distinct_um]
     runner = max(different, key=lambda h: (h.count_within(radius), -h.rms_um), default=None)
-    # Any two pairs always fit some different similarity: the runner-up has >= 2.
     k_best = best.count_within(radius)
-    k_next = max(2, runner.count_within(radius) if runner else 0,
-                 _best_shifted_count(best, lm, em, radius, cfg.distinct_um))
+    k_runner = runner.count_within(radius) if runner else 0
+    k_shift = _best_shifted_count(best, lm, em, radius, cfg.distinct_um)
     span = np.ptp(em, axis=0) + 2 * radius
-    density = _local_density_per_um2(em, em[best.pairs[:, 1]], len(em) / float(span[0] * span[1]))
+    box_density = len(em) / float(span[0] * span[1])
+    density = _local_density_per_um2(em, em[best.pairs[:, 1]], box_density)
     nfa = _nfa(best.residuals_um, k_best >= cfg.affine_from, len(lm), len(em), density, radius)
+    nfa_runner = float("inf")
+    if runner is not None:
+        nfa_runner = _nfa(runner.residuals_um, k_runner >= cfg.affine_from, len(lm), len(em),
+                          _local_density_per_um2(em, em[runner.pairs[:, 1]], box_density),
+                          radius)
+    # Any two pairs always fit some different similarity: the runner-up has >= 2. It is a
+    # rival answer (the ratio test) only if chance would not produce it as easily.
+    k_close = max(2, k_runner, k_shift)
+    k_next = max(2, k_shift, k_runner if nfa_runner <= cfg.rival_max_nfa else 0)
 
     def result(status: MatchStatus, reason: str) -> MatchResult:
         return MatchResult(status, reason, best, runner, len(ranked), nfa, radius)
@@ -119,9 +128,10 @@ def gate(ranked: list[Hypothesis], lm: FloatArray, em: FloatArray, cfg: MatchCon
     if k_best < cfg.min_inliers:
         return result("no_confident_match",
                       f"{k_best} matched beads within {radius:.2f} um, need {cfg.min_inliers}")
-    if k_best - k_next < cfg.min_margin or k_next > cfg.max_runner_up_fraction * k_best:
+    if k_best - k_close < cfg.min_margin or k_next > cfg.max_runner_up_fraction * k_best:
+        k_other = k_close if k_best - k_close < cfg.min_margin else k_next
         return result("no_confident_match", f"ambiguous: {k_best} matched beads within "
-                      f"{radius:.2f} um, a different answer has {k_next}")
+                      f"{radius:.2f} um, a different answer has {k_other}")
     if nfa > cfg.max_nfa:
         return result("no_confident_match", f"{k_best} matched beads within {radius:.2f} um "
                       f"could be chance (NFA {nfa:.2g} > {cfg.max_nfa:g})")

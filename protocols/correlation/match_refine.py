@@ -36,8 +36,8 @@ def fit_matrix(src: FloatArray, dst: FloatArray, mirrored: bool, affine: bool,
         b = float(np.sum(u[:, 0] * d0[:, 1] - u[:, 1] * d0[:, 0])) / sxx
         lin = np.array([[a, -b], [b, a]]) @ (MIRROR if mirrored else np.eye(2))
     sv = np.linalg.svd(lin, compute_uv=False)
-    lo, hi = cfg.scale_range
-    if sv[1] < 0.95 * lo or sv[0] > 1.05 * hi:
+    lo, hi = cfg.scale_bounds
+    if sv[1] < lo or sv[0] > hi:
         return None
     return np.concatenate([lin, (cd - lin @ cs)[:, None]], axis=1)
 

@@ -8,11 +8,38 @@ thin, which keeps this working with half the beads missing on each side.
 from __future__ import annotations
 
 import numpy as np
+from numpy.typing import NDArray
 from scipy.ndimage import maximum_filter, uniform_filter
 
 from protocols.correlation.match_types import MIRROR, FloatArray, MatchConfig, rot
 
 __all__ = ["vote_peaks"]
+# Votes of one true correspondence agree on scale, shift and angle to within noise and
+# anisotropy (a few % of scale over a 90 um square is ~1 um of shift).
+SCALE_AGREEMENT = 0.03
+SHIFT_AGREEMENT_UM = 1.5
+ANGLE_AGREEMENT_RAD = np.deg2rad(1.5)
+
+
+def _consensus(s: FloatArray, tx: FloatArray, ty: FloatArray, theta: FloatArray,
+               sel: NDArray[np.bool_]) -> NDArray[np.bool_]:
+    """The votes of ``sel`` that agree with the vote most others agree with.
+
+    A cell spans 3 bins of shift and angle, and its chance votes spread over the whole
+    scale range, so averaging all of them biased the start: 16 true votes among 38 in one
+    cell (6 shared beads among 20 a side) gave a median scale 4.5% off, 5.7 um at the
+    square's edge, beyond the refinement's first radius.
+    """
+    idx = np.flatnonzero(sel)
+    if len(idx) <= 2:
+        return sel
+    ds = np.abs(s[idx, None] - s[None, idx]) <= SCALE_AGREEMENT * s[idx, None]
+    dt = np.hypot(tx[idx, None] - tx[None, idx], ty[idx, None] - ty[None, idx])
+    da = np.abs(np.angle(np.exp(1j * (theta[idx, None] - theta[None, idx]))))
+    agree = ds & (dt <= SHIFT_AGREEMENT_UM) & (da <= ANGLE_AGREEMENT_RAD)
+    out = np.zeros_like(sel)
+    out[idx[agree[int(np.argmax(agree.sum(axis=1)))]]] = True
+    return out
 
 
 def vote_peaks(lm: FloatArray, em: FloatArray, w_lm: FloatArray, w_em: FloatArray,
@@ -29,7 +56,8 @@ def vote_peaks(lm: FloatArray, em: FloatArray, w_lm: FloatArray, w_em: FloatArra
     i, j, d, ld = i[keep_d], j[keep_d], d[keep_d], ld[keep_d]
     k, l, e, le = k[keep_e], l[keep_e], e[keep_e], le[keep_e]
     ratio = le[None, :] / ld[:, None]
-    a, b = np.nonzero((ratio >= cfg.scale_range[0]) & (ratio <= cfg.scale_range[1]))
+    lo, hi = cfg.scale_bounds
+    a, b = np.nonzero((ratio >= lo) & (ratio <= hi))
     if a.size == 0:
         return []
     s = ratio[a, b]
@@ -42,7 +70,7 @@ def vote_peaks(lm: FloatArray, em: FloatArray, w_lm: FloatArray, w_em: FloatArra
     weight = w_lm[i[a]] * w_lm[j[a]] * w_em[k[b]] * w_em[l[b]]
 
     n_theta = round(360.0 / cfg.angle_bin_deg)
-    half = float(np.max(np.abs(q))) + cfg.scale_range[1] * float(np.max(np.abs(p))) + 1.0
+    half = float(np.max(np.abs(q))) + hi * float(np.max(np.abs(p))) + 1.0
     step = max(cfg.shift_bin_um, 2 * half / 300.0)
     n_t = int(np.ceil(2 * half / step)) + 1
     bt = np.floor(theta / (2 * np.pi) * n_theta).astype(np.intp) % n_theta
@@ -65,6 +93,7 @@ def vote_peaks(lm: FloatArray, em: FloatArray, w_lm: FloatArray, w_em: FloatArra
         sel = (np.abs(dt) <= 1) & (np.abs(bx - cx) <= 1) & (np.abs(by - cy) <= 1)
         if not np.any(sel):
             continue
+        sel = _consensus(s, tx, ty, theta, sel)
         th = float(np.angle(np.sum(np.exp(1j * theta[sel]))))
         sc = float(np.median(s[sel]))
         t = np.array([np.median(tx[sel]), np.median(ty[sel])])

@@ -69,33 +69,54 @@ class PointCorrelation:
     target_reliable: NDArray[np.bool_] | None = None
 
 
+def _out_of_family(src: FloatArray, dst: FloatArray, point: FloatArray, target: FloatArray,
+                   mirrored: bool) -> tuple[float, float]:
+    """Error (um) of one pair under a fit of the others, and that error in standard deviations.
+
+    The others are fitted with each mean model they identify and the one that fits them
+    most tightly (smallest residual scatter per degree of freedom) judges the pair: with a
+    few % of anisotropy a similarity of a handful of beads leaves residuals of 0.5-1 um
+    that hide a false pair, which the affine of the same beads exposes. The standard
+    deviation is the fit's predictive one at the pair (leverage included), so a true bead
+    at the edge of the others' hull is not taken for an outlier because the fit
+    extrapolates there.
+    """
+    best: tuple[float, float, float] | None = None  # (scatter, error, ratio)
+    for model in ("similarity", "affine"):
+        try:
+            t = fit_transform(src, dst, model, mirrored=mirrored)
+        except CorrelationInputError:
+            continue  # not identifiable without this pair
+        dof = 2 * len(src) - t.theta.size
+        if dof < 1:
+            continue
+        var = float(np.sum(t.residuals_um ** 2)) / dof  # per axis
+        err = float(np.linalg.norm(t.apply(point)[0] - target))
+        pred = t.predicted_error(point, anisotropy_allowance=False)[0] / max(t.sigma_um, 1e-9)
+        sd = float(np.sqrt(var * (2.0 + pred ** 2)))
+        if best is None or var < best[0]:
+            best = (var, err, err / max(sd, 1e-3))
+    return (0.0, 0.0) if best is None else (best[1], best[2])
+
+
 def _drop_outliers(lm: FloatArray, em: FloatArray, pairs: NDArray[np.intp], mirrored: bool,
                    min_pairs: int) -> NDArray[np.intp]:
     """Remove, one at a time, pairs the others disagree with (at most 3).
 
-    For each pair the mean model is refitted without it; the pair is out of family when
-    its prediction error exceeds both ``OUTLIER_FLOOR_UM`` and ``OUTLIER_SIGMAS`` times the
-    RMS radial residual of the others. A false pair drags a fit of a handful of pairs and
+    A pair is out of family when its error under a fit of the others
+    (:func:`_out_of_family`) exceeds both ``OUTLIER_FLOOR_UM`` and ``OUTLIER_SIGMAS``
+    predictive standard deviations. A false pair drags a fit of a handful of pairs and
     inflates everyone's leave-one-out error, so judging each pair against a fit made
     without it, and against the scatter of that fit, is what exposes it.
     """
     for _ in range(3):
         if len(pairs) <= min_pairs:
             return pairs
-        model = select_model(lm[pairs[:, 0]], em[pairs[:, 1]], mirrored=mirrored,
-                             use_field=False).model
         worst, worst_ratio = -1, 0.0
         for j in range(len(pairs)):
             keep = np.arange(len(pairs)) != j
-            try:
-                t = fit_transform(lm[pairs[keep, 0]], em[pairs[keep, 1]], model,
-                                  mirrored=mirrored)
-            except CorrelationInputError:
-                continue  # the others are degenerate without this pair: it is needed
-            err = float(np.linalg.norm(t.apply(lm[pairs[j, 0]])[0] - em[pairs[j, 1]]))
-            dof = max(2 * (len(pairs) - 1) - t.theta.size, 1)
-            spread = float(np.sqrt(2 * np.sum(t.residuals_um ** 2) / dof))
-            ratio = err / max(spread, 1e-3)
+            err, ratio = _out_of_family(lm[pairs[keep, 0]], em[pairs[keep, 1]],
+                                        lm[pairs[j, 0]], em[pairs[j, 1]], mirrored)
             if err > OUTLIER_FLOOR_UM and ratio > OUTLIER_SIGMAS and ratio > worst_ratio:
                 worst, worst_ratio = j, ratio
         if worst < 0:
