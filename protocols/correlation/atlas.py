@@ -26,7 +26,7 @@ import numpy as np
 import structlog
 from numpy.typing import ArrayLike, NDArray
 
-from protocols.correlation.atlas_lattice import LatticeCells, dark_mask, lattice_cells, resample
+from protocols.correlation.atlas_lattice import LatticeCells, lattice_cells, metal_mask, resample
 from protocols.correlation.atlas_pose import Pose, decide_pose, lm_to_em_cells
 from protocols.correlation.beads_lm import check_image, check_pixel_size
 from protocols.correlation.errors import CorrelationInputError
@@ -45,6 +45,10 @@ class AtlasConfig:
     distribution over all hypotheses, and their median by ``min_best_sigmas``. Among
     ~1000-3000 hypotheses of unrelated content the best and second best differ by well
     under one such sigma, so 4 leaves a wide safety margin without needing rich content.
+    ``min_held_sigmas``: the gap must stay this large with the pose's most contributing
+    square left out (atlas_pose.jackknife_score): sparse content in one atlas meeting
+    one contamination blob or seam in the other can stand out by many sigmas by chance,
+    a real match is carried by several squares.
     """
 
     work_pixel_um: float = 2.5
@@ -54,6 +58,7 @@ class AtlasConfig:
     scale_tolerance: float = 0.15
     min_gap_sigmas: float = 4.0
     min_best_sigmas: float = 6.0
+    min_held_sigmas: float = 2.0
     min_squares: int = 12
     max_square_residual_fraction: float = 0.15
 
@@ -147,7 +152,8 @@ def register_atlas(lm_image: ArrayLike, lm_pixel_um: float, em_image: ArrayLike,
     cells = []
     for name, img in (("LM atlas", lm_w), ("EM atlas", em_w)):
         try:
-            cells.append(lattice_cells(dark_mask(img), work, cfg.cell_samples, cfg.min_pitch_um,
+            mask = metal_mask(img, work, cfg.min_pitch_um, cfg.max_pitch_um)
+            cells.append(lattice_cells(mask, work, cfg.cell_samples, cfg.min_pitch_um,
                                        cfg.max_pitch_um, cfg.min_squares))
         except CorrelationInputError as err:
             raise CorrelationInputError(f"{name}: {err}") from err
@@ -171,6 +177,11 @@ def register_atlas(lm_image: ArrayLike, lm_pixel_um: float, em_image: ArrayLike,
             f"ambiguous: the best pose is {decision.z_gap:.1f} sigma above the next candidate "
             f"(need {cfg.min_gap_sigmas:g}) and {decision.z_best:.1f} above the median "
             f"(need {cfg.min_best_sigmas:g})")
+    elif decision.z_held < cfg.min_held_sigmas:
+        status, reason = "no_confident_match", (
+            f"ambiguous: the best pose rests on one square: without it it is "
+            f"{decision.z_held:.1f} sigma above the next candidate "
+            f"(need {cfg.min_held_sigmas:g})")
     elif len(pairs_lm) < cfg.min_squares:
         status, reason = "no_confident_match", (f"{len(pairs_lm)} squares matched, need "
                                                 f"{cfg.min_squares}")

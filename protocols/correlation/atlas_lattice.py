@@ -46,7 +46,72 @@ def dark_mask(img: FloatArray) -> BoolArray:
     return np.asarray(mask == 0)
 
 
-def lattice_angle_pitch(dark: BoolArray, work_um: float, min_pitch_um: float,
+def _flatten(img: FloatArray, pitch_px: float) -> FloatArray:
+    """``img`` rescaled to 0..1 between its local darkest and brightest levels.
+
+    The window (about 1.5 pitches) always holds both metal and an opening, so vignetting,
+    stitching and montage steps and an ice-thickness gradient across the grid all drop out.
+    """
+    size = max(3, round(1.5 * pitch_px) | 1)
+    kernel = cv2.getStructuringElement(cv2.MORPH_RECT, (size, size))
+    f = cv2.GaussianBlur(img.astype(np.float32), (0, 0), 1.0)
+    lo = cv2.GaussianBlur(cv2.erode(f, kernel), (0, 0), 0.5 * pitch_px)
+    hi = cv2.GaussianBlur(cv2.dilate(f, kernel), (0, 0), 0.5 * pitch_px)
+    span = np.maximum(hi - lo, 1e-6 + 1e-3 * float(np.ptp(f)))
+    return np.asarray(np.clip((f - lo) / span, 0.0, 1.0), np.float64)
+
+
+def _whole_openings(mask: BoolArray, pitch_px: float) -> int:
+    """Openings whose area is within 30% of the typical one.
+
+    A threshold that cuts squares in two (a cell or an ice gradient across the opening)
+    yields more, smaller blobs; counting only blobs of the common size keeps such a mask
+    from looking better than one that shows each square whole.
+    """
+    lab, n = ndimage.label(~mask)
+    if n == 0:
+        return 0
+    area = ndimage.sum(np.ones(mask.shape), lab, np.arange(1, n + 1))
+    nominal = (0.72 * pitch_px) ** 2
+    area = area[(area > 0.35 * nominal) & (area < 1.6 * nominal)]
+    if area.size == 0:
+        return 0
+    med = float(np.median(area))
+    return int(np.sum(np.abs(area - med) <= 0.3 * med))
+
+
+def metal_mask(img: FloatArray, work_um: float, min_pitch_um: float, max_pitch_um: float
+               ) -> BoolArray:
+    """The metal of the grid, whichever its polarity and wherever its threshold lies.
+
+    One global threshold fails on real atlases: an EM atlas has three levels (black bars,
+    grey ice, bright broken squares) and Otsu may split grey from bright; a reflected-light
+    or inverted overview shows the metal bright. So the image is also flattened locally
+    and every (polarity, level) is tried; a mask replaces the plain Otsu one only when it
+    shows clearly more whole square openings - what the rest of the pipeline needs.
+    """
+    otsu = dark_mask(img)
+    lo, hi = np.percentile(img, [1, 99])
+    grey = np.clip(img, lo, hi)
+    pitches = {lattice_angle_pitch(x, work_um, min_pitch_um, max_pitch_um)[1]
+               for x in (otsu, grey)}  # a bad mask can show a multiple of the pitch
+    n_otsu = max(_whole_openings(otsu, p / work_um) for p in pitches)
+    tried: list[tuple[int, float, BoolArray]] = []
+    for pitch_um in sorted(pitches):
+        flat = _flatten(img, pitch_um / work_um)
+        for level in (0.2, 0.3, 0.4, 0.5, 0.6):
+            for mask in (flat < level, flat > 1.0 - level):
+                tried.append((_whole_openings(mask, pitch_um / work_um), level, mask))
+    top = max(n for n, _, _ in tried)
+    if n_otsu >= top / 1.1:
+        return otsu
+    # Near-ties: the level midway between metal and film keeps thin marks (finder letters)
+    # that an extreme level erodes away.
+    near = [t for t in tried if t[0] >= 0.97 * top]
+    return np.asarray(min(near, key=lambda t: abs(t[1] - 0.45))[2], dtype=bool)
+
+
+def lattice_angle_pitch(dark: BoolArray | FloatArray, work_um: float, min_pitch_um: float,
                         max_pitch_um: float) -> tuple[float, float]:
     """(angle_deg mod 90, pitch_um) of the strongest periodicity of the metal mask.
 

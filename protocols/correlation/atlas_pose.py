@@ -59,7 +59,8 @@ class PoseDecision:
     """The best pose, its content correlation and its statistical margin.
 
     ``z_best``: (best - median of all hypotheses) / robust spread; ``z_gap``: (best -
-    runner-up among the mesh-consistent candidates) / the same spread.
+    runner-up, see :func:`decide_pose`) / the same spread; ``z_held``: the same gap for
+    the best's :func:`jackknife_score` (its score without its strongest square).
     """
 
     pose: Pose
@@ -70,6 +71,7 @@ class PoseDecision:
     n_hypotheses: int
     n_candidates: int
     mesh_score: float
+    z_held: float = 0.0
 
 
 def dihedral(x: NDArray[np.generic], rot: int, mirrored: bool, grid_axes: int = 2
@@ -102,9 +104,28 @@ def content(cells: LatticeCells) -> tuple[FloatArray, BoolArray]:
     for mirrored, rot in POSES:
         sym += np.rot90(res[:, :, :, ::-1] if mirrored else res, rot, axes=(2, 3))
     res = res - sym / len(POSES)
+    return res, interior_squares(cells)
+
+
+def interior_squares(cells: LatticeCells, max_hole_squares: int = 12) -> BoolArray:
+    """Squares inside the mesh and not next to its boundary.
+
+    Closed squares that form small clusters enclosed by open ones (thick-ice squares seen
+    as metal, an orientation mark, a finder code) are content, not boundary: excluding
+    them and their neighbours would throw away exactly the features that decide the pose.
+    Large closed regions (the rim, the space around the disc) and closed regions running
+    into the image edge (a piece of rim in a partial field) are boundary.
+    """
+    found = cells.found & cells.valid
     inside = (cells.openness > 0.5 * float(np.median(cells.openness[found]))) & cells.valid
-    interior = ndimage.binary_erosion(inside, structure=np.ones((3, 3)))
-    return res, interior
+    lab, n = ndimage.label(~inside & cells.valid, structure=np.ones((3, 3)))
+    sizes = ndimage.sum(np.ones(lab.shape), lab, np.arange(1, n + 1))
+    # A piece of the rim crossing a partial field is small but runs into the image edge.
+    edge = ndimage.binary_dilation(~cells.valid, structure=np.ones((3, 3)))
+    at_edge = ndimage.maximum(edge, lab, np.arange(1, n + 1)) > 0 if n else np.zeros(0, bool)
+    boundary = np.isin(lab, 1 + np.flatnonzero((sizes > max_hole_squares) | at_edge))
+    near = ndimage.binary_dilation(boundary, structure=np.ones((3, 3)))
+    return np.asarray(cells.valid & ~near, dtype=bool)
 
 
 def _masked_ncc(fa: tuple[NDArray[np.complex128], ...], b: FloatArray, mb: FloatArray,
@@ -153,54 +174,111 @@ def _shift_of(idx: tuple[int, int], em_shape: tuple[int, int], shape: tuple[int,
     return (r if r < em_shape[0] else r - shape[0]), (c if c < em_shape[1] else c - shape[1])
 
 
-def decide_pose(lm: LatticeCells, em: LatticeCells, min_overlap: float = 0.3) -> PoseDecision:
-    """Score every (symmetry, shift) hypothesis and pick the mesh-consistent best one.
-
-    ``min_overlap``: a hypothesis counts only if its overlap covers this fraction of the
-    smaller atlas' interior squares (tiny overlaps correlate by chance).
-    """
-    res_e, int_e = content(em)
-    res_l, int_l = content(lm)
-    m_e, m_l = int_e.astype(np.float64), int_l.astype(np.float64)
+def _mesh_shifts(lm: LatticeCells, em: LatticeCells, shape: tuple[int, int]
+                 ) -> tuple[set[Pose], dict[tuple[bool, int], float]]:
+    """Poses within one square of each symmetry's best mesh-boundary (openness) match."""
     sup_e = (ndimage.binary_dilation(em.found, iterations=2) & em.valid).astype(np.float64)
     sup_l = (ndimage.binary_dilation(lm.found, iterations=2) & lm.valid).astype(np.float64)
-    size = max(lm.shape)
-    shape = (em.shape[0] + size, em.shape[1] + size)
-    f_content = _prepare(res_e, m_e, shape)
     f_open = _prepare(em.openness, sup_e, shape)
-    need = min_overlap * min(m_e.sum(), m_l.sum())
-    all_scores: list[float] = []
-    candidates: list[tuple[float, Pose, float]] = []
+    near: set[Pose] = set()
+    peaks: dict[tuple[bool, int], float] = {}
     for mirrored, rot in POSES:
-        r, n = _masked_ncc(f_content, np.ascontiguousarray(dihedral(res_l, rot, mirrored)),
-                           np.ascontiguousarray(dihedral(m_l, rot, mirrored)), shape)
-        ok = n >= need
-        all_scores.extend(r[ok].tolist())
         rb, nb = _masked_ncc(f_open, np.ascontiguousarray(dihedral(lm.openness, rot, mirrored)),
                              np.ascontiguousarray(dihedral(sup_l, rot, mirrored)), shape)
         rb = np.where(nb >= 0.5 * min(sup_e.sum(), sup_l.sum()), rb, -np.inf)
         peak = np.unravel_index(int(np.argmax(rb)), rb.shape)
-        mesh = float(rb[peak])
+        peaks[(mirrored, rot)] = float(rb[peak])
         dr0, dc0 = _shift_of((int(peak[0]), int(peak[1])), em.shape, shape)
-        for a in (-1, 0, 1):
-            for b in (-1, 0, 1):
-                i, j = (dr0 + a) % shape[0], (dc0 + b) % shape[1]
-                if ok[i, j]:
-                    candidates.append((float(r[i, j]), Pose(mirrored, rot, dr0 + a, dc0 + b),
-                                       mesh))
-    scores = np.asarray(all_scores)
-    if len(candidates) < 2 or scores.size < 10:
-        pose = candidates[0][1] if candidates else Pose(False, 0, 0, 0)
+        near.update(Pose(mirrored, rot, dr0 + a, dc0 + b) for a in (-1, 0, 1) for b in (-1, 0, 1))
+    return near, peaks
+
+
+def _pearson(a: FloatArray, b: FloatArray) -> float:
+    a, b = a - a.mean(), b - b.mean()
+    return float((a * b).sum() / np.sqrt(max(float((a * a).sum() * (b * b).sum()), 1e-24)))
+
+
+def jackknife_score(res_l: FloatArray, m_l: FloatArray, res_e: FloatArray, m_e: FloatArray,
+                    pose: Pose, drop: int = 2) -> float:
+    """The pose's content correlation with its ``drop`` most contributing squares left out
+    one at a time (the lowest of those scores).
+
+    Why: with sparse content (one mark in one atlas) the best of ~2000 hypotheses may owe
+    its lead to a single chance coincidence - the mark over one contamination blob or a
+    montage seam - and stand far above the rest. A real match is carried by several
+    squares (a mark spans several, letters sit in many), so it survives losing any one.
+    """
+    lr, lc, er, ec = lm_to_em_cells(pose, m_l.shape)
+    inside = (er >= 0) & (ec >= 0) & (er < m_e.shape[0]) & (ec < m_e.shape[1])
+    lr, lc, er, ec = lr[inside], lc[inside], er[inside], ec[inside]
+    both = (m_l[lr, lc] > 0) & (m_e[er, ec] > 0)
+    if both.sum() < 3:
+        return float("nan")
+    moved = dihedral(res_l, pose.rot, pose.mirrored, grid_axes=2)
+    tr, tc = np.mgrid[:moved.shape[0], :moved.shape[1]]
+    a = moved[tr.ravel()[inside][both], tc.ravel()[inside][both]].reshape(int(both.sum()), -1)
+    b = res_e[er[both], ec[both]].reshape(int(both.sum()), -1)
+    ac, bc = a - a.mean(), b - b.mean()
+    contrib = (ac * bc).sum(axis=1)
+    scores = []
+    for k in np.argsort(contrib)[::-1][:drop]:
+        keep = np.arange(len(a)) != k
+        scores.append(_pearson(a[keep], b[keep]))
+    return float(min(scores))
+
+
+def decide_pose(lm: LatticeCells, em: LatticeCells, min_overlap: float = 0.3) -> PoseDecision:
+    """Score every (symmetry, shift) hypothesis by content and pick the best one.
+
+    ``min_overlap``: a hypothesis counts only if its overlap covers this fraction of the
+    smaller atlas' interior squares (tiny overlaps correlate by chance).
+
+    The answer is always the best content score over *all* hypotheses. The mesh boundary
+    only narrows the competition: when that best pose is also one the boundary supports,
+    the runner-up is taken among the boundary-supported poses (the boundary is then
+    independent evidence against the others). When content and boundary disagree - with
+    partial fields, a rim seen in one atlas only, or thick-ice squares that look closed -
+    the boundary is not trusted and the runner-up is the best of all other hypotheses:
+    preselecting by the boundary there turns a wrong boundary peak into a confident
+    wrong answer.
+    """
+    res_e, int_e = content(em)
+    res_l, int_l = content(lm)
+    m_e, m_l = int_e.astype(np.float64), int_l.astype(np.float64)
+    size = max(lm.shape)
+    shape = (em.shape[0] + size, em.shape[1] + size)
+    f_content = _prepare(res_e, m_e, shape)
+    need = min_overlap * min(m_e.sum(), m_l.sum())
+    scores_all: list[FloatArray] = []
+    poses: list[tuple[float, Pose]] = []
+    for mirrored, rot in POSES:
+        r, n = _masked_ncc(f_content, np.ascontiguousarray(dihedral(res_l, rot, mirrored)),
+                           np.ascontiguousarray(dihedral(m_l, rot, mirrored)), shape)
+        ok = n >= need
+        scores_all.append(r[ok])
+        rows, cols = np.nonzero(ok)
+        for i, j in zip(rows, cols):
+            dr, dc = _shift_of((int(i), int(j)), em.shape, shape)
+            poses.append((float(r[i, j]), Pose(mirrored, rot, dr, dc)))
+    scores = np.concatenate(scores_all) if scores_all else np.zeros(0)
+    if len(poses) < 2 or scores.size < 10:
+        pose = poses[0][1] if poses else Pose(False, 0, 0, 0)
         return PoseDecision(pose, float("nan"), float("nan"), 0.0, 0.0, scores.size,
-                            len(candidates), float("nan"))
-    candidates.sort(key=lambda c: -c[0])
+                            len(poses), float("nan"))
+    poses.sort(key=lambda c: -c[0])
+    best, pose = poses[0]
+    near, peaks = _mesh_shifts(lm, em, shape)
+    rivals = [c for c in poses[1:] if c[1] in near] if pose in near else poses[1:]
+    runner = rivals[0][0] if rivals else poses[1][0]
     med = float(np.median(scores))
     spread = max(1.4826 * float(np.median(np.abs(scores - med))), 1e-9)
-    best, pose, mesh = candidates[0]
-    runner = candidates[1][0]
+    held = jackknife_score(res_l, m_l, res_e, m_e, pose)
+    z_held = (min(best, held) - runner) / spread if np.isfinite(held) else 0.0
     return PoseDecision(pose=pose, score=best, runner_up=runner, z_best=(best - med) / spread,
-                        z_gap=(best - runner) / spread, n_hypotheses=int(scores.size),
-                        n_candidates=len(candidates), mesh_score=mesh)
+                        z_gap=(best - runner) / spread, z_held=z_held,
+                        n_hypotheses=int(scores.size),
+                        n_candidates=len(rivals) + 1,
+                        mesh_score=peaks[(pose.mirrored, pose.rot)])
 
 
 def lm_to_em_cells(pose: Pose, lm_shape: tuple[int, int]

@@ -72,3 +72,67 @@ def test_pose_bookkeeping_matches_the_array_transform() -> None:
             moved = dihedral(lm, rot, mirrored)
             lr, lc, er, ec = lm_to_em_cells(pose, lm.shape)
             np.testing.assert_array_equal(lm[lr, lc], moved[er - 2, ec + 1])
+
+
+def test_reflected_light_overview_with_bright_metal_is_registered() -> None:
+    """A reflected-light LM overview shows the metal bright: it was 'no lattice' (exit 2)."""
+    l1, l2 = _lin(20.0, 1.0, False), _lin(-75.0, 0.98, True)
+    lm = render_overview(l1, np.array([1600.0, 1600.0]), 5.0, 640, "lm", seed=1)
+    em = render_overview(l2, np.array([1600.0, 1650.0]), 5.5, 600, "em", seed=1)
+    lm = lm.max() - lm
+    res = register_atlas(lm, 5.0, em, 5.5, (POINTS_UM @ l1.T + 1600.0) / 5.0)
+    assert res.status == "ok", res.reason
+    assert res.points_em_px is not None
+    truth = (POINTS_UM @ l2.T + [1600.0, 1650.0]) / 5.5
+    assert np.all(np.linalg.norm(res.points_em_px - truth, axis=1) * 5.5 < 5.0)
+
+
+def _three_level_em(bright_fraction: float, seed: int = 0) -> np.ndarray:
+    """EM-like atlas: black bars, grey ice with a gradient, many bright (empty) squares."""
+    rng = np.random.default_rng(seed)
+    px, size = 2.5, 700
+    yy, xx = np.mgrid[:size, :size] * px
+    i, j = np.floor(xx / PITCH_UM).astype(int), np.floor(yy / PITCH_UM).astype(int)
+    lx, ly = xx - (i + 0.5) * PITCH_UM, yy - (j + 0.5) * PITCH_UM
+    opening = (np.abs(lx) < 45.0) & (np.abs(ly) < 45.0)
+    bright = rng.random((i.max() + 1, j.max() + 1)) < bright_fraction
+    grey = 0.25 + 0.2 * xx / xx.max()
+    img = np.where(opening, np.where(bright[i, j], 1.0, grey), 0.02)
+    return img + rng.normal(0, 0.01, img.shape)
+
+
+def test_metal_mask_keeps_grey_squares_open_beside_bright_empty_ones() -> None:
+    """Three grey levels (bars, ice, empty squares): Otsu alone called the ice metal."""
+    from protocols.correlation.atlas_lattice import dark_mask, metal_mask, openings
+
+    img = _three_level_em(0.3)
+    pitch_px = PITCH_UM / 2.5
+    n_otsu = len(openings(dark_mask(img), pitch_px))
+    n_metal = len(openings(metal_mask(img, 2.5, 40.0, 400.0), pitch_px))
+    assert n_metal >= 190 > 1.5 * n_otsu, (n_metal, n_otsu)
+
+
+def test_small_closed_clusters_inside_the_mesh_are_content_not_boundary() -> None:
+    """A thick-ice square or an orientation mark must not knock out its 8 neighbours;
+    a large closed region (the rim) still does."""
+    from protocols.correlation.atlas_lattice import LatticeCells
+    from protocols.correlation.atlas_pose import interior_squares
+
+    n = 12
+    openness = np.full((n, n), 0.5)
+    openness[5, 5] = 0.0                 # a dark square
+    openness[8, 4:6] = 0.0               # a two-square mark
+    openness[1:, 1:2] = 0.0              # the rim along one side (11 squares, large)
+    openness[1:2, 1:] = 0.0
+    openness[8:10, 10] = 0.0             # a small piece of rim at the image edge
+    valid = np.zeros((n, n), bool)
+    valid[1:, 1:-1] = True               # the first row, first and last column: off the image
+    cells = LatticeCells(angle_deg=0.0, pitch_um=PITCH_UM, index_to_px=np.eye(3)[:, :2],
+                         lo=(0, 0), patches=np.zeros((n, n, 4, 4)), found=openness > 0.25,
+                         openness=openness, valid=valid, opening_px=np.zeros((n, n, 2)))
+    interior = interior_squares(cells)
+    assert interior[4:7, 4:7].all()      # the dark square and all its neighbours
+    assert interior[7:10, 3:7].all()     # the mark and its neighbours
+    assert not interior[:3, :].any() and not interior[:, :3].any()
+    assert not interior[7:11, 9:].any()  # the piece of rim at the edge and its neighbours
+    assert interior[4:7, 8].all()
