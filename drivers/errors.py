@@ -8,7 +8,11 @@ above the drivers ever catches ``OSError`` or ``zmq.ZMQError``.
 
 from __future__ import annotations
 
-from typing import ClassVar
+import re
+from typing import TYPE_CHECKING, Any, ClassVar
+
+if TYPE_CHECKING:
+    from pydantic import ValidationError
 
 
 class ClemdError(Exception):
@@ -30,6 +34,56 @@ class ConfigError(ClemdError, ValueError):
     def __init__(self, field: str, message: str) -> None:
         super().__init__(f"{field}: {message}")
         self.field = field
+
+
+#: A dotted field name at the start of a validator's message ("low_dose.record.mag_index ...").
+_LEADING_FIELD = re.compile(r"[A-Za-z_]\w*(?:\.\w+)*")
+_VALUE_ERROR = "Value error, "
+
+
+def validation_problems(err: ValidationError, prefix: str) -> list[tuple[str, str]]:
+    """Each pydantic problem as ``(dotted field, what is wrong)``, fields under ``prefix``.
+
+    One rule for every config model, so the same mistake reads the same wherever it is made.
+    A validator's ValueError arrives as "Value error, ..." located at the model it checks;
+    by convention its message starts with the field it blames, which is appended to the
+    location when that word is a key the validator was given, or when the location is empty
+    (a top-level rule: the prefix alone would name nothing). A message that does not start
+    with a field ("give exactly one of ...") stays at the model's location.
+    """
+    problems: list[tuple[str, str]] = []
+    for error in err.errors(include_url=False):
+        loc = [str(part) for part in error["loc"]]
+        message = str(error["msg"])
+        if error["type"] == "value_error":
+            message = message.removeprefix(_VALUE_ERROR)
+            loc += _blamed_field(message, error.get("input"), at_top=not loc)
+        problem = (".".join([prefix, *loc]), message)
+        if problem not in problems:
+            problems.append(problem)
+    return problems
+
+
+def _blamed_field(message: str, validated: Any, *, at_top: bool) -> list[str]:
+    """The field a validator's message starts with, if it names one (else nothing)."""
+    match = _LEADING_FIELD.match(message)
+    if match is None:
+        return []
+    field = match.group(0)
+    named_in_input = isinstance(validated, dict) and field.split(".", 1)[0] in validated
+    return [field] if named_in_input or at_top else []
+
+
+def config_error(err: ValidationError, prefix: str) -> ConfigError:
+    """A ConfigError reading as one line, ``field: problem; field: problem``.
+
+    ``.field`` is the first offending field (what callers and tests key on); the message
+    carries every problem so one run of ``check-config`` shows them all.
+    """
+    problems = validation_problems(err, prefix)
+    field, first = problems[0]
+    rest = "; ".join(f"{where}: {what}" for where, what in problems[1:])
+    return ConfigError(field, f"{first}; {rest}" if rest else first)
 
 
 class LimitViolation(ClemdError, ValueError):

@@ -20,7 +20,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from drivers.base import AxisLimits, Channel, StageLimits
-from drivers.errors import ConfigError
+from drivers.errors import config_error
 
 __all__ = [
     "BridgeConnection", "ChannelConfig", "HeadlessConnection", "MicroManagerConfig",
@@ -162,20 +162,11 @@ class MicroManagerConfig(_Model):
         try:
             return cls.model_validate(dict(data))
         except ValidationError as err:
-            raise _config_error(err, prefix) from err
+            raise config_error(err, prefix) from err
 
     def replace(self, prefix: str = "lm", **changes: Any) -> MicroManagerConfig:
         """A re-validated copy with ``changes`` applied (validated means final)."""
         return type(self).from_mapping({**self.model_dump(), **changes}, prefix)
-
-
-def _config_error(err: ValidationError, prefix: str) -> ConfigError:
-    """The first failing field names the error; every failure is listed in the message."""
-    problems = err.errors(include_url=False)
-    def where(p: Any) -> str:
-        return ".".join([prefix, *(str(part) for part in p["loc"])])
-    message = "; ".join(f"{where(p)}: {p['msg']}" for p in problems)
-    return ConfigError(where(problems[0]), message)
 
 
 def demo_config(mm_dir: Path | None = None) -> MicroManagerConfig:

@@ -17,7 +17,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from drivers.base import AcquisitionSettings, LowDoseArea, Magnification, check_low_dose_presets
-from drivers.errors import ConfigError
+from drivers.errors import ConfigError, config_error
 
 PositiveFloat = Annotated[float, Field(gt=0)]
 NonNegFloat = Annotated[float, Field(ge=0)]
@@ -254,11 +254,7 @@ class ElectronSimConfig(_Frozen):
         try:
             return cls.model_validate(values)
         except ValidationError as err:
-            first = err.errors(include_url=False)[0]
-            msg = str(first["msg"]).removeprefix("Value error, ")
-            # Cross-field rules start their message with the (dotted) field they blame.
-            loc = ".".join(str(x) for x in first["loc"]) or msg.split(" ", 1)[0]
-            raise ConfigError(f"{prefix}.{loc}", msg) from err
+            raise config_error(err, prefix) from err
 
     def replace(self, **changes: Any) -> ElectronSimConfig:
         """A re-validated copy with ``changes`` (nested models may be given as dicts)."""

@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from drivers.errors import ConfigError
+from drivers.errors import config_error
 
 Contrast = Literal["brightfield", "dic", "beads", "virus", "cell_tracker"]
 TRANSMITTED: frozenset[str] = frozenset({"brightfield", "dic"})
@@ -200,13 +200,7 @@ class LightSimConfig(_Frozen):
         try:
             return cls.model_validate(merged)
         except ValidationError as err:
-            first = err.errors()[0]
-            msg = str(first["msg"]).removeprefix("Value error, ")
-            # Cross-field rules start their message with the field they blame.
-            loc = [str(x) for x in first["loc"]]
-            if first["type"] == "value_error":
-                loc.append(msg.split(" ", 1)[0])
-            raise ConfigError(".".join([prefix, *loc]), msg) from err
+            raise config_error(err, prefix) from err
 
     def replace(self, **values: Any) -> LightSimConfig:
         """A re-validated copy with ``values`` deep-merged in (validated means final)."""

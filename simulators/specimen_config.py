@@ -6,7 +6,7 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from drivers.errors import ConfigError
+from drivers.errors import config_error
 
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
 
@@ -75,8 +75,4 @@ class SpecimenConfig(_Frozen):
         try:
             return cls.model_validate(values)
         except ValidationError as err:
-            first = err.errors()[0]
-            msg = str(first["msg"]).removeprefix("Value error, ")
-            # Cross-field rules start their message with the field they blame.
-            loc = ".".join(str(x) for x in first["loc"]) or msg.split(" ", 1)[0]
-            raise ConfigError(f"{prefix}.{loc}", msg) from err
+            raise config_error(err, prefix) from err

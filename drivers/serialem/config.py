@@ -24,7 +24,7 @@ from drivers.base import (
     StageLimits,
     check_low_dose_presets,
 )
-from drivers.errors import ConfigError
+from drivers.errors import config_error
 from drivers.serialem.client import SerialEMSettings
 
 PREFIX = "em.settings"
@@ -117,11 +117,7 @@ class SerialEMConfig(SerialEMSettings):
         try:
             return cls.model_validate(values)
         except ValidationError as err:
-            first = err.errors(include_url=False)[0]
-            msg = str(first["msg"]).removeprefix("Value error, ")
-            # Cross-field rules start their message with the (dotted) field they blame.
-            loc = ".".join(str(x) for x in first["loc"]) or msg.split(" ", 1)[0]
-            raise ConfigError(f"{prefix}.{loc}", msg) from err
+            raise config_error(err, prefix) from err
 
     def vacuum_is_ok(self, status: int, pressure: float) -> bool:
         """ReportVacuumGauge's status and pressure judged by this site's settings."""
