@@ -4,8 +4,8 @@ behaviour common to every backend is in test_electron_contract.py."""
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator
+import functools
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
@@ -17,7 +17,6 @@ from drivers.clock import VirtualClock
 from drivers.errors import (
     Aborted,
     ConfigError,
-    ConnectionLost,
     HardwareFault,
     InvalidState,
     LimitViolation,
@@ -27,36 +26,16 @@ from drivers.serialem.config import SerialEMConfig
 from drivers.serialem.microscope import SerialEMElectronMicroscope
 from simulators.electron import SimulatedElectronMicroscope
 from simulators.serialem_server import SerialEMTwin, TwinFaults
-from simulators.specimen import Specimen
 
 CAMERA = (96, 128)
 Make = Callable[..., tuple[SerialEMTwin, SerialEMElectronMicroscope]]
 
 
-@pytest.fixture(scope="module")
-def specimen() -> Specimen:
-    return Specimen.generate(seed=7)
-
-
 @pytest.fixture
-def make(specimen: Specimen) -> Iterator[Make]:
-    """(twin, driver) pairs; ``config`` overrides driver settings, ``faults`` the twin's."""
-    made: list[tuple[SerialEMTwin, SerialEMElectronMicroscope]] = []
-
-    def factory(faults: TwinFaults | None = None, environ: dict[str, str] | None = None,
-                **config: Any) -> tuple[SerialEMTwin, SerialEMElectronMicroscope]:
-        sim = SimulatedElectronMicroscope.for_tests(specimen, VirtualClock(), camera=CAMERA)
-        twin = SerialEMTwin(sim, faults=faults).start()
-        em = SerialEMElectronMicroscope.from_config(twin.driver_config(**config),
-                                                    clock=VirtualClock(), environ=environ or {})
-        made.append((twin, em))
-        return twin, em
-
-    yield factory
-    for twin, em in made:
-        with contextlib.suppress(ConnectionLost, InvalidState):
-            em.close()
-        twin.close()
+def make(make_serialem: Make) -> Make:
+    """(twin, driver) pairs opened as the daemon opens them (conftest.make_serialem):
+    ``config`` overrides driver settings, ``faults`` the twin's, ``environ`` the address."""
+    return functools.partial(make_serialem, CAMERA)
 
 
 def _sim(twin: SerialEMTwin) -> SimulatedElectronMicroscope:

@@ -9,6 +9,7 @@ the virtual clock.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -20,7 +21,7 @@ import pytest
 from drivers.base import AcquisitionSettings, LowDoseArea, apply_affine
 from drivers.clock import VirtualClock
 from drivers.errors import ConnectionLost, HardwareFault, InvalidState, LimitViolation
-from drivers.serialem.client import Result, SerialEMClient, SerialEMLink, SerialEMScriptError
+from drivers.serialem.client import SerialEMClient, SerialEMScriptError
 from drivers.serialem.microscope import SerialEMElectronMicroscope
 from drivers.serialem.montage import MontageGrid, plan_grid
 from protocols.plan import MemoryStepStore, StepContext, run_plan
@@ -36,69 +37,16 @@ FOLDER = "D:\\clemd\\montages"
 #: 110x, 0.099 um pixels, rotated 92.2 deg: a 12.7 x 9.5 um frame at binning 1.
 LM_INDEX = 3
 Make = Callable[..., tuple[SerialEMTwin, SerialEMElectronMicroscope]]
-
-
-class RecordingLink:
-    """The real client, with every command name it is asked to send recorded."""
-
-    def __init__(self, link: SerialEMLink) -> None:
-        self.link = link
-        self.calls: list[str] = []
-
-    def call(self, name: str, *args: object) -> Result:
-        self.calls.append(name)
-        return self.link.call(name, *args)
-
-    def get_image(self, buffer: str = "A", *, fft: bool = False) -> Any:
-        self.calls.append(f"get_image {buffer}")
-        return self.link.get_image(buffer, fft=fft)
-
-    def put_image(self, image: Any, buffer: str = "A", **kw: Any) -> None:
-        self.link.put_image(image, buffer, **kw)
-
-    def close(self) -> None:
-        self.link.close()
-
-
-@pytest.fixture(scope="module")
-def specimen() -> Specimen:
-    return Specimen.generate(seed=7)
+MakeTwin = Callable[..., SerialEMTwin]
 
 
 @pytest.fixture
-def links() -> dict[int, RecordingLink]:
-    """The recording link of each driver ``make`` built, by id of the driver."""
-    return {}
-
-
-@pytest.fixture
-def make(specimen: Specimen, links: dict[int, RecordingLink]) -> Iterator[Make]:
-    """(twin, driver): ``sim`` overrides simulator fields, ``resend_window_s`` the client's,
-    ``config`` the driver's settings (montage_dir set unless given as None)."""
-    made: list[tuple[SerialEMTwin, SerialEMElectronMicroscope]] = []
-
-    def factory(faults: TwinFaults | None = None, sim: dict[str, Any] | None = None,
-                resend_window_s: float = 0.2,
-                **config: Any) -> tuple[SerialEMTwin, SerialEMElectronMicroscope]:
-        microscope = SimulatedElectronMicroscope.for_tests(specimen, VirtualClock(),
-                                                           camera=CAMERA, **(sim or {}))
-        twin = SerialEMTwin(microscope, faults=faults).start()
-        settings = twin.driver_config(**{"montage_dir": FOLDER, "camera_shape": CAMERA,
-                                         **config})
-        clock = VirtualClock()
-        host, port = twin.address
-        link = RecordingLink(SerialEMClient(host, port, resend_window_s=resend_window_s,
-                                            clock=clock))
-        em = SerialEMElectronMicroscope(settings, link, clock=clock)
-        links[id(em)] = link
-        made.append((twin, em))
-        return twin, em
-
-    yield factory
-    for twin, em in made:
-        with contextlib.suppress(ConnectionLost, InvalidState):
-            em.close()
-        twin.close()
+def make(make_serialem: Make) -> Make:
+    """(twin, driver) with the commands sent recorded (conftest.make_serialem): ``sim``
+    overrides simulator fields, ``resend_window_s`` the client's, ``config`` the driver's
+    settings (montage_dir set unless given as None)."""
+    return functools.partial(make_serialem, CAMERA, record=True, montage_dir=FOLDER,
+                             camera_shape=CAMERA)
 
 
 def _sim(twin: SerialEMTwin) -> SimulatedElectronMicroscope:
@@ -202,11 +150,11 @@ def test_the_montage_shoots_in_the_requested_area(make: Make, area: LowDoseArea,
     assert {t.low_dose_area for t in tiles} == {area.value}
 
 
-def test_command_sequence(make: Make, links: dict[int, RecordingLink]) -> None:
+def test_command_sequence(make: Make, serialem_calls: dict[int, list[str]]) -> None:
     _, em = make()
     em.montage((0.0, 0.0), (1, 2), overlap=0.25, area=LowDoseArea.VIEW, settings=_lm(em))
     skip = ("Report", "SetExposure", "SetBinning", "SetMagIndex")
-    calls = [c for c in links[id(em)].calls if not c.startswith(skip)]
+    calls = [c for c in serialem_calls[id(em)] if not c.startswith(skip)]
     assert calls[:3] == ["MoveStageTo", "SetLowDoseMode", "GoToLowDoseArea"]
     assert calls[3:10] == ["ParamSetToUseForMontage", "ParamSetToUseForMontage",
                            "MakeDirectory", "OpenNewMontage", "SetMontageParams", "Montage",
@@ -221,7 +169,7 @@ def test_command_sequence(make: Make, links: dict[int, RecordingLink]) -> None:
 @pytest.mark.parametrize("case", ["outside-travel", "overlap-too-small", "frame-too-small",
                                   "focus-area"])
 @pytest.mark.parametrize("call", ["montage", "check_montage"])
-def test_refused_before_any_command(make: Make, links: dict[int, RecordingLink],
+def test_refused_before_any_command(make: Make, serialem_calls: dict[int, list[str]],
                                     case: str, call: str) -> None:
     """``montage`` refuses before sending anything, and ``check_montage`` (what a plan's
     validate calls, long before the montage) refuses the same requests."""
@@ -237,16 +185,16 @@ def test_refused_before_any_command(make: Make, links: dict[int, RecordingLink],
             run((0.0, 0.0), (2, 2), 0.25, LowDoseArea.VIEW)
         else:
             run((0.0, 0.0), (2, 1), 0.25, LowDoseArea.FOCUS, _lm(em, LowDoseArea.FOCUS))
-    assert links[id(em)].calls == [], err.value
+    assert serialem_calls[id(em)] == [], err.value
     assert twin.state.montages == []
 
 
 def test_check_montage_passes_what_montage_runs_and_moves_nothing(
-        make: Make, links: dict[int, RecordingLink]) -> None:
+        make: Make, serialem_calls: dict[int, list[str]]) -> None:
     twin, em = make()
     lm = _lm(em)
     positions = em.check_montage((0.0, 0.0), (2, 1), 0.25, LowDoseArea.VIEW, lm)
-    assert len(positions) == 2 and links[id(em)].calls == []
+    assert len(positions) == 2 and serialem_calls[id(em)] == []
     assert twin.state.montages == []
 
 
@@ -292,11 +240,11 @@ def test_a_link_dropped_while_montaging_is_resent(make: Make) -> None:
 
 
 def test_a_link_lost_while_montaging_raises_and_returns_nothing(
-        make: Make, links: dict[int, RecordingLink]) -> None:
+        make: Make, serialem_calls: dict[int, list[str]]) -> None:
     twin, em = make(faults=TwinFaults(drop_link_on="Montage"), resend_window_s=0.0)
     with pytest.raises(ConnectionLost):
         em.montage((0.0, 0.0), (2, 2), 0.25, LowDoseArea.VIEW, _lm(em))
-    assert links[id(em)].calls[-1] == "CloseFile"   # cleanup reconnected, closed the file
+    assert serialem_calls[id(em)][-1] == "CloseFile"   # cleanup reconnected, closed the file
     assert twin.state.montage is None
     assert _only_montage(twin).pieces == {}     # SerialEM never montaged
 
@@ -310,29 +258,27 @@ def test_a_script_error_while_montaging_raises_and_closes_the_file(make: Make) -
 
 
 def test_without_a_montage_folder_the_tile_loop_runs(make: Make,
-                                                     links: dict[int, RecordingLink]) -> None:
+                                                     serialem_calls: dict[int, list[str]]) -> None:
     twin, em = make(montage_dir=None)
     assert not em.native_montage
     tiles = em.montage((0.0, 0.0), (2, 1), 0.25, LowDoseArea.VIEW, _lm(em))
     assert len(tiles) == 2 and twin.state.montages == []
-    assert "Montage" not in links[id(em)].calls
+    assert "Montage" not in serialem_calls[id(em)]
 
 
 # --------------------------------------------------------------------------- the twin itself
 
 
 @pytest.fixture
-def client(specimen: Specimen) -> Iterator[tuple[SerialEMTwin, SerialEMClient]]:
+def client(make_serialem_twin: MakeTwin) -> Iterator[tuple[SerialEMTwin, SerialEMClient]]:
     """A bare client on a twin in low dose, as a script would talk to SerialEM."""
-    sim = SimulatedElectronMicroscope.for_tests(specimen, VirtualClock(), camera=CAMERA)
-    twin = SerialEMTwin(sim).start()
+    twin = make_serialem_twin(sim={"camera": CAMERA})
     host, port = twin.address
     link = SerialEMClient(host, port, clock=VirtualClock())
     link.call("SetLowDoseMode", 1)
     yield twin, link
     with contextlib.suppress(ConnectionLost, InvalidState):
         link.close()
-    twin.close()
 
 
 @pytest.mark.parametrize(("calls", "message"), [
@@ -395,7 +341,7 @@ def test_twin_reads_pieces_and_their_metadata(client: tuple[SerialEMTwin, Serial
 
 @pytest.mark.parametrize("folder", [FOLDER, None], ids=["montage-folder", "no-folder"])
 def test_square_map_uses_serialems_montage_when_the_driver_has_one(
-        make: Make, specimen: Specimen, links: dict[int, RecordingLink], tmp_path: Path,
+        make: Make, specimen: Specimen, serialem_calls: dict[int, list[str]], tmp_path: Path,
         folder: str | None) -> None:
     """``acquisition="auto"`` (the default): one journal step running SerialEM's Montage
     with a montage folder, one step per tile without; the map is stitched either way."""
@@ -409,10 +355,10 @@ def test_square_map_uses_serialems_montage_when_the_driver_has_one(
     tile_steps = [k for k in ran if not k.endswith(("/stitch", "/overview"))]
     if folder is None:
         assert tile_steps == [f"square-s1/map/tile-{k:03d}" for k in range(6)]
-        assert "Montage" not in links[id(em)].calls
+        assert "Montage" not in serialem_calls[id(em)]
     else:
         assert tile_steps == ["square-s1/map/montage"]
-        assert links[id(em)].calls.count("Montage") == 1
+        assert serialem_calls[id(em)].count("Montage") == 1
         assert len(ctx.result("square-s1/map/montage")["tiles"]) == 6
     result = ctx.result(map_key("s1"))
     assert (tmp_path / result["mrc"]).exists()
