@@ -136,3 +136,56 @@ def test_small_closed_clusters_inside_the_mesh_are_content_not_boundary() -> Non
     assert not interior[:3, :].any() and not interior[:, :3].any()
     assert not interior[7:11, 9:].any()  # the piece of rim at the edge and its neighbours
     assert interior[4:7, 8].all()
+
+
+def _synthetic_cells(patches: np.ndarray, openness: np.ndarray):  # type: ignore[no-untyped-def]
+    from protocols.correlation.atlas_lattice import LatticeCells
+
+    n0, n1 = openness.shape
+    return LatticeCells(angle_deg=0.0, pitch_um=PITCH_UM, index_to_px=np.eye(3)[:, :2],
+                        lo=(0, 0), patches=patches, found=openness > 0.25, openness=openness,
+                        valid=np.ones((n0, n1), bool), opening_px=np.zeros((n0, n1, 2)))
+
+
+def test_pose_is_the_content_best_even_when_the_mesh_boundary_points_elsewhere() -> None:
+    """A rim band seen in one atlas only moved the mesh peak; preselecting shifts around
+    it left the true pose out (a refusal here, a confident wrong answer on other grids)."""
+    from protocols.correlation.atlas_pose import decide_pose
+
+    rng = np.random.default_rng(0)
+    k = 6
+    bars = np.zeros((k, k))
+    bars[0, :] = bars[:, 0] = 1.0
+    world = np.broadcast_to(bars, (30, 30, k, k)).copy()
+    for _ in range(60):                  # finder-like marks in random squares
+        i, j = rng.integers(0, 30, 2)
+        a, b = rng.integers(1, k - 2, 2)
+        world[i, j, a:a + 2, b:b + 3] = 1.0
+    lm_p = world[2:20, 3:21] + rng.normal(0, 0.1, (18, 18, k, k))
+    em_p = world[6:26, 5:25] + rng.normal(0, 0.1, (20, 20, k, k))
+    lm_o, em_o = np.full((18, 18), 0.5), np.full((20, 20), 0.5)
+    em_o[:, 17:] = 0.0
+    lm_o[:, :2] = 0.0
+    d = decide_pose(_synthetic_cells(lm_p, lm_o), _synthetic_cells(em_p, em_o))
+    assert d.pose == Pose(False, 0, -4, -2)   # EM cell [r, c] = LM cell [r + 4, c + 2]
+    assert d.z_gap > 8.0 and d.z_held > 8.0, (d.z_gap, d.z_held)
+
+
+def test_a_match_resting_on_one_square_does_not_survive_the_jackknife() -> None:
+    """One strong coincidence (a mark over a contamination blob) is no match by itself."""
+    from protocols.correlation.atlas_pose import jackknife_score
+
+    rng = np.random.default_rng(1)
+    k, n = 6, 10
+    res_l = rng.normal(0, 0.1, (n, n, k, k))
+    res_e = rng.normal(0, 0.1, (n, n, k, k))
+    res_l[4, 4, 1:4, 1:3] += 3.0
+    res_e[4, 4, 1:4, 1:3] += 3.0
+    ones = np.ones((n, n))
+    pose = Pose(False, 0, 0, 0)
+    assert jackknife_score(res_l, ones, res_e, ones, pose) < 0.1
+    many = res_l.copy(), res_e.copy()
+    for i in range(0, n, 2):              # the same feature in five squares
+        many[0][i, 2, 1:4, 1:3] += 3.0
+        many[1][i, 2, 1:4, 1:3] += 3.0
+    assert jackknife_score(many[0], ones, many[1], ones, pose) > 0.5
