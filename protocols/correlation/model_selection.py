@@ -41,6 +41,14 @@ FloatArray = NDArray[np.float64]
 # and not pure extrapolation noise). Fitting itself needs 2 / 3.
 MIN_PAIRS: dict[str, int] = {"similarity": 3, "affine": 4}
 MIN_PAIRS_FIELD = 6
+# Below this many pairs a residual field only widens the predicted error: the transform
+# used is the parametric mean. Six or seven beads cannot pin down a field's length scale;
+# on an independent image generator (benchmarks/correlation_independent_images.py, seed
+# 100053: 6 beads, bend with 1-3% strain changes) the LOO-preferred field (60 um, ratio
+# 1000) interpolated targets 90-310 nm off while predicting 25-55 nm; the affine was
+# 56-148 nm off and its averaged prediction (100-200 nm) refused the square. On 960
+# benchmark squares this changed no answer at the 0.15 um gate.
+FIELD_BEST_FROM = 8
 # Residual-field hyperparameters tried: length scales (um) and signal/noise variance ratios.
 FIELD_LENGTHS_UM = (15.0, 30.0, 60.0)
 FIELD_RATIOS = (1.0, 10.0, 100.0, 1000.0)
@@ -165,9 +173,9 @@ def choose_model(src: ArrayLike, dst: ArrayLike, *, mirrored: bool | None = None
                  from_frame: str = "lm", to_frame: str = "em") -> ModelChoice:
     """:func:`select_model`, keeping the field alternatives for the predicted error.
 
-    From ``MIN_PAIRS_FIELD`` pairs the best transform is the mean plus the residual field
-    with the highest LOO log-density (always a field: with a handful of beads the LOO
-    density cannot rule one out reliably, and a weak field costs little); the predicted
+    From ``FIELD_BEST_FROM`` pairs the best transform is the mean plus the residual field
+    with the highest LOO log-density (always a field: the LOO density cannot rule one out
+    reliably, and a weak field costs little); from ``MIN_PAIRS_FIELD`` pairs the predicted
     error averages over all fields tried and none, and over the affine's too when the
     similarity was chosen (see the module docstring).
     """
@@ -179,7 +187,7 @@ def choose_model(src: ArrayLike, dst: ArrayLike, *, mirrored: bool | None = None
     cands = _field_candidates(mean, s, d)
     scores = np.array([loo_log_density(c) for c in cands])
     best = mean
-    if len(cands) > 1 and np.any(np.isfinite(scores[1:])):
+    if len(s) >= FIELD_BEST_FROM and len(cands) > 1 and np.any(np.isfinite(scores[1:])):
         best = cands[1 + int(np.argmax(scores[1:]))]
     if mean.model == "similarity" and "affine" in models and len(s) >= AFFINE_DEFAULT_FROM:
         try:
@@ -205,7 +213,7 @@ def select_model(src: ArrayLike, dst: ArrayLike, *, mirrored: bool | None = None
     The mean: the affine replaces the similarity only if its LOO RMS is below
     ``SELECTION_GAIN`` times the similarity's; from ``AFFINE_DEFAULT_FROM`` pairs the affine
     is the default unless the similarity's LOO is clearly better (anisotropic scale is the
-    rule between two microscopes). Then, from ``MIN_PAIRS_FIELD`` pairs, the residual field
+    rule between two microscopes). Then, from ``FIELD_BEST_FROM`` pairs, the residual field
     with the best LOO log-density is added. Models with fewer pairs than ``MIN_PAIRS`` are
     skipped; with fewer than 3 pairs the similarity is returned without a LOO check.
     Raises CorrelationInputError for fewer than 2 pairs or bad coordinates.

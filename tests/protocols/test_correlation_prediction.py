@@ -108,3 +108,20 @@ def test_far_targets_of_few_bunched_beads_are_refused() -> None:
     assert res.targets_um is not None
     err = np.linalg.norm(res.targets_um - truth(targets), axis=1)
     assert np.median(err) > 0.25, err
+
+
+@pytest.mark.parametrize("n", [6, 7, 8, 12])
+def test_a_field_is_used_only_from_eight_beads(n: int) -> None:
+    """Six or seven beads cannot pin a residual field's length scale down: the map used is
+    the affine, while the predicted error still weighs the fields the beads allow (so a
+    bend between them widens it). From eight beads the best field is used."""
+    rng = np.random.default_rng(40 + n)
+    src = rng.uniform(0, 90, (n, 2))
+    bend = _bend(rng, 0.5)
+    dst = src @ _lin(30.0, 1.01, 0.99, False).T + bend(src) + rng.normal(0, 0.01, (n, 2))
+    choice = choose_model(src, dst)
+    assert (choice.best.signal_ratio > 0) == (n >= 8)
+    assert any(c.signal_ratio > 0 for c in choice.candidates)
+    mid = np.array([[45.0, 45.0]])
+    own = choice.best.predicted_error(mid, anisotropy_allowance=False)[0]
+    assert choice.predicted_error(mid)[0] >= own
