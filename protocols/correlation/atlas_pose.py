@@ -227,49 +227,6 @@ def jackknife_score(res_l: FloatArray, m_l: FloatArray, res_e: FloatArray, m_e: 
     return float(min(scores))
 
 
-def closedness(cells: LatticeCells, interior: BoolArray) -> FloatArray:
-    """How much more closed each interior square is than the 5 x 5 squares around it.
-
-    Why: a wholly closed square (an orientation mark, a finder block) looks the same
-    under every symmetry of the square, so :func:`content` removes it entirely, although
-    its *place* in the lattice is as non-periodic as a letter. Against the local median,
-    slow trends (illumination, ice thickness) drop out.
-    """
-    op = np.where(cells.valid, cells.openness, np.nan)
-    typical = float(np.nanmedian(op[cells.found & cells.valid]))
-    local = ndimage.median_filter(np.nan_to_num(op, nan=typical), size=5, mode="nearest")
-    return np.where(interior, np.clip(local - cells.openness, 0.0, None), 0.0)
-
-
-def _closed_scores(lm: LatticeCells, em: LatticeCells, int_l: BoolArray, int_e: BoolArray,
-                   shape: tuple[int, int], need: float, min_closed: int = 3
-                   ) -> tuple[float, float, dict[tuple[bool, int], FloatArray]] | None:
-    """Correlation of the closed-square maps for every hypothesis, or None when either
-    atlas has fewer than ``min_closed`` closed interior squares (nothing to compare).
-
-    Returned as (median, robust spread, map per symmetry) so that the caller can add it
-    to the content score in units of its own spread: thick-ice squares closed in the EM
-    only then add noise of a known size instead of swamping the patch content.
-    """
-    c_l, c_e = closedness(lm, int_l), closedness(em, int_e)
-    t_l = 0.5 * float(np.median(lm.openness[lm.found & lm.valid]))
-    t_e = 0.5 * float(np.median(em.openness[em.found & em.valid]))
-    if int((c_l > t_l).sum()) < min_closed or int((c_e > t_e).sum()) < min_closed:
-        return None
-    m_l, m_e = int_l.astype(np.float64), int_e.astype(np.float64)
-    f_e = _prepare(c_e, m_e, shape)
-    maps: dict[tuple[bool, int], FloatArray] = {}
-    values = []
-    for mirrored, rot in POSES:
-        r, n = _masked_ncc(f_e, np.ascontiguousarray(dihedral(c_l, rot, mirrored)),
-                           np.ascontiguousarray(dihedral(m_l, rot, mirrored)), shape)
-        maps[(mirrored, rot)] = r
-        values.append(r[n >= need])
-    v = np.concatenate(values)
-    med = float(np.median(v))
-    return med, max(1.4826 * float(np.median(np.abs(v - med))), 1e-9), maps
-
-
 def decide_pose(lm: LatticeCells, em: LatticeCells, min_overlap: float = 0.3) -> PoseDecision:
     """Score every (symmetry, shift) hypothesis by content and pick the best one.
 
@@ -308,20 +265,6 @@ def decide_pose(lm: LatticeCells, em: LatticeCells, min_overlap: float = 0.3) ->
         pose = poses[0][1] if poses else Pose(False, 0, 0, 0)
         return PoseDecision(pose, float("nan"), float("nan"), 0.0, 0.0, scores.size,
                             len(poses), float("nan"))
-    c_med = float(np.median(scores))
-    c_spread = max(1.4826 * float(np.median(np.abs(scores - c_med))), 1e-9)
-    closed = _closed_scores(lm, em, int_l, int_e, shape, need)
-
-    def combined(r: float, p: Pose) -> float:
-        """Content and closed-square scores, each in its own robust sigmas, summed."""
-        if closed is None:
-            return r
-        k_med, k_spread, k_map = closed
-        k = k_map[(p.mirrored, p.rot)][p.dr % shape[0], p.dc % shape[1]]
-        return (r - c_med) / c_spread + (float(k) - k_med) / k_spread
-
-    poses = [(combined(r, p), p) for r, p in poses]
-    scores = np.array([c[0] for c in poses])
     poses.sort(key=lambda c: -c[0])
     best, pose = poses[0]
     near, peaks = _mesh_shifts(lm, em, shape)
@@ -330,7 +273,6 @@ def decide_pose(lm: LatticeCells, em: LatticeCells, min_overlap: float = 0.3) ->
     med = float(np.median(scores))
     spread = max(1.4826 * float(np.median(np.abs(scores - med))), 1e-9)
     held = jackknife_score(res_l, m_l, res_e, m_e, pose)
-    held = combined(held, pose) if np.isfinite(held) else held
     z_held = (min(best, held) - runner) / spread if np.isfinite(held) else 0.0
     return PoseDecision(pose=pose, score=best, runner_up=runner, z_best=(best - med) / spread,
                         z_gap=(best - runner) / spread, z_held=z_held,

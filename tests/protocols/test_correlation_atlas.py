@@ -189,29 +189,3 @@ def test_a_match_resting_on_one_square_does_not_survive_the_jackknife() -> None:
         many[0][i, 2, 1:4, 1:3] += 3.0
         many[1][i, 2, 1:4, 1:3] += 3.0
     assert jackknife_score(many[0], ones, many[1], ones, pose) > 0.5
-
-
-def test_a_mark_of_wholly_closed_squares_decides_the_pose() -> None:
-    """An orientation mark made of solid squares looks the same under every symmetry of a
-    square, so the patch content loses it; its place among the squares still decides,
-    also with thick-ice squares closed in the EM only."""
-    from protocols.correlation.atlas_pose import decide_pose
-
-    rng = np.random.default_rng(3)
-    k = 6
-    bars = np.zeros((k, k))
-    bars[0, :] = bars[:, 0] = 1.0
-    openness = np.full((30, 30), 0.5)
-    for r, c in ((12, 14), (13, 14), (14, 14), (14, 15), (12, 15), (13, 17), (16, 12)):
-        openness[r, c] = 0.0             # a chiral mark of solid squares
-    patches = np.broadcast_to(bars, (30, 30, k, k)).copy()
-    patches[openness == 0.0] = 1.0
-    lm_o, em_o = openness[2:24, 3:25].copy(), openness[6:28, 5:27].copy()
-    ice = rng.random(em_o.shape) < 0.04  # thick ice: closed in the EM only
-    em_o[ice] = 0.0
-    lm_p = patches[2:24, 3:25] + rng.normal(0, 0.1, (22, 22, k, k))
-    em_p = patches[6:28, 5:27] + rng.normal(0, 0.1, (22, 22, k, k))
-    em_p[ice] = 1.0 + rng.normal(0, 0.1, (int(ice.sum()), k, k))
-    d = decide_pose(_synthetic_cells(lm_p, lm_o), _synthetic_cells(em_p, em_o))
-    assert d.pose == Pose(False, 0, -4, -2)
-    assert d.z_gap > 4.0 and d.z_held > 2.0, (d.z_gap, d.z_held)
