@@ -80,47 +80,77 @@ def _best_shifted_count(best: Hypothesis, lm: FloatArray, em: FloatArray, radius
     return int(np.max(np.sum(d <= radius, axis=1)))
 
 
+def _density_at(h: Hypothesis, em: FloatArray, radius: float) -> float:
+    """EM density (per um^2) that chance matches of ``h`` within ``radius`` face."""
+    span = np.ptp(em, axis=0) + 2 * radius
+    return _local_density_per_um2(em, em[h.pairs[:, 1]], len(em) / float(span[0] * span[1]))
+
+
+def _significance(h: Hypothesis, lm: FloatArray, em: FloatArray, cfg: MatchConfig
+                  ) -> tuple[float, float]:
+    """NFA of ``h`` at its own accuracy, and that accuracy (the gate radius, um).
+
+    The radius is a few times the hypothesis' robust RMS residual (1.2 x the median radial
+    residual ~ RMS for Gaussian noise, but one false pair cannot inflate it), within
+    [gate_floor_um, verify_radius_um].
+    """
+    robust_rms = 1.2 * float(np.median(h.residuals_um))
+    radius = float(np.clip(cfg.gate_rms_factor * robust_rms, cfg.gate_floor_um,
+                           cfg.verify_radius_um))
+    k = h.count_within(radius)
+    return _nfa(h.residuals_um, k >= cfg.affine_from, len(lm), len(em),
+                _density_at(h, em, radius), radius), radius
+
+
 def gate(ranked: list[Hypothesis], lm: FloatArray, em: FloatArray, cfg: MatchConfig
           ) -> MatchResult:
     """Accept the best hypothesis only if it is clearly better than the next different one.
 
-    Both are counted at one accuracy, ``gate_radius_um``: a few times the best one's RMS
-    residual (within [gate_floor_um, verify_radius_um]). Chance alignments only reach
-    their inlier count by spending the whole verification radius, so they lose inliers at
-    the accuracy of a true match, which is what opens the margin.
+    The best is the most significant (smallest NFA at its own accuracy), represented by
+    the hypothesis of that answer with most inliers. It and the runner-up are counted at
+    one accuracy, the gate radius: a few times the best one's RMS residual (within
+    [gate_floor_um, verify_radius_um]). Chance alignments only reach their inlier count by
+    spending the whole verification radius, so they lose inliers at the accuracy of a true
+    match, which is what opens the margin. The runner-up only counts as a rival answer
+    (the ratio test) when chance would not produce it (NFA at most ``rival_sure_nfa``), or
+    when chance would not produce it easily (NFA at most ``rival_max_nfa``) and it is not
+    overwhelmingly less significant than the best (NFA within ``rival_nfa_ratio`` of the
+    best's): 8 beads at NFA 1e-13 are not made ambiguous by 5 at 0.2. A regular
+    arrangement's shifted copy always counts.
     """
     if not ranked:
         return MatchResult("no_confident_match", "no hypothesis survived refinement",
                            None, None, 0, float("inf"), 0.0)
-    best = ranked[0]
-    # 1.2 x median radial residual ~ RMS for Gaussian noise, but one false pair cannot
-    # inflate it and thereby widen the radius for everyone.
-    robust_rms = 1.2 * float(np.median(best.residuals_um))
-    radius = float(np.clip(cfg.gate_rms_factor * robust_rms, cfg.gate_floor_um,
-                           cfg.verify_radius_um))
     lo, hi = lm.min(0), lm.max(0)
     probes = np.concatenate([lm, [[lo[0], lo[1]], [lo[0], hi[1]], [hi[0], lo[1]],
                                   [hi[0], hi[1]]]], axis=0)
-    where = best.apply(probes)
-    different = [h for h in ranked[1:] if float(np.max(np.linalg.norm(
-        h.apply(probes) - where, axis=1))) > cfg.distinct_um]
+
+    def differs(h: Hypothesis, ref: Hypothesis) -> bool:
+        return float(np.max(np.linalg.norm(h.apply(probes) - ref.apply(probes), axis=1))
+                     ) > cfg.distinct_um
+
+    # The answer is the most significant hypothesis (a tight match of 6 beats a loose 7 of
+    # which 6 are chance); its representative the one of that answer with most inliers.
+    scored = [(_significance(h, lm, em, cfg), h) for h in ranked]
+    (_, first_radius), first = min(scored, key=lambda t: (t[0][0], -t[1].n_inliers,
+                                                          t[1].rms_um))
+    best = max((h for h in ranked if not differs(h, first)),
+               key=lambda h: (h.count_within(first_radius), -h.rms_um))
+    nfa, radius = _significance(best, lm, em, cfg)
+    different = [h for h in ranked if differs(h, best)]
     runner = max(different, key=lambda h: (h.count_within(radius), -h.rms_um), default=None)
     k_best = best.count_within(radius)
     k_runner = runner.count_within(radius) if runner else 0
     k_shift = _best_shifted_count(best, lm, em, radius, cfg.distinct_um)
-    span = np.ptp(em, axis=0) + 2 * radius
-    box_density = len(em) / float(span[0] * span[1])
-    density = _local_density_per_um2(em, em[best.pairs[:, 1]], box_density)
-    nfa = _nfa(best.residuals_um, k_best >= cfg.affine_from, len(lm), len(em), density, radius)
     nfa_runner = float("inf")
     if runner is not None:
         nfa_runner = _nfa(runner.residuals_um, k_runner >= cfg.affine_from, len(lm), len(em),
-                          _local_density_per_um2(em, em[runner.pairs[:, 1]], box_density),
-                          radius)
-    # Any two pairs always fit some different similarity: the runner-up has >= 2. It is a
-    # rival answer (the ratio test) only if chance would not produce it as easily.
+                          _density_at(runner, em, radius), radius)
+    # Any two pairs always fit some different similarity: the runner-up has >= 2.
     k_close = max(2, k_runner, k_shift)
-    k_next = max(2, k_shift, k_runner if nfa_runner <= cfg.rival_max_nfa else 0)
+    rival = nfa_runner <= cfg.rival_max_nfa and (
+        nfa_runner <= cfg.rival_sure_nfa or nfa_runner <= cfg.rival_nfa_ratio * nfa)
+    k_next = max(2, k_shift, k_runner if rival else 0)
 
     def result(status: MatchStatus, reason: str) -> MatchResult:
         return MatchResult(status, reason, best, runner, len(ranked), nfa, radius)
@@ -135,5 +165,7 @@ def gate(ranked: list[Hypothesis], lm: FloatArray, em: FloatArray, cfg: MatchCon
     if nfa > cfg.max_nfa:
         return result("no_confident_match", f"{k_best} matched beads within {radius:.2f} um "
                       f"could be chance (NFA {nfa:.2g} > {cfg.max_nfa:g})")
-    return result("ok", f"{k_best} matched beads within {radius:.2f} um; "
-                  f"next different answer has {k_next}; NFA {nfa:.2g}")
+    nxt = (f"next different answer has {k_runner}, less significant (NFA {nfa_runner:.2g})"
+           if k_runner > k_next else f"next different answer has {k_next}")
+    return result("ok", f"{k_best} matched beads within {radius:.2f} um; {nxt}; "
+                  f"NFA {nfa:.2g}")

@@ -26,9 +26,10 @@ class MatchConfig:
 
     ``verify_radius_um`` must cover localisation noise plus what the matching model
     (similarity, or affine from ``affine_from`` inliers) cannot follow (distortion); the
-    gate numbers (``min_inliers``, ``min_margin``, ``max_runner_up_fraction``, ``max_nfa``)
-    are conservative on purpose: refusing costs a manual pick, a wrong answer costs a
-    tilt series at the wrong place.
+    gate numbers (``min_inliers``, ``min_margin``, ``max_runner_up_fraction``, ``max_nfa``,
+    and ``rival_*``, when a runner-up is a rival answer at all:
+    see match_gate.gate) are conservative on purpose: refusing costs a manual pick, a wrong
+    answer costs a tilt series at the wrong place.
     """
 
     scale_range: tuple[float, float] = (0.9, 1.1)
@@ -46,6 +47,8 @@ class MatchConfig:
     max_runner_up_fraction: float = 0.6
     max_nfa: float = 0.1
     rival_max_nfa: float = 1.0
+    rival_nfa_ratio: float = 1e4
+    rival_sure_nfa: float = 1e-3
     distinct_um: float = 3.0
     gate_rms_factor: float = 3.0
     gate_floor_um: float = 0.15

@@ -201,3 +201,24 @@ def test_a_runner_up_that_chance_explains_is_no_rival() -> None:
                        residuals_um=np.full(5, 0.001))
     res = gate([best, tight], lm, em, cfg)
     assert res.status == "no_confident_match" and "ambiguous" in res.reason
+
+
+def test_the_answer_is_the_most_significant_hypothesis_not_the_largest() -> None:
+    """A loose hypothesis of 7 pairs (residuals to 0.9 um, chance at that radius) ranked
+    first by count must not hide a tight one of 6 (residuals <= 50 nm): the gate judges
+    by significance, accepts the tight one and reports its pairs."""
+    rng = np.random.default_rng(11)
+    lm = rng.uniform(0, 90, (20, 2))
+    em = lm.copy()
+    em[6:] = rng.uniform(0, 90, (14, 2))
+    ident = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    tight = Hypothesis(pairs=np.stack([np.arange(6), np.arange(6)], 1), matrix=ident,
+                       mirrored=False,
+                       residuals_um=np.array([0.01, 0.02, 0.02, 0.03, 0.03, 0.05]))
+    turned = np.array([[0.0, -1.0, 90.0], [1.0, 0.0, 0.0]])
+    loose = Hypothesis(pairs=np.array([[0, 8], [2, 9], [7, 10], [8, 11], [9, 12], [10, 13],
+                                       [11, 14]]), matrix=turned, mirrored=False,
+                       residuals_um=np.array([0.08, 0.13, 0.18, 0.68, 0.73, 0.78, 0.91]))
+    res = gate([loose, tight], lm, em, MatchConfig())
+    assert res.status == "ok", res.reason
+    assert _pair_set(res.pairs) == _pair_set(tight.pairs)
