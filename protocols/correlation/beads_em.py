@@ -86,6 +86,23 @@ def density_of(image: FloatArray) -> _Density:
     return _Density(film, True)
 
 
+def _noise(resp: FloatArray, od: FloatArray, sigma_det: float, valid: NDArray[np.bool_]
+           ) -> FloatArray:
+    """Noise of the blob response, per pixel: per density, not below half the per-block one.
+
+    Shot noise is higher where the map is darker (inside the holes of a dark-hole map,
+    under cells) at a scale finer than any block, and the per-density estimate (a low
+    percentile, see level_noise) ignores structure; the per-block MAD does not: hole edges
+    and fringes fill every 64 px block of a lattice at 30 nm pixels, and there it put
+    clear beads at 5 sigma and below the threshold. Half the block estimate stays as a
+    floor for levels that are flat rather than quiet (an export's white clip).
+    """
+    by_block = local_noise(np.where(valid, resp, 0.0))
+    level = blob_level(od, 2.0 * sigma_det)
+    by_level = level_noise(resp, level, valid)(level)
+    return np.where(by_level > 0, np.maximum(by_level, 0.5 * by_block), by_block)
+
+
 def _valid_mask(image: FloatArray, radius_px: float, dark_fraction: float) -> NDArray[np.bool_]:
     """Where beads can be seen: away (by a few bead radii) from dark metal and beyond.
 
@@ -114,12 +131,34 @@ def _dark_level(coarse: FloatArray, film: float, dark_fraction: float) -> float:
 
     Counts have their zero at 0; a map saved with an offset, mean-subtracted or
     normalised has it somewhere else (possibly negative), and measuring from 0 there
-    masks half the square. The darkest blocks stand in for the zero then: with a bar in
-    view they are the bar, and otherwise only the cores of the darkest blobs fall below.
+    masks half the square. The darkest blocks stand in for the zero then, but only when
+    they stand apart from the map (:func:`_stands_apart`): with a bar in view they are the
+    bar. Without one they are just the darker of the map's own levels (the carbon between
+    bright holes, in an 8-bit export whose black is set near the darkest pixels), and
+    measuring from them masked the whole carbon film and every bead on it; the zero is
+    then 0 for non-negative pixels, and a signed map has nothing to mask.
     """
     lo = float(np.percentile(coarse, 0.1))
-    zero = 0.0 if lo >= 0 and lo < dark_fraction * film else min(lo, film)
+    if lo >= 0 and lo < dark_fraction * film:
+        zero = 0.0
+    elif _stands_apart(coarse, lo, film):
+        zero = min(lo, film)
+    elif lo >= 0:
+        zero = 0.0
+    else:
+        return -np.inf
     return zero + dark_fraction * (film - zero)
+
+
+def _stands_apart(coarse: FloatArray, lo: float, film: float) -> bool:
+    """Whether the darkest blocks form their own population, far below the map's levels.
+
+    A bar or thick ice is much darker than anything carrying beam; the lower quartile
+    (carbon, dark holes, a cell) lies far nearer the film than the bar. The darkest
+    blocks of a map without one sit just below that quartile.
+    """
+    q25 = float(np.percentile(coarse, 25))
+    return (q25 - lo) > (film - q25)
 
 
 def _bin(image: FloatArray, f: int) -> FloatArray:
@@ -151,17 +190,12 @@ def detect_em_beads(image: ArrayLike, pixel_um: float,
     valid = _valid_mask(small, r_small, cfg.dark_fraction)
     sigma_det = max(r_small / np.sqrt(2.0), 0.7)
     resp = blob_response(od_small, sigma_det)
-    noise = local_noise(np.where(valid, resp, 0.0))
+    noise = _noise(resp, od_small, sigma_det, valid)
     # The edge test comes before the cap on candidates: a hole lattice's fringes give
     # thousands of ridge peaks above threshold (400 holes in a square), and a cap taken
     # first would keep only those and drop every bead.
     peaks = local_peaks(resp, cfg.threshold_sigmas * noise, max(2, round(r_small)),
                         valid=valid, max_peaks=EDGE_TEST_MAX_PEAKS)
-    # Noise also per density (shot noise is higher where the map is darker: inside the
-    # holes of a dark-hole map, under cells), evaluated at the candidates only.
-    level = blob_level(od_small, 2.0 * sigma_det)
-    by_level = level_noise(resp, level, valid)(level[peaks[:, 0], peaks[:, 1]])
-    peaks = peaks[resp[peaks[:, 0], peaks[:, 1]] > cfg.threshold_sigmas * by_level]
     ratio = edge_ratio(od_small, sigma_det, peaks) if len(peaks) else np.zeros(0)
     blob = ratio >= cfg.min_edge_ratio
     peaks, ratio = peaks[blob][:cfg.max_candidates], ratio[blob][:cfg.max_candidates]
