@@ -39,7 +39,12 @@ from protocols.correlation.transforms import (
 FloatArray = NDArray[np.float64]
 # Fewest pairs for which a model is *considered* during selection (its LOO must be defined
 # and not pure extrapolation noise). Fitting itself needs 2 / 3.
-MIN_PAIRS: dict[str, int] = {"similarity": 3, "affine": 4}
+# An affine of 4 pairs keeps 2 degrees of freedom for its noise estimate, which can then be
+# 4x too small: on an independent image generator (seed 100059: 4 beads, 1.9% anisotropy)
+# it predicted 80-300 nm for targets 190-660 nm off and was accepted. The similarity with
+# its anisotropy allowance predicted 220-500 nm and refused. No benchmark square with >= 6
+# shared beads changed; 2 of 22 accepted squares with fewer were then refused.
+MIN_PAIRS: dict[str, int] = {"similarity": 3, "affine": 5}
 MIN_PAIRS_FIELD = 6
 # Below this many pairs a residual field only widens the predicted error: the transform
 # used is the parametric mean. Six or seven beads cannot pin down a field's length scale;

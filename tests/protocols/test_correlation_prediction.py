@@ -125,3 +125,19 @@ def test_a_field_is_used_only_from_eight_beads(n: int) -> None:
     mid = np.array([[45.0, 45.0]])
     own = choice.best.predicted_error(mid, anisotropy_allowance=False)[0]
     assert choice.predicted_error(mid)[0] >= own
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_four_pairs_are_not_fitted_with_an_affine(seed: int) -> None:
+    """Four pairs leave an affine 2 degrees of freedom to estimate its own noise: the map
+    is the similarity, whose predicted error carries the anisotropy it cannot see, so the
+    prediction at targets 20-30 um from the beads' centre covers the 2% anisotropy."""
+    rng = np.random.default_rng(90 + seed)
+    src = rng.uniform(20, 70, (4, 2))
+    lin = _lin(rng.uniform(0, 360), 1.02, 1.0, bool(seed % 2))
+    dst = src @ lin.T + rng.normal(0, 0.03, (4, 2))
+    choice = choose_model(src, dst)
+    assert choice.best.model == "similarity"
+    far = src.mean(0) + np.array([[25.0, 0.0], [0.0, 25.0], [-20.0, -15.0]])
+    err = np.linalg.norm(choice.best.apply(far) - far @ lin.T, axis=1)
+    assert np.all(err <= 2.5 * choice.predicted_error(far)), (err, choice.predicted_error(far))
