@@ -25,7 +25,7 @@ from pydantic import (
     model_validator,
 )
 
-from drivers.errors import ConfigError
+from drivers.errors import ConfigError, config_error
 
 SCHEMA_VERSION = 1
 
@@ -207,16 +207,11 @@ class ServiceConfig(Model):
         return self.model_dump(mode="json")
 
 
-def _field_name(loc: tuple[int | str, ...]) -> str:
-    # Drop pydantic's union-branch tags (e.g. "simulated" in lm.simulated.settings).
-    parts = [str(p) for p in loc]
-    out = []
-    for i, p in enumerate(parts):
-        if i > 0 and parts[i - 1] in ("lm", "em") and p in ("simulated", "micromanager",
-                                                             "serialem"):
-            continue
-        out.append(p)
-    return ".".join(out) or "<root>"
+def _without_union_tags(loc: list[str]) -> list[str]:
+    """Drop pydantic's union-branch tags (e.g. "simulated" in lm.simulated.settings)."""
+    return [p for i, p in enumerate(loc)
+            if not (i > 0 and loc[i - 1] in ("lm", "em")
+                    and p in ("simulated", "micromanager", "serialem"))]
 
 
 def config_from_mapping(data: dict[str, Any], base_dir: Path | None = None) -> ServiceConfig:
@@ -224,11 +219,7 @@ def config_from_mapping(data: dict[str, Any], base_dir: Path | None = None) -> S
     try:
         cfg = ServiceConfig.model_validate(data, context={"base_dir": base_dir})
     except ValidationError as err:
-        problems = err.errors(include_url=False)
-        where = _field_name(problems[0]["loc"])
-        message = "; ".join(f"{_field_name(p['loc'])}: "
-                            f"{str(p['msg']).removeprefix('Value error, ')}" for p in problems)
-        raise ConfigError(where, message) from err
+        raise config_error(err, "", _without_union_tags) from err
     _check_auto_confirm(cfg)
     from daemon.instruments import check_settings  # the driver models live with the drivers
 

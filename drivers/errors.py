@@ -9,6 +9,7 @@ above the drivers ever catches ``OSError`` or ``zmq.ZMQError``.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar
 
 if TYPE_CHECKING:
@@ -41,7 +42,9 @@ _LEADING_FIELD = re.compile(r"[A-Za-z_]\w*(?:\.\w+)*")
 _VALUE_ERROR = "Value error, "
 
 
-def validation_problems(err: ValidationError, prefix: str) -> list[tuple[str, str]]:
+def validation_problems(err: ValidationError, prefix: str,
+                        clean_loc: Callable[[list[str]], list[str]] | None = None
+                        ) -> list[tuple[str, str]]:
     """Each pydantic problem as ``(dotted field, what is wrong)``, fields under ``prefix``.
 
     One rule for every config model, so the same mistake reads the same wherever it is made.
@@ -49,16 +52,20 @@ def validation_problems(err: ValidationError, prefix: str) -> list[tuple[str, st
     by convention its message starts with the field it blames, which is appended to the
     location when that word is a key the validator was given, or when the location is empty
     (a top-level rule: the prefix alone would name nothing). A message that does not start
-    with a field ("give exactly one of ...") stays at the model's location.
+    with a field ("give exactly one of ...") stays at the model's location. ``clean_loc``
+    rewrites each location first (the service config drops discriminated-union tags); an
+    empty ``prefix`` names fields from the root.
     """
     problems: list[tuple[str, str]] = []
     for error in err.errors(include_url=False):
         loc = [str(part) for part in error["loc"]]
+        if clean_loc is not None:
+            loc = clean_loc(loc)
         message = str(error["msg"])
         if error["type"] == "value_error":
             message = message.removeprefix(_VALUE_ERROR)
             loc += _blamed_field(message, error.get("input"), at_top=not loc)
-        problem = (".".join([prefix, *loc]), message)
+        problem = (".".join(p for p in [prefix, *loc] if p) or "<root>", message)
         if problem not in problems:
             problems.append(problem)
     return problems
@@ -74,13 +81,14 @@ def _blamed_field(message: str, validated: Any, *, at_top: bool) -> list[str]:
     return [field] if named_in_input or at_top else []
 
 
-def config_error(err: ValidationError, prefix: str) -> ConfigError:
+def config_error(err: ValidationError, prefix: str,
+                 clean_loc: Callable[[list[str]], list[str]] | None = None) -> ConfigError:
     """A ConfigError reading as one line, ``field: problem; field: problem``.
 
     ``.field`` is the first offending field (what callers and tests key on); the message
     carries every problem so one run of ``check-config`` shows them all.
     """
-    problems = validation_problems(err, prefix)
+    problems = validation_problems(err, prefix, clean_loc)
     field, first = problems[0]
     rest = "; ".join(f"{where}: {what}" for where, what in problems[1:])
     return ConfigError(field, f"{first}; {rest}" if rest else first)

@@ -108,3 +108,14 @@ def test_problems_are_pairs_of_field_and_message() -> None:
 def test_it_is_a_config_error_and_a_value_error() -> None:
     err = _error(exposure_s=0)
     assert isinstance(err, ConfigError) and isinstance(err, ValueError)
+
+
+def test_locations_can_be_rewritten_and_named_from_the_root() -> None:
+    """The service config names fields from the root (empty prefix) and drops union tags."""
+    with pytest.raises(ValidationError) as info:
+        Root.model_validate({"ranges": {"a": {"lower": 2.0, "upper": 1.0}}, "exposure_s": -1})
+    problems = validation_problems(info.value, "",
+                                   lambda loc: [p for p in loc if p != "ranges"])
+    assert [where for where, _ in problems] == ["a.upper", "exposure_s"]
+    err = config_error(info.value, "", lambda loc: [p for p in loc if p != "ranges"])
+    assert err.field == "a.upper"
