@@ -104,7 +104,7 @@ def _gauss_spots(shape: tuple[int, int], xy: FloatArray, flux: FloatArray,
     half = int(np.ceil(5 * sigma_px)) + 1
     s2 = np.sqrt(2.0) * sigma_px
     for (x, y), f in zip(xy, flux):
-        c0, r0 = int(round(x)), int(round(y))
+        c0, r0 = round(x), round(y)
         cs = np.arange(max(0, c0 - half), min(shape[1], c0 + half + 1))
         rs = np.arange(max(0, r0 - half), min(shape[0], r0 + half + 1))
         if len(cs) == 0 or len(rs) == 0:
@@ -237,7 +237,7 @@ def _add_disks(od: FloatArray, xy: FloatArray, radius_um: FloatArray, peak: Floa
     for (x, y), r_um, p in zip(xy, radius_um, peak):
         r = r_um / em_px
         half = int(np.ceil(r * 2 + 4 * blur_um / em_px)) + 3
-        c0, r0 = int(round(x)), int(round(y))
+        c0, r0 = round(x), round(y)
         ys, xs = np.mgrid[r0 - half:r0 + half + 1, c0 - half:c0 + half + 1].astype(np.float64)
         rr = np.hypot(xs - x, ys - y)
         if lumpy is not None:

@@ -80,26 +80,25 @@ def _best_shifted_count(best: Hypothesis, lm: FloatArray, em: FloatArray, radius
     return int(np.max(np.sum(d <= radius, axis=1)))
 
 
-def _density_at(h: Hypothesis, em: FloatArray, radius: float) -> float:
-    """EM density (per um^2) that chance matches of ``h`` within ``radius`` face."""
-    span = np.ptp(em, axis=0) + 2 * radius
-    return _local_density_per_um2(em, em[h.pairs[:, 1]], len(em) / float(span[0] * span[1]))
+def _gate_radius(h: Hypothesis, cfg: MatchConfig) -> float:
+    """The accuracy ``h`` is judged at (um): a few times its robust RMS residual.
 
-
-def _significance(h: Hypothesis, lm: FloatArray, em: FloatArray, cfg: MatchConfig
-                  ) -> tuple[float, float]:
-    """NFA of ``h`` at its own accuracy, and that accuracy (the gate radius, um).
-
-    The radius is a few times the hypothesis' robust RMS residual (1.2 x the median radial
-    residual ~ RMS for Gaussian noise, but one false pair cannot inflate it), within
-    [gate_floor_um, verify_radius_um].
+    1.2 x the median radial residual ~ RMS for Gaussian noise, but one false pair cannot
+    inflate it; kept within [gate_floor_um, verify_radius_um].
     """
     robust_rms = 1.2 * float(np.median(h.residuals_um))
-    radius = float(np.clip(cfg.gate_rms_factor * robust_rms, cfg.gate_floor_um,
-                           cfg.verify_radius_um))
-    k = h.count_within(radius)
-    return _nfa(h.residuals_um, k >= cfg.affine_from, len(lm), len(em),
-                _density_at(h, em, radius), radius), radius
+    return float(np.clip(cfg.gate_rms_factor * robust_rms, cfg.gate_floor_um,
+                         cfg.verify_radius_um))
+
+
+def _nfa_at(h: Hypothesis, radius: float, lm: FloatArray, em: FloatArray,
+            cfg: MatchConfig) -> float:
+    """NFA of ``h`` counting its pairs within ``radius`` against the EM density they face."""
+    span = np.ptp(em, axis=0) + 2 * radius
+    density = _local_density_per_um2(em, em[h.pairs[:, 1]],
+                                     len(em) / float(span[0] * span[1]))
+    return _nfa(h.residuals_um, h.count_within(radius) >= cfg.affine_from, len(lm), len(em),
+                density, radius)
 
 
 def gate(ranked: list[Hypothesis], lm: FloatArray, em: FloatArray, cfg: MatchConfig
@@ -131,21 +130,19 @@ def gate(ranked: list[Hypothesis], lm: FloatArray, em: FloatArray, cfg: MatchCon
 
     # The answer is the most significant hypothesis (a tight match of 6 beats a loose 7 of
     # which 6 are chance); its representative the one of that answer with most inliers.
-    scored = [(_significance(h, lm, em, cfg), h) for h in ranked]
-    (_, first_radius), first = min(scored, key=lambda t: (t[0][0], -t[1].n_inliers,
-                                                          t[1].rms_um))
+    first = min(ranked, key=lambda h: (_nfa_at(h, _gate_radius(h, cfg), lm, em, cfg),
+                                       -h.n_inliers, h.rms_um))
+    first_radius = _gate_radius(first, cfg)
     best = max((h for h in ranked if not differs(h, first)),
                key=lambda h: (h.count_within(first_radius), -h.rms_um))
-    nfa, radius = _significance(best, lm, em, cfg)
+    radius = _gate_radius(best, cfg)
+    nfa = _nfa_at(best, radius, lm, em, cfg)
     different = [h for h in ranked if differs(h, best)]
     runner = max(different, key=lambda h: (h.count_within(radius), -h.rms_um), default=None)
     k_best = best.count_within(radius)
     k_runner = runner.count_within(radius) if runner else 0
     k_shift = _best_shifted_count(best, lm, em, radius, cfg.distinct_um)
-    nfa_runner = float("inf")
-    if runner is not None:
-        nfa_runner = _nfa(runner.residuals_um, k_runner >= cfg.affine_from, len(lm), len(em),
-                          _density_at(runner, em, radius), radius)
+    nfa_runner = _nfa_at(runner, radius, lm, em, cfg) if runner else float("inf")
     # Any two pairs always fit some different similarity: the runner-up has >= 2.
     k_close = max(2, k_runner, k_shift)
     rival = nfa_runner <= cfg.rival_max_nfa and (

@@ -15,7 +15,7 @@ from scipy.spatial import ConvexHull, QhullError
 
 from protocols.correlation.errors import CorrelationInputError
 from protocols.correlation.matching import MatchConfig, MatchResult, MatchStatus, match_points
-from protocols.correlation.model_selection import choose_model, select_model
+from protocols.correlation.model_selection import choose_model
 from protocols.correlation.transforms import Transform2D, as_points, fit_transform
 
 FloatArray = NDArray[np.float64]
