@@ -27,7 +27,12 @@ import structlog
 from numpy.typing import ArrayLike, NDArray
 
 from protocols.correlation.atlas_lattice import LatticeCells, lattice_cells, metal_mask, resample
-from protocols.correlation.atlas_pose import Pose, decide_pose, lm_to_em_cells
+from protocols.correlation.atlas_pose import (
+    Pose,
+    PoseDecision,
+    decide_pose_channels,
+    lm_to_em_cells,
+)
 from protocols.correlation.beads_lm import check_image, check_pixel_size
 from protocols.correlation.errors import CorrelationInputError
 from protocols.correlation.transforms import Transform2D, as_points, fit_transform
@@ -132,6 +137,46 @@ def _rotation_deg(transform: Transform2D) -> float:
     return float(np.degrees(np.arctan2(lin[1, 0], lin[0, 0])) % 360.0)
 
 
+def _doubt(decision: PoseDecision, cfg: AtlasConfig) -> str | None:
+    """Why one channel's pose is not confident, or None when it is."""
+    if not (decision.z_gap >= cfg.min_gap_sigmas and decision.z_best >= cfg.min_best_sigmas):
+        return (f"the best pose is {decision.z_gap:.1f} sigma above the next candidate "
+                f"(need {cfg.min_gap_sigmas:g}) and {decision.z_best:.1f} above the median "
+                f"(need {cfg.min_best_sigmas:g})")
+    if decision.z_held < cfg.min_held_sigmas:
+        return (f"the best pose rests on one square: without it it is "
+                f"{decision.z_held:.1f} sigma above the next candidate "
+                f"(need {cfg.min_held_sigmas:g})")
+    return None
+
+
+def _choose_pose(channels: list[tuple[str, PoseDecision]], cfg: AtlasConfig
+                 ) -> tuple[str, str, PoseDecision]:
+    """(status, reason, decision): a pose some channel is confident of and no confident
+    channel contradicts.
+
+    Each channel's margin is already a statistical one over all hypotheses, so one
+    confident channel suffices; two confident channels naming different poses mean one of
+    them met a chance pattern, and which one cannot be told.
+    """
+    doubts = {name: _doubt(d, cfg) for name, d in channels}
+    sure = [(name, d) for name, d in channels if doubts[name] is None]
+    if not sure:
+        name, decision = max(channels, key=lambda c: c[1].z_gap)
+        why = "; ".join(f"{n}: {doubts[n]}" for n, _ in channels)
+        return "no_confident_match", f"ambiguous: {why}", decision
+    name, decision = max(sure, key=lambda c: c[1].z_gap)
+    others = [n for n, d in sure if d.pose != decision.pose]
+    if others:
+        return "no_confident_match", (
+            f"ambiguous: the {name} and {others[0]} content each single out a different "
+            "pose"), decision
+    return "ok", (
+        f"pose {decision.z_gap:.1f} sigma above the next candidate and {decision.z_best:.1f} "
+        f"sigma above the median of {decision.n_hypotheses} hypotheses ({name} content)"
+    ), decision
+
+
 def register_atlas(lm_image: ArrayLike, lm_pixel_um: float, em_image: ArrayLike,
                    em_pixel_um: float, points_lm_px: ArrayLike | None = None,
                    config: AtlasConfig | None = None) -> AtlasResult:
@@ -154,7 +199,7 @@ def register_atlas(lm_image: ArrayLike, lm_pixel_um: float, em_image: ArrayLike,
         try:
             mask = metal_mask(img, work, cfg.min_pitch_um, cfg.max_pitch_um)
             cells.append(lattice_cells(mask, work, cfg.cell_samples, cfg.min_pitch_um,
-                                       cfg.max_pitch_um, cfg.min_squares))
+                                       cfg.max_pitch_um, cfg.min_squares, image=img))
         except CorrelationInputError as err:
             raise CorrelationInputError(f"{name}: {err}") from err
     lm_cells, em_cells = cells
@@ -163,26 +208,12 @@ def register_atlas(lm_image: ArrayLike, lm_pixel_um: float, em_image: ArrayLike,
         raise CorrelationInputError(
             f"grid pitch {lm_cells.pitch_um:.1f} um in LM vs {em_cells.pitch_um:.1f} um in EM: "
             f"pixel sizes off by more than {cfg.scale_tolerance:.0%} or no grid lattice visible")
-    decision = decide_pose(lm_cells, em_cells)
+    status, reason, decision = _choose_pose(decide_pose_channels(lm_cells, em_cells), cfg)
     pairs_lm, pairs_em = _paired_openings(lm_cells, em_cells, decision.pose)
     lm_sq_px = _to_original(pairs_lm, lm.shape, lm_w.shape)
     em_sq_px = _to_original(pairs_em, em.shape, em_w.shape)
     p_em = em_cells.pitch_um
-    status, reason = "ok", (
-        f"{len(pairs_lm)} squares matched; pose {decision.z_gap:.1f} sigma above the next "
-        f"candidate, {decision.z_best:.1f} sigma above the median of "
-        f"{decision.n_hypotheses} hypotheses")
-    if not (decision.z_gap >= cfg.min_gap_sigmas and decision.z_best >= cfg.min_best_sigmas):
-        status, reason = "no_confident_match", (
-            f"ambiguous: the best pose is {decision.z_gap:.1f} sigma above the next candidate "
-            f"(need {cfg.min_gap_sigmas:g}) and {decision.z_best:.1f} above the median "
-            f"(need {cfg.min_best_sigmas:g})")
-    elif decision.z_held < cfg.min_held_sigmas:
-        status, reason = "no_confident_match", (
-            f"ambiguous: the best pose rests on one square: without it it is "
-            f"{decision.z_held:.1f} sigma above the next candidate "
-            f"(need {cfg.min_held_sigmas:g})")
-    elif len(pairs_lm) < cfg.min_squares:
+    if status == "ok" and len(pairs_lm) < cfg.min_squares:
         status, reason = "no_confident_match", (f"{len(pairs_lm)} squares matched, need "
                                                 f"{cfg.min_squares}")
     transform, resid, mirrored, rotation = None, np.zeros(0), decision.pose.mirrored, 0.0

@@ -170,6 +170,9 @@ class LatticeCells:
     pitch wide, lattice-aligned), NaN outside the image; ``found`` marks squares whose
     opening was measured, ``openness`` the open fraction of each square (mesh boundary).
     ``opening_px`` holds the measured centres (working pixels), NaN where none.
+    ``brightness`` is the median intensity of each square's central part in the atlas'
+    own image, turned so that metal is dark, and ``metal_level`` the median of the metal
+    (both NaN/None when no image was given); see :func:`square_brightness`.
     """
 
     angle_deg: float
@@ -181,6 +184,8 @@ class LatticeCells:
     openness: FloatArray
     valid: BoolArray
     opening_px: FloatArray
+    brightness: FloatArray | None = None
+    metal_level: float = float("nan")
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -206,9 +211,40 @@ def _index_fit(centres: FloatArray, angle_deg: float, pitch_px: float
     return ij, coef, keep
 
 
+def square_brightness(img: FloatArray, dark: BoolArray, centre: FloatArray, coef: FloatArray,
+                      inner: float = 0.4, samples: int = 6) -> tuple[FloatArray, float]:
+    """Median intensity of the central ``inner`` x ``inner`` pitch of every square, and of
+    the metal, with the image turned so that metal is dark.
+
+    Why: what most grids offer to tell the pose apart is not in the metal but in the film:
+    broken squares (no film: brighter in transmitted light and far brighter in the EM),
+    thick-ice squares (darker in both, nearly opaque in the EM), cells (darker in both).
+    The centre of a square is inside its opening for any bar width, so this reads the film
+    and not the bars.
+    """
+    sign = 1.0 if float(np.median(img[dark])) <= float(np.median(img[~dark])) else -1.0
+    s = ((np.arange(samples) + 0.5) / samples - 0.5) * inner
+    ou, ov = np.meshgrid(s, s)
+    grid = (centre[:, :, None, None, :] + ou[None, None, :, :, None] * coef[0]
+            + ov[None, None, :, :, None] * coef[1])
+    nj, ni = centre.shape[:2]
+    maps = grid.transpose(0, 2, 1, 3, 4).reshape(nj * samples, ni * samples, 2)
+    out = cv2.remap((sign * img).astype(np.float32), maps[..., 0].astype(np.float32),
+                    maps[..., 1].astype(np.float32), cv2.INTER_LINEAR,
+                    borderMode=cv2.BORDER_CONSTANT, borderValue=float("nan"))
+    vals = np.asarray(out, np.float64).reshape(nj, samples, ni, samples).transpose(0, 2, 1, 3)
+    flat = vals.reshape(nj, ni, -1)
+    level = np.full((nj, ni), np.nan)
+    whole = np.isfinite(flat).all(axis=2)
+    level[whole] = np.median(flat[whole], axis=1)
+    return level, float(np.median(sign * img[dark]))
+
+
 def lattice_cells(dark: BoolArray, work_um: float, k: int, min_pitch_um: float,
-                  max_pitch_um: float, min_openings: int) -> LatticeCells:
-    """Resample the mask ``dark`` (working pixels) into ``k x k`` patches per square.
+                  max_pitch_um: float, min_openings: int, image: FloatArray | None = None
+                  ) -> LatticeCells:
+    """Resample the mask ``dark`` (working pixels) into ``k x k`` patches per square
+    (and, given the ``image`` the mask came from, read each square's film brightness).
 
     Raises CorrelationInputError when fewer than ``min_openings`` square openings are
     found (no usable grid lattice in the image).
@@ -248,6 +284,9 @@ def lattice_cells(dark: BoolArray, work_um: float, k: int, min_pitch_um: float,
     patches = np.asarray(out, np.float64).reshape(nj, k, ni, k).transpose(0, 2, 1, 3)
     valid = np.asarray(np.isfinite(patches).all(axis=(2, 3)), dtype=bool)
     openness = 1.0 - np.nanmean(np.where(np.isfinite(patches), patches, 1.0), axis=(2, 3))
+    brightness, metal_level = (None, float("nan")) if image is None else \
+        square_brightness(image, dark, centre, coef)
     return LatticeCells(angle_deg=angle, pitch_um=pitch_um, index_to_px=coef,
                         lo=(int(lo[0]), int(lo[1])), patches=np.nan_to_num(patches, nan=0.0),
-                        found=found, openness=openness, valid=valid, opening_px=opening_px)
+                        found=found, openness=openness, valid=valid, opening_px=opening_px,
+                        brightness=brightness, metal_level=metal_level)

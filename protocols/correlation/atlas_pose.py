@@ -110,7 +110,7 @@ def content(cells: LatticeCells) -> tuple[FloatArray, BoolArray]:
     return res, interior_squares(cells)
 
 
-def interior_squares(cells: LatticeCells, max_hole_squares: int = 12) -> BoolArray:
+def interior_squares(cells: LatticeCells, max_hole_squares: int = 40) -> BoolArray:
     """Squares inside the mesh and not next to its boundary.
 
     Closed squares that form small clusters enclosed by open ones (thick-ice squares seen
@@ -202,7 +202,7 @@ def _pearson(a: FloatArray, b: FloatArray) -> float:
 
 
 def jackknife_score(res_l: FloatArray, m_l: FloatArray, res_e: FloatArray, m_e: FloatArray,
-                    pose: Pose, drop: int = 2) -> float:
+                    pose: Pose, drop: int = 2, by_overlap: bool = False) -> float:
     """The pose's content correlation with its ``drop`` most contributing squares left out
     one at a time (the lowest of those scores).
 
@@ -226,13 +226,13 @@ def jackknife_score(res_l: FloatArray, m_l: FloatArray, res_e: FloatArray, m_e: 
     scores = []
     for k in np.argsort(contrib)[::-1][:drop]:
         keep = np.arange(len(a)) != k
-        scores.append(_pearson(a[keep], b[keep]))
+        scores.append(_pearson(a[keep], b[keep]) * (np.sqrt(keep.sum()) if by_overlap else 1.0))
     return float(min(scores))
 
 
 def _held_rival_level(res_l: FloatArray, m_l: FloatArray, res_e: FloatArray,
                       m_e: FloatArray, rivals: list[tuple[float, Pose]],
-                      top: int = HELD_RIVALS) -> float:
+                      top: int = HELD_RIVALS, by_overlap: bool = False) -> float:
     """Highest score any rival keeps when it, too, loses its most contributing squares.
 
     The best pose's jackknifed score is compared with its rivals' jackknifed scores, not
@@ -243,13 +243,109 @@ def _held_rival_level(res_l: FloatArray, m_l: FloatArray, res_e: FloatArray,
     """
     level = rivals[top][0] if len(rivals) > top else float("-inf")
     for score, rival in rivals[:top]:
-        held = jackknife_score(res_l, m_l, res_e, m_e, rival)
+        held = jackknife_score(res_l, m_l, res_e, m_e, rival, by_overlap=by_overlap)
         level = max(level, min(score, held) if np.isfinite(held) else score)
     return level
 
 
+def film_contrast(cells: LatticeCells, clip_sigmas: float = 3.0, soft_sigmas: float = 1.0
+                  ) -> tuple[FloatArray, BoolArray] | None:
+    """Each square's film brightness against its neighbours', in robust sigmas, clipped.
+
+    Why relative to the 8 neighbours: illumination, vignetting, tile and montage gain steps
+    and ice gradients vary over a few squares and would otherwise correlate with anything.
+    Why in (clipped) sigmas of the atlas' own spread: the two modalities agree on the sign
+    of a broken (brighter), thick-ice, cell-covered or closed (darker) square, not on its
+    size - a broken square is 10% brighter in transmitted light and twice as bright in the
+    EM - so each square votes with at most ``clip_sigmas``. Values within ``soft_sigmas``
+    of the median are shrunk to 0 (soft threshold): the many ordinary squares carry only
+    noise (vignetting, seams, ice), which would otherwise drown the few that differ.
+    Squares partly covered by metal (a centre ring, finder letters, the mesh edge) are left
+    to the metal channel: a ring is the same under every rotation about the grid centre
+    and would tie the poses the film is there to tell apart.
+    """
+    b = cells.brightness
+    if b is None:
+        return None
+    rows, cols = b.shape
+    ok = np.isfinite(b) & cells.valid
+    pad = np.pad(np.where(ok, b, np.nan), 1, constant_values=np.nan)
+    neigh = np.stack([pad[1 + dr:1 + dr + rows, 1 + dc:1 + dc + cols]
+                      for dr in (-1, 0, 1) for dc in (-1, 0, 1) if (dr, dc) != (0, 0)])
+    counts = np.isfinite(neigh).sum(axis=0)
+    ref = np.full(b.shape, np.nan)
+    some = counts >= 3
+    ref[some] = np.nanmedian(neigh[:, some], axis=0)
+    span = ref - cells.metal_level
+    typical = float(np.nanmedian(span[ok & some])) if (ok & some).any() else 0.0
+    open_typ = float(np.median(cells.openness[cells.found & cells.valid]))
+    whole = (cells.openness > 0.85 * open_typ) | (cells.openness < 0.15 * open_typ)
+    use = ok & some & whole & (span > 0.25 * typical) & interior_squares(cells)
+    if typical <= 0 or use.sum() < 10:
+        return None
+    v = np.zeros(b.shape)
+    v[use] = (b[use] - ref[use]) / span[use]
+    med = float(np.median(v[use]))
+    sig = 1.4826 * float(np.median(np.abs(v[use] - med)))
+    if sig <= 0:
+        return None
+    z = np.clip((v - med) / sig, -clip_sigmas, clip_sigmas)
+    z = np.sign(z) * np.maximum(np.abs(z) - soft_sigmas, 0.0)
+    return np.where(use, z, 0.0), use
+
+
+def _decide(res_l: FloatArray, m_l: FloatArray, res_e: FloatArray, m_e: FloatArray,
+            near: set[Pose], peaks: dict[tuple[bool, int], float], min_overlap: float,
+            by_overlap: bool = False) -> PoseDecision:
+    """One content channel's best pose and its statistical margin (see decide_pose).
+
+    ``by_overlap``: score r * sqrt(overlapping squares) instead of r. A correlation over
+    few squares scatters more by chance; compared raw, the runner-up among thousands of
+    hypotheses is a small-overlap one that happens to score high.
+    """
+    size = max(m_l.shape)
+    shape = (m_e.shape[0] + size, m_e.shape[1] + size)
+    f_content = _prepare(res_e, m_e, shape)
+    need = min_overlap * min(m_e.sum(), m_l.sum())
+    scores_all: list[FloatArray] = []
+    poses: list[tuple[float, Pose]] = []
+    for mirrored, rot in POSES:
+        r, n = _masked_ncc(f_content, np.ascontiguousarray(dihedral(res_l, rot, mirrored)),
+                           np.ascontiguousarray(dihedral(m_l, rot, mirrored)), shape)
+        ok = n >= need
+        if by_overlap:
+            r = r * np.sqrt(np.maximum(n, 1.0))
+        scores_all.append(r[ok])
+        rows, cols = np.nonzero(ok)
+        for i, j in zip(rows, cols):
+            dr, dc = _shift_of((int(i), int(j)), m_e.shape, shape)
+            poses.append((float(r[i, j]), Pose(mirrored, rot, dr, dc)))
+    scores = np.concatenate(scores_all) if scores_all else np.zeros(0)
+    if len(poses) < 2 or scores.size < 10:
+        pose = poses[0][1] if poses else Pose(False, 0, 0, 0)
+        return PoseDecision(pose, float("nan"), float("nan"), 0.0, 0.0, scores.size,
+                            len(poses), float("nan"))
+    poses.sort(key=lambda c: -c[0])
+    best, pose = poses[0]
+    rivals = [c for c in poses[1:] if c[1] in near] if pose in near else poses[1:]
+    runner = rivals[0][0] if rivals else poses[1][0]
+    med = float(np.median(scores))
+    spread = max(1.4826 * float(np.median(np.abs(scores - med))), 1e-9)
+    if by_overlap:  # sparse content: many scores near 0, the MAD understates the spread
+        spread = max(spread, float(np.std(scores)))
+    held = jackknife_score(res_l, m_l, res_e, m_e, pose, by_overlap=by_overlap)
+    held_rival = _held_rival_level(res_l, m_l, res_e, m_e, rivals or poses[1:],
+                                   by_overlap=by_overlap)
+    z_held = (min(best, held) - held_rival) / spread if np.isfinite(held) else 0.0
+    return PoseDecision(pose=pose, score=best, runner_up=runner, z_best=(best - med) / spread,
+                        z_gap=(best - runner) / spread, z_held=z_held,
+                        n_hypotheses=int(scores.size),
+                        n_candidates=len(rivals) + 1,
+                        mesh_score=peaks[(pose.mirrored, pose.rot)])
+
+
 def decide_pose(lm: LatticeCells, em: LatticeCells, min_overlap: float = 0.3) -> PoseDecision:
-    """Score every (symmetry, shift) hypothesis by content and pick the best one.
+    """Score every (symmetry, shift) hypothesis by metal content and pick the best one.
 
     ``min_overlap``: a hypothesis counts only if its overlap covers this fraction of the
     smaller atlas' interior squares (tiny overlaps correlate by chance).
@@ -263,44 +359,29 @@ def decide_pose(lm: LatticeCells, em: LatticeCells, min_overlap: float = 0.3) ->
     preselecting by the boundary there turns a wrong boundary peak into a confident
     wrong answer.
     """
+    return dict(decide_pose_channels(lm, em, min_overlap))["metal"]
+
+
+def decide_pose_channels(lm: LatticeCells, em: LatticeCells, min_overlap: float = 0.3
+                         ) -> list[tuple[str, PoseDecision]]:
+    """The pose decided by each content channel on its own: "metal" (the patches' residual
+    metal: marks, letters, bars) and, when both atlases carry film brightness, "film"
+    (:func:`film_contrast`). Kept apart rather than summed: a channel with nothing to say
+    would halve the margin of one that decides, and one channel's large common pattern (a
+    centre ring, equal under every rotation) would drown the other's tie-breaking squares.
+    """
+    size = max(lm.shape)
+    near, peaks = _mesh_shifts(lm, em, (em.shape[0] + size, em.shape[1] + size))
     res_e, int_e = content(em)
     res_l, int_l = content(lm)
-    m_e, m_l = int_e.astype(np.float64), int_l.astype(np.float64)
-    size = max(lm.shape)
-    shape = (em.shape[0] + size, em.shape[1] + size)
-    f_content = _prepare(res_e, m_e, shape)
-    need = min_overlap * min(m_e.sum(), m_l.sum())
-    scores_all: list[FloatArray] = []
-    poses: list[tuple[float, Pose]] = []
-    for mirrored, rot in POSES:
-        r, n = _masked_ncc(f_content, np.ascontiguousarray(dihedral(res_l, rot, mirrored)),
-                           np.ascontiguousarray(dihedral(m_l, rot, mirrored)), shape)
-        ok = n >= need
-        scores_all.append(r[ok])
-        rows, cols = np.nonzero(ok)
-        for i, j in zip(rows, cols):
-            dr, dc = _shift_of((int(i), int(j)), em.shape, shape)
-            poses.append((float(r[i, j]), Pose(mirrored, rot, dr, dc)))
-    scores = np.concatenate(scores_all) if scores_all else np.zeros(0)
-    if len(poses) < 2 or scores.size < 10:
-        pose = poses[0][1] if poses else Pose(False, 0, 0, 0)
-        return PoseDecision(pose, float("nan"), float("nan"), 0.0, 0.0, scores.size,
-                            len(poses), float("nan"))
-    poses.sort(key=lambda c: -c[0])
-    best, pose = poses[0]
-    near, peaks = _mesh_shifts(lm, em, shape)
-    rivals = [c for c in poses[1:] if c[1] in near] if pose in near else poses[1:]
-    runner = rivals[0][0] if rivals else poses[1][0]
-    med = float(np.median(scores))
-    spread = max(1.4826 * float(np.median(np.abs(scores - med))), 1e-9)
-    held = jackknife_score(res_l, m_l, res_e, m_e, pose)
-    held_rival = _held_rival_level(res_l, m_l, res_e, m_e, rivals or poses[1:])
-    z_held = (min(best, held) - held_rival) / spread if np.isfinite(held) else 0.0
-    return PoseDecision(pose=pose, score=best, runner_up=runner, z_best=(best - med) / spread,
-                        z_gap=(best - runner) / spread, z_held=z_held,
-                        n_hypotheses=int(scores.size),
-                        n_candidates=len(rivals) + 1,
-                        mesh_score=peaks[(pose.mirrored, pose.rot)])
+    out = [("metal", _decide(res_l, int_l.astype(np.float64), res_e, int_e.astype(np.float64),
+                             near, peaks, min_overlap))]
+    film_l, film_e = film_contrast(lm), film_contrast(em)
+    if film_l is not None and film_e is not None:
+        out.append(("film", _decide(film_l[0], film_l[1].astype(np.float64), film_e[0],
+                                    film_e[1].astype(np.float64), near, peaks, min_overlap,
+                                    by_overlap=True)))
+    return out
 
 
 def lm_to_em_cells(pose: Pose, lm_shape: tuple[int, int]

@@ -23,10 +23,12 @@ def _lin(deg: float, scale: float, mirrored: bool) -> np.ndarray:
 
 
 def _register(seed: int, lm_deg: float, em_deg: float, mirrored: bool, marks: bool = True,
-              em_pixel_claimed: float = 5.5):  # type: ignore[no-untyped-def]
+              em_pixel_claimed: float = 5.5, film: bool = True):  # type: ignore[no-untyped-def]
     l1, l2 = _lin(lm_deg, 1.0, False), _lin(em_deg, 0.98, mirrored)
-    lm = render_overview(l1, np.array([1600.0, 1600.0]), 5.0, 640, "lm", seed=seed, marks=marks)
-    em = render_overview(l2, np.array([1600.0, 1650.0]), 5.5, 600, "em", seed=seed, marks=marks)
+    lm = render_overview(l1, np.array([1600.0, 1600.0]), 5.0, 640, "lm", seed=seed, marks=marks,
+                         film=film)
+    em = render_overview(l2, np.array([1600.0, 1650.0]), 5.5, 600, "em", seed=seed, marks=marks,
+                         film=film)
     res = register_atlas(lm, 5.0, em, em_pixel_claimed, (POINTS_UM @ l1.T + 1600.0) / 5.0)
     return res, (POINTS_UM @ l2.T + [1600.0, 1650.0]) / 5.5
 
@@ -52,9 +54,20 @@ def test_every_pose_is_answered_right_and_decisively(seed: int, lm_deg: float, e
 
 def test_a_grid_without_chiral_content_is_refused() -> None:
     """Bars and a round mesh only: every rotation and mirror fits equally, so no answer."""
-    res, _ = _register(6, 20.0, -75.0, True, marks=False)
+    res, _ = _register(6, 20.0, -75.0, True, marks=False, film=False)
     assert res.status == "no_confident_match", res.reason
     assert "ambiguous" in res.reason
+
+
+@pytest.mark.parametrize("seed", [3, 6])
+def test_cells_and_squares_states_alone_fix_the_pose(seed: int) -> None:
+    """No chiral metal at all: cells (darker in both) and torn/thick-ice squares (EM only)
+    are what tells the poses apart, through the film brightness of each square."""
+    res, truth = _register(seed, 20.0, -75.0, True, marks=False)
+    assert res.status == "ok", res.reason
+    assert "film" in res.reason and res.mirrored
+    assert res.points_em_px is not None
+    assert np.all(np.linalg.norm(res.points_em_px - truth, axis=1) * 5.5 < 5.0)
 
 
 def test_wrong_pixel_size_is_unusable_input() -> None:
