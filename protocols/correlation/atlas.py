@@ -54,6 +54,9 @@ class AtlasConfig:
     square left out (atlas_pose.jackknife_score): sparse content in one atlas meeting
     one contamination blob or seam in the other can stand out by many sigmas by chance,
     a real match is carried by several squares.
+    ``tie_gap_sigmas``: the margin one channel needs among the (at most 8) poses another
+    channel ties (see _tie_broken); among 8 unrelated poses a lead of 3 sigmas, 3 above
+    the median, happens by chance about once in 2000.
     """
 
     work_pixel_um: float = 2.5
@@ -64,6 +67,7 @@ class AtlasConfig:
     min_gap_sigmas: float = 4.0
     min_best_sigmas: float = 6.0
     min_held_sigmas: float = 2.0
+    tie_gap_sigmas: float = 3.0
     min_squares: int = 12
     max_square_residual_fraction: float = 0.15
 
@@ -162,6 +166,9 @@ def _choose_pose(channels: list[tuple[str, PoseDecision]], cfg: AtlasConfig
     doubts = {name: _doubt(d, cfg) for name, d in channels}
     sure = [(name, d) for name, d in channels if doubts[name] is None]
     if not sure:
+        settled = _tie_broken(channels, cfg)
+        if settled is not None:
+            return settled
         name, decision = max(channels, key=lambda c: c[1].z_gap)
         why = "; ".join(f"{n}: {doubts[n]}" for n, _ in channels)
         return "no_confident_match", f"ambiguous: {why}", decision
@@ -175,6 +182,43 @@ def _choose_pose(channels: list[tuple[str, PoseDecision]], cfg: AtlasConfig
         f"pose {decision.z_gap:.1f} sigma above the next candidate and {decision.z_best:.1f} "
         f"sigma above the median of {decision.n_hypotheses} hypotheses ({name} content)"
     ), decision
+
+
+def _tie_broken(channels: list[tuple[str, PoseDecision]], cfg: AtlasConfig
+                ) -> tuple[str, str, PoseDecision] | None:
+    """A pose one channel singles out among the few another channel cannot separate.
+
+    Why: a centre ring (or the round mesh edge) makes the metal channel stand far above
+    all hypotheses but tie the rotations about the grid centre; the film channel may be
+    too weak to stand out among all ~3000 hypotheses yet clearly prefer one of those few.
+    The first channel must be sure that the answer is among its tied poses (``z_best``)
+    and the tie must be small (at most the 8 lattice symmetries); the second must then
+    beat every other tied pose by ``tie_gap_sigmas`` of its own spread, and stand as far
+    above its own median.
+    """
+    for name, narrow in channels:
+        if narrow.z_best < cfg.min_best_sigmas:
+            continue
+        tied = [p for p, z in narrow.z_of.items()
+                if z >= narrow.z_best - cfg.min_gap_sigmas]
+        if not 2 <= len(tied) <= 8:
+            continue
+        for other, judge in channels:
+            if other == name or not all(p in judge.z_of for p in tied):
+                continue
+            ranked = sorted(tied, key=lambda p: -judge.z_of[p])
+            top, second = judge.z_of[ranked[0]], judge.z_of[ranked[1]]
+            if top - second >= cfg.tie_gap_sigmas and top >= cfg.tie_gap_sigmas:
+                pose = ranked[0]
+                decision = PoseDecision(
+                    pose=pose, score=narrow.z_of[pose], runner_up=narrow.z_of[ranked[1]],
+                    z_best=narrow.z_of[pose], z_gap=top - second, n_hypotheses=len(tied),
+                    n_candidates=len(tied), mesh_score=narrow.mesh_score, z_held=top - second)
+                return "ok", (
+                    f"the {name} content ties {len(tied)} poses {narrow.z_best:.1f} sigma "
+                    f"above the median; the {other} content puts one {top - second:.1f} "
+                    "sigma above the others"), decision
+    return None
 
 
 def register_atlas(lm_image: ArrayLike, lm_pixel_um: float, em_image: ArrayLike,

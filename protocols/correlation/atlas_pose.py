@@ -27,7 +27,7 @@ makes the threshold independent of how much content a grid happens to have.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from numpy.typing import NDArray
@@ -64,6 +64,8 @@ class PoseDecision:
     ``z_best``: (best - median of all hypotheses) / robust spread; ``z_gap``: (best -
     runner-up, see :func:`decide_pose`) / the same spread; ``z_held``: the same gap for
     the best's :func:`jackknife_score` (its score without its strongest square).
+    ``z_of`` holds every hypothesis' score in the same units, (score - median) / spread,
+    so that another channel can be asked about poses this one cannot separate.
     """
 
     pose: Pose
@@ -75,6 +77,7 @@ class PoseDecision:
     n_candidates: int
     mesh_score: float
     z_held: float = 0.0
+    z_of: dict[Pose, float] = field(default_factory=dict)
 
 
 def dihedral(x: NDArray[np.generic], rot: int, mirrored: bool, grid_axes: int = 2
@@ -341,7 +344,8 @@ def _decide(res_l: FloatArray, m_l: FloatArray, res_e: FloatArray, m_e: FloatArr
                         z_gap=(best - runner) / spread, z_held=z_held,
                         n_hypotheses=int(scores.size),
                         n_candidates=len(rivals) + 1,
-                        mesh_score=peaks[(pose.mirrored, pose.rot)])
+                        mesh_score=peaks[(pose.mirrored, pose.rot)],
+                        z_of={p: (sc - med) / spread for sc, p in poses})
 
 
 def decide_pose(lm: LatticeCells, em: LatticeCells, min_overlap: float = 0.3) -> PoseDecision:

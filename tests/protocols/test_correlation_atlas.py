@@ -213,3 +213,38 @@ def test_a_dominant_real_square_is_judged_against_jackknifed_rivals() -> None:
     row = judge_atlas(render_atlas_case(1969546206), 1969546206)
     assert row["status"] == "ok", row["reason"]
     assert row["fraction_right"] == 1.0
+
+
+def _decision(z_of: dict[Pose, float]):  # type: ignore[no-untyped-def]
+    from protocols.correlation.atlas_pose import PoseDecision
+
+    ranked = sorted(z_of, key=lambda p: -z_of[p])
+    best, runner = z_of[ranked[0]], z_of[ranked[1]]
+    return PoseDecision(pose=ranked[0], score=best, runner_up=runner, z_best=best,
+                        z_gap=best - runner, n_hypotheses=len(z_of), n_candidates=len(z_of),
+                        mesh_score=0.0, z_held=best - runner, z_of=z_of)
+
+
+@pytest.mark.parametrize(("film_lead", "tied", "answered"), [
+    (5.0, 4, True), (1.0, 4, False), (5.0, 20, False)])
+def test_a_tie_of_one_channel_is_broken_only_by_a_clear_lead_of_the_other(
+        film_lead: float, tied: int, answered: bool) -> None:
+    """A centre ring ties the rotations in the metal far above all hypotheses; the film
+    picks one of them only when it leads the other tied poses clearly, and only when the
+    tie is a handful of poses (the lattice symmetries), not a broad plateau."""
+    from protocols.correlation.atlas import AtlasConfig, _choose_pose
+
+    rng = np.random.default_rng(1)
+    poses = [Pose(bool(m), r, dr, dc) for m in (0, 1) for r in range(4)
+             for dr in range(-6, 6) for dc in range(-6, 6)]
+    metal = {p: float(rng.normal()) for p in poses}
+    film = {p: float(rng.normal()) for p in poses}
+    for p in poses[:tied]:
+        metal[p] = 80.0 + 0.1 * float(rng.normal())
+        film[p] = 1.0
+    film[poses[2]] = 1.0 + film_lead
+    status, reason, decision = _choose_pose(
+        [("metal", _decision(metal)), ("film", _decision(film))], AtlasConfig())
+    assert (status == "ok") == answered, reason
+    if answered:
+        assert decision.pose == poses[2] and "ties" in reason
