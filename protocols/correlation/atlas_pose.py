@@ -272,7 +272,11 @@ def film_contrast(cells: LatticeCells, clip_sigmas: float = 3.0, soft_sigmas: fl
         return None
     rows, cols = b.shape
     ok = np.isfinite(b) & cells.valid
-    pad = np.pad(np.where(ok, b, np.nan), 1, constant_values=np.nan)
+    open_typ = float(np.median(cells.openness[cells.found & cells.valid]))
+    # The reference is the open neighbours' film: inside an orientation mark or a patch of
+    # closed squares the closed neighbours would make the reference the metal itself.
+    pad = np.pad(np.where(ok & cells.found & (cells.openness > 0.5 * open_typ), b, np.nan), 1,
+                 constant_values=np.nan)
     neigh = np.stack([pad[1 + dr:1 + dr + rows, 1 + dc:1 + dc + cols]
                       for dr in (-1, 0, 1) for dc in (-1, 0, 1) if (dr, dc) != (0, 0)])
     counts = np.isfinite(neigh).sum(axis=0)
@@ -281,7 +285,6 @@ def film_contrast(cells: LatticeCells, clip_sigmas: float = 3.0, soft_sigmas: fl
     ref[some] = np.nanmedian(neigh[:, some], axis=0)
     span = ref - cells.metal_level
     typical = float(np.nanmedian(span[ok & some])) if (ok & some).any() else 0.0
-    open_typ = float(np.median(cells.openness[cells.found & cells.valid]))
     whole = (cells.openness > 0.85 * open_typ) | (cells.openness < 0.15 * open_typ)
     use = ok & some & whole & (span > 0.25 * typical) & interior_squares(cells)
     if typical <= 0 or use.sum() < 10:
