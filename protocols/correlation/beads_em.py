@@ -5,6 +5,8 @@ Why this way (docs/clem-workflow.md, "Bead detection"):
 - The map is turned into optical density, ``-log(I)`` where the image has a physical zero
   (counts), so a bead adds the same density on thin ice, on the film or on a cell's thin
   periphery; the dark bars and uncovered areas are masked (no transmitted beam there).
+  An export whose black clips pixels where the beam is has no known zero: the map is
+  inverted linearly then (see :func:`black_is_clip`).
 - The scale-normalised Laplacian of Gaussian at the bead's size from the pixel size is
   the matched filter of a small disk and a band-pass in one: smooth ice gradients and the
   2 um holes hardly respond at that scale.
@@ -47,6 +49,8 @@ SPHERE_SIGMA_PER_RADIUS = 1.0 / np.sqrt(5.0)
 # Peaks above threshold that get the (cheap, vectorised) edge test; only blob-like ones
 # count towards EmBeadConfig.max_candidates.
 EDGE_TEST_MAX_PEAKS = 200_000
+# A map's minimum is a clip when this many pixels sit on it (see black_level).
+CLIP_MIN_PIXELS, CLIP_MIN_FRACTION = 5, 2e-5
 
 
 @dataclass(frozen=True)
@@ -76,14 +80,43 @@ class _Density:
         return -np.log(np.maximum(image, 1e-3 * self.film) / self.film)
 
 
-def density_of(image: FloatArray) -> _Density:
+def density_of(image: FloatArray, zero_is_black_clip: bool = False) -> _Density:
     """The density conversion of a map: ``-log(I / film)`` with ``film`` its bright level
-    when pixels have a physical zero (counts), else the inverted image (signed maps)."""
+    when pixels have a physical zero (counts), else the inverted image (signed maps, and
+    exports whose black is a clip: see :func:`black_is_clip`)."""
     sample = image[::4, ::4]
     lo, film = (float(v) for v in np.percentile(sample, [0.5, 90]))
-    if lo < 0 or film <= 0:
+    if lo < 0 or film <= 0 or zero_is_black_clip:
         return _Density(film, False)
     return _Density(film, True)
+
+
+def black_level(image: FloatArray) -> float:
+    """The map's minimum when many pixels sit exactly on it (a clip: an export's black, a
+    camera's zero), else -inf; ties at the minimum are otherwise rare."""
+    lo = float(image.min())
+    n = max(CLIP_MIN_PIXELS, int(CLIP_MIN_FRACTION * image.size))
+    return lo if np.count_nonzero(image == lo) >= n else -np.inf
+
+
+def black_is_clip(image: FloatArray, black: float, valid: NDArray[np.bool_], f: int) -> bool:
+    """Whether a map's black is an export's clip rather than no transmission.
+
+    Black pixels in the bar or thick ice (masked) are the zero of transmission, and
+    ``-log(I)`` measures from them. Black pixels mostly where the beam is (noisy pixels
+    of bead cores and film clipped by an 8-bit contrast stretch set at the darkest
+    pixels) say the zero lies somewhere below, unknown: the log from 0 then turned each
+    clipped core pixel into a spike of density 7 that the fit locked on (a tiny, far too
+    dense spot, scored out) and blew up the noise of every dark area, so the map is
+    inverted linearly instead. A bead-size disk of black costs a little precision that
+    way (the log made it a high plateau, centred well) but is still found.
+    """
+    if not np.isfinite(black) or black < 0:
+        return False
+    rows, cols = np.nonzero(image == black)
+    rows = np.minimum(rows // f, valid.shape[0] - 1)
+    cols = np.minimum(cols // f, valid.shape[1] - 1)
+    return bool(np.mean(valid[rows, cols]) > 0.5)
 
 
 def _noise(resp: FloatArray, od: FloatArray, sigma_det: float, valid: NDArray[np.bool_]
@@ -185,9 +218,9 @@ def detect_em_beads(image: ArrayLike, pixel_um: float,
     f = max(1, int(radius_px / cfg.detect_radius_px))
     small = _bin(img, f)
     r_small = radius_px / f
-    to_od = density_of(img)
-    od_small = to_od(small)
     valid = _valid_mask(small, r_small, cfg.dark_fraction)
+    to_od = density_of(img, black_is_clip(img, black_level(img), valid, f))
+    od_small = to_od(small)
     sigma_det = max(r_small / np.sqrt(2.0), 0.7)
     resp = blob_response(od_small, sigma_det)
     noise = _noise(resp, od_small, sigma_det, valid)

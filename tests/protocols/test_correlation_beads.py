@@ -6,7 +6,13 @@ import numpy as np
 import pytest
 
 from protocols.correlation.bead_images import correlate_bead_images
-from protocols.correlation.beads_em import EmBeadConfig, detect_em_beads
+from protocols.correlation.beads_em import (
+    EmBeadConfig,
+    black_is_clip,
+    black_level,
+    density_of,
+    detect_em_beads,
+)
 from protocols.correlation.beads_lm import LmBeadConfig, detect_lm_beads
 from protocols.correlation.errors import CorrelationInputError
 from tests.protocols.bead_render import render_em, render_lm, spread_points
@@ -134,3 +140,37 @@ def test_lm_all_beads_clipped_still_score_high() -> None:
     dist, idx = _nearest(det.xy_px, beads)
     assert np.all(dist < 0.5), dist
     assert det.score[idx].min() > 0.3, det.score[idx]
+
+
+def _export_8bit(image: np.ndarray, black: float, white: float) -> np.ndarray:
+    return np.clip(np.rint((image - black) / (white - black) * 255), 0, 255).astype(np.uint8)
+
+
+def test_em_beads_in_low_dose_8bit_export_with_black_clipped_pixels() -> None:
+    """A low-dose map exported to 8 bits with black at the darkest pixels: noise clips
+    single pixels of the bead cores (and of the film) to 0.
+
+    Taking 0 as no transmission turned each such pixel into a density spike of 7 that
+    the fit locked on (a tiny, far too dense spot, scored out) and made every dark area
+    noisy: 2 of these 12 beads were found."""
+    beads = spread_points(31, 12, 40, 720, 50) + 0.3
+    image = render_em(beads, bead_od=0.8, counts=25.0, seed=32).image.astype(np.float64)
+    img8 = _export_8bit(image, float(np.percentile(image, 0.1)),
+                        float(np.percentile(image, 99.5)))
+    det = detect_em_beads(img8, 0.0333)
+    dist, idx = _nearest(det.xy_px, beads)
+    assert np.all(dist < 1.0), dist
+    assert det.score[idx].min() > 0.3, det.score[idx]
+
+
+def test_em_black_is_a_clip_only_where_the_beam_is() -> None:
+    """Zeros in a bar are no transmission (density from them); zeros in bead cores on
+    the film are an export's clip (no known zero: linear density)."""
+    beads = spread_points(33, 10, 80, 700, 50)
+    bar = render_em(beads, bar_rows=60, seed=34).image.astype(np.float64)
+    cores = _export_8bit(render_em(beads, bead_od=1.2, seed=34).image, 250.0, 700.0)
+    beam = np.ones(bar.shape, dtype=bool)
+    beam[:80] = False                                 # the bar and a margin: masked
+    for image, clipped in ((bar, False), (cores.astype(np.float64), True)):
+        assert black_is_clip(image, black_level(image), beam, 1) is clipped
+        assert density_of(image, clipped).logarithmic is not clipped
