@@ -240,6 +240,15 @@ def square_brightness(img: FloatArray, dark: BoolArray, centre: FloatArray, coef
     return level, float(np.median(sign * img[dark]))
 
 
+def _spaced_at(centres: FloatArray, pitch_px: float, tolerance: float = 0.15) -> bool:
+    """Whether the openings' median nearest-neighbour spacing is ``pitch_px``."""
+    if len(centres) < 3:
+        return False
+    d = np.linalg.norm(centres[:, None, :] - centres[None, :, :], axis=2)
+    np.fill_diagonal(d, np.inf)
+    return bool(abs(float(np.median(d.min(axis=1))) / pitch_px - 1.0) < tolerance)
+
+
 def lattice_cells(dark: BoolArray, work_um: float, k: int, min_pitch_um: float,
                   max_pitch_um: float, min_openings: int, image: FloatArray | None = None
                   ) -> LatticeCells:
@@ -250,8 +259,18 @@ def lattice_cells(dark: BoolArray, work_um: float, k: int, min_pitch_um: float,
     found (no usable grid lattice in the image).
     """
     angle, pitch_um = lattice_angle_pitch(dark, work_um, min_pitch_um, max_pitch_um)
+    # The spectrum may prefer a multiple of the pitch (montage tiles of ~3 pitches, a mark
+    # or a ring along the lattice axes); the true pitch is the one whose openings are there.
+    # Openings' spacing must then match the pitch they were found at.
+    op = openings(dark, pitch_um / work_um)
+    if not _spaced_at(op, pitch_um / work_um):
+        for n in (2, 3, 4):
+            alt = openings(dark, pitch_um / n / work_um)
+            if pitch_um / n >= min_pitch_um and len(alt) >= min_openings and \
+                    _spaced_at(alt, pitch_um / n / work_um):
+                op, pitch_um = alt, pitch_um / n
+                break
     pitch_px = pitch_um / work_um
-    op = openings(dark, pitch_px)
     if len(op) < min_openings:
         raise CorrelationInputError(f"{len(op)} square openings found, need {min_openings}: "
                                     "no grid lattice visible or wrong pixel size")

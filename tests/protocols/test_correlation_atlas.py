@@ -248,3 +248,18 @@ def test_a_tie_of_one_channel_is_broken_only_by_a_clear_lead_of_the_other(
     assert (status == "ok") == answered, reason
     if answered:
         assert decision.pose == poses[2] and "ties" in reason
+
+
+def test_lattice_pitch_is_the_openings_spacing_not_a_multiple_the_spectrum_prefers() -> None:
+    """Closed squares in every third row make the spectrum's strongest peak three pitches
+    long (montage tiles or a mark can do the same); the openings say 125 um."""
+    from protocols.correlation.atlas_lattice import lattice_angle_pitch, lattice_cells
+
+    p, n = 50, 16                                   # 125 um at 2.5 um per pixel
+    yy, xx = np.mgrid[:p * n, :p * n]
+    metal = ((xx % p) < 10) | ((yy % p) < 10)
+    metal |= ((yy // p) % 3 == 0) & ((xx // p) % 3 != 2)
+    assert lattice_angle_pitch(metal, 2.5, 40.0, 400.0)[1] > 300.0
+    cells = lattice_cells(metal, 2.5, 20, 40.0, 400.0, 12)
+    assert abs(cells.pitch_um / PITCH_UM - 1.0) < 0.03, cells.pitch_um
+    assert cells.found.sum() >= 150
