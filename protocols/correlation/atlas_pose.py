@@ -122,16 +122,25 @@ def interior_squares(cells: LatticeCells, max_hole_squares: int = 40) -> BoolArr
     Large closed regions (the rim, the space around the disc) and closed regions running
     into the image edge (a piece of rim in a partial field) are boundary.
     """
+    near = ndimage.binary_dilation(closed_boundary(cells, max_hole_squares),
+                                   structure=np.ones((3, 3)))
+    return np.asarray(cells.valid & ~near, dtype=bool)
+
+
+def closed_boundary(cells: LatticeCells, max_hole_squares: int = 40, edge_counts: bool = True
+                    ) -> BoolArray:
+    """Closed squares of the boundary: clusters larger than ``max_hole_squares`` and, with
+    ``edge_counts``, clusters running into the image edge (see interior_squares)."""
     found = cells.found & cells.valid
     inside = (cells.openness > 0.5 * float(np.median(cells.openness[found]))) & cells.valid
     lab, n = ndimage.label(~inside & cells.valid, structure=np.ones((3, 3)))
     sizes = ndimage.sum(np.ones(lab.shape), lab, np.arange(1, n + 1))
-    # A piece of the rim crossing a partial field is small but runs into the image edge.
-    edge = ndimage.binary_dilation(~cells.valid, structure=np.ones((3, 3)))
-    at_edge = ndimage.maximum(edge, lab, np.arange(1, n + 1)) > 0 if n else np.zeros(0, bool)
-    boundary = np.isin(lab, 1 + np.flatnonzero((sizes > max_hole_squares) | at_edge))
-    near = ndimage.binary_dilation(boundary, structure=np.ones((3, 3)))
-    return np.asarray(cells.valid & ~near, dtype=bool)
+    outer = sizes > max_hole_squares
+    if edge_counts and n:
+        # A piece of the rim crossing a partial field is small but runs into the image edge.
+        edge = ndimage.binary_dilation(~cells.valid, structure=np.ones((3, 3)))
+        outer |= ndimage.maximum(edge, lab, np.arange(1, n + 1)) > 0
+    return np.asarray(np.isin(lab, 1 + np.flatnonzero(outer)), dtype=bool)
 
 
 def _masked_ncc(fa: tuple[NDArray[np.complex128], ...], b: FloatArray, mb: FloatArray,
@@ -265,7 +274,10 @@ def film_contrast(cells: LatticeCells, clip_sigmas: float = 3.0, soft_sigmas: fl
     noise (vignetting, seams, ice), which would otherwise drown the few that differ.
     Squares partly covered by metal (a centre ring, finder letters, the mesh edge) are left
     to the metal channel: a ring is the same under every rotation about the grid centre
-    and would tie the poses the film is there to tell apart.
+    and would tie the poses the film is there to tell apart. So is the rim as a whole
+    (large closed regions are left out), but not a closed cluster at the image edge: an
+    orientation mark next to thick-ice squares at the edge of a partial field is exactly
+    what decides there.
     """
     b = cells.brightness
     if b is None:
@@ -285,8 +297,11 @@ def film_contrast(cells: LatticeCells, clip_sigmas: float = 3.0, soft_sigmas: fl
     ref[some] = np.nanmedian(neigh[:, some], axis=0)
     span = ref - cells.metal_level
     typical = float(np.nanmedian(span[ok & some])) if (ok & some).any() else 0.0
-    whole = (cells.openness > 0.85 * open_typ) | (cells.openness < 0.15 * open_typ)
-    use = ok & some & whole & (span > 0.25 * typical) & interior_squares(cells)
+    # Whole openings (found: the size of one) or whole closed squares; not the open space
+    # beyond the mesh, nor squares cut by a ring, letters or the mesh edge.
+    whole = (cells.found & (cells.openness > 0.85 * open_typ)) | \
+        (cells.openness < 0.15 * open_typ)
+    use = ok & some & whole & (span > 0.25 * typical) & ~closed_boundary(cells, edge_counts=False)
     if typical <= 0 or use.sum() < 10:
         return None
     v = np.zeros(b.shape)
