@@ -55,9 +55,9 @@ class AtlasConfig:
     one contamination blob or seam in the other can stand out by many sigmas by chance,
     a real match is carried by several squares.
     ``film_gap_sigmas``: ``min_gap_sigmas`` for the film channel, whose spread is the plain
-    standard deviation of its scores (wider than the robust one; sparse content). Over 94
+    standard deviation of its scores (wider than the robust one; sparse content). Over 80
     grids of the independent renderer (benchmarks/correlation_independent_atlas.py, seeds
-    2-5) its best pose was wrong 36 times, never more than 0.74 sigma ahead of the next.
+    2-4) its best pose was wrong 21 times, never more than 1.1 sigma ahead of the next.
     ``tie_gap_sigmas``: the margin one channel needs among the (at most 8) poses another
     channel ties (see _tie_broken); among 8 unrelated poses a lead of 3 sigmas, 3 above
     the median, happens by chance about once in 2000.
@@ -216,6 +216,7 @@ def _tie_broken(channels: list[tuple[str, PoseDecision]], cfg: AtlasConfig
             top, second = judge.z_of[ranked[0]], judge.z_of[ranked[1]]
             if top - second >= cfg.tie_gap_sigmas and top >= cfg.tie_gap_sigmas:
                 pose = ranked[0]
+                # Scores here are the tying channel's, in its sigmas (its raw ones tie).
                 decision = PoseDecision(
                     pose=pose, score=narrow.z_of[pose], runner_up=narrow.z_of[ranked[1]],
                     z_best=narrow.z_of[pose], z_gap=top - second, n_hypotheses=len(tied),
@@ -263,6 +264,8 @@ def register_atlas(lm_image: ArrayLike, lm_pixel_um: float, em_image: ArrayLike,
     lm_sq_px = _to_original(pairs_lm, lm.shape, lm_w.shape)
     em_sq_px = _to_original(pairs_em, em.shape, em_w.shape)
     p_em = em_cells.pitch_um
+    if status == "ok":
+        reason = f"{len(pairs_lm)} squares matched; {reason}"
     if status == "ok" and len(pairs_lm) < cfg.min_squares:
         status, reason = "no_confident_match", (f"{len(pairs_lm)} squares matched, need "
                                                 f"{cfg.min_squares}")
