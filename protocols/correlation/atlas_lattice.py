@@ -211,6 +211,21 @@ def _index_fit(centres: FloatArray, angle_deg: float, pitch_px: float
     return ij, coef, keep
 
 
+def square_patches(img: FloatArray, centre: FloatArray, coef: FloatArray, k: int,
+                   extent: float = 1.0) -> FloatArray:
+    """``img`` sampled on a ``k x k`` lattice-aligned grid spanning ``extent`` pitches
+    around every square centre: (rows, cols, k, k), NaN outside the image."""
+    s = ((np.arange(k) + 0.5) / k - 0.5) * extent
+    ou, ov = np.meshgrid(s, s)
+    grid = (centre[:, :, None, None, :] + ou[None, None, :, :, None] * coef[0]
+            + ov[None, None, :, :, None] * coef[1])
+    nj, ni = centre.shape[:2]
+    maps = grid.transpose(0, 2, 1, 3, 4).reshape(nj * k, ni * k, 2).astype(np.float32)
+    out = cv2.remap(np.asarray(img, np.float32), maps[..., 0], maps[..., 1], cv2.INTER_LINEAR,
+                    borderMode=cv2.BORDER_CONSTANT, borderValue=float("nan"))
+    return np.asarray(out, np.float64).reshape(nj, k, ni, k).transpose(0, 2, 1, 3)
+
+
 def square_brightness(img: FloatArray, dark: BoolArray, centre: FloatArray, coef: FloatArray,
                       inner: float = 0.4, samples: int = 6) -> tuple[FloatArray, float]:
     """Median intensity of the central ``inner`` x ``inner`` pitch of every square, and of
@@ -223,16 +238,8 @@ def square_brightness(img: FloatArray, dark: BoolArray, centre: FloatArray, coef
     and not the bars.
     """
     sign = 1.0 if float(np.median(img[dark])) <= float(np.median(img[~dark])) else -1.0
-    s = ((np.arange(samples) + 0.5) / samples - 0.5) * inner
-    ou, ov = np.meshgrid(s, s)
-    grid = (centre[:, :, None, None, :] + ou[None, None, :, :, None] * coef[0]
-            + ov[None, None, :, :, None] * coef[1])
+    vals = square_patches(sign * img, centre, coef, samples, inner)
     nj, ni = centre.shape[:2]
-    maps = grid.transpose(0, 2, 1, 3, 4).reshape(nj * samples, ni * samples, 2)
-    out = cv2.remap((sign * img).astype(np.float32), maps[..., 0].astype(np.float32),
-                    maps[..., 1].astype(np.float32), cv2.INTER_LINEAR,
-                    borderMode=cv2.BORDER_CONSTANT, borderValue=float("nan"))
-    vals = np.asarray(out, np.float64).reshape(nj, samples, ni, samples).transpose(0, 2, 1, 3)
     flat = vals.reshape(nj, ni, -1)
     level = np.full((nj, ni), np.nan)
     whole = np.isfinite(flat).all(axis=2)
@@ -289,18 +296,10 @@ def lattice_cells(dark: BoolArray, work_um: float, k: int, min_pitch_um: float,
     centre[rows, cols] = op
     found[rows, cols] = True
     opening_px[rows, cols] = op
-    s = (np.arange(k) + 0.5) / k - 0.5
-    ou, ov = np.meshgrid(s, s)
-    grid = (centre[:, :, None, None, :] + ou[None, None, :, :, None] * coef[0]
-            + ov[None, None, :, :, None] * coef[1])
-    nj, ni = gi.shape
-    maps = grid.transpose(0, 2, 1, 3, 4).reshape(nj * k, ni * k, 2).astype(np.float32)
     metal = dark.astype(np.float32)
     if pitch_px / k > 1.0:  # anti-alias before sampling at pitch / k
         metal = np.asarray(cv2.GaussianBlur(metal, (0, 0), 0.5 * pitch_px / k), np.float32)
-    out = cv2.remap(metal, maps[..., 0], maps[..., 1], cv2.INTER_LINEAR,
-                    borderMode=cv2.BORDER_CONSTANT, borderValue=float("nan"))
-    patches = np.asarray(out, np.float64).reshape(nj, k, ni, k).transpose(0, 2, 1, 3)
+    patches = square_patches(metal, centre, coef, k)
     valid = np.asarray(np.isfinite(patches).all(axis=(2, 3)), dtype=bool)
     openness = 1.0 - np.nanmean(np.where(np.isfinite(patches), patches, 1.0), axis=(2, 3))
     brightness, metal_level = (None, float("nan")) if image is None else \
