@@ -29,7 +29,9 @@ class MatchConfig:
     gate numbers (``min_inliers``, ``min_margin``, ``max_runner_up_fraction``, ``max_nfa``,
     and ``rival_*``, when a runner-up is a rival answer at all:
     see match_gate.gate) are conservative on purpose: refusing costs a manual pick, a wrong
-    answer costs a tilt series at the wrong place.
+    answer costs a tilt series at the wrong place. ``confident_weight`` picks the
+    detections (weight relative to the best one's) of the second look that
+    :func:`match_points` takes when the full sets are refused.
     """
 
     scale_range: tuple[float, float] = (0.9, 1.1)
@@ -52,6 +54,7 @@ class MatchConfig:
     distinct_um: float = 3.0
     gate_rms_factor: float = 3.0
     gate_floor_um: float = 0.15
+    confident_weight: float = 0.3
 
     @property
     def scale_bounds(self) -> tuple[float, float]:

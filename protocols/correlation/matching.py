@@ -18,8 +18,10 @@ rather than a guess.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
-from numpy.typing import ArrayLike
+from numpy.typing import ArrayLike, NDArray
 from scipy.spatial import cKDTree
 
 from protocols.correlation.errors import CorrelationInputError
@@ -75,6 +77,29 @@ def match_points(lm_um: ArrayLike, em_um: ArrayLike, *, lm_weights: ArrayLike | 
     w_lm = _weights(lm_weights, len(lm), "LM weights")
     w_em = _weights(em_weights, len(em), "EM weights")
     seed = _prior_matrix(prior)
+    result = _match(lm, em, w_lm, w_em, seed, cfg)
+    if result.status == "ok":
+        return result
+    # Second look at the confident detections alone. Specks and contamination that score
+    # low still enter the a-contrario count (every LM point is a chance to align), so a
+    # true match among 6 beads of 30 detections can read as chance; chosen by score alone,
+    # before looking at the other side, the subset is a fair test. Two looks, so its
+    # NFA is doubled against the same threshold.
+    keep_lm = np.flatnonzero(w_lm >= cfg.confident_weight)
+    keep_em = np.flatnonzero(w_em >= cfg.confident_weight)
+    if (len(keep_lm) == len(lm) and len(keep_em) == len(em)) or min(
+            len(keep_lm), len(keep_em)) < cfg.min_inliers:
+        return result
+    sub = _match(lm[keep_lm], em[keep_em], w_lm[keep_lm], w_em[keep_em], seed,
+                 replace(cfg, max_nfa=cfg.max_nfa / 2))
+    if sub.status != "ok" or sub.best is None:
+        return result
+    return _lifted(sub, keep_lm, keep_em)
+
+
+def _match(lm: FloatArray, em: FloatArray, w_lm: FloatArray, w_em: FloatArray,
+           seed: FloatArray | None, cfg: MatchConfig) -> MatchResult:
+    """Vote, refine and gate one pair of point sets (see :func:`match_points`)."""
     vote_lm = np.argsort(-w_lm, kind="stable")[: cfg.max_vote_points]
     vote_em = np.argsort(-w_em, kind="stable")[: cfg.max_vote_points]
     starts: list[tuple[FloatArray, bool]] = []
@@ -101,6 +126,21 @@ def match_points(lm_um: ArrayLike, em_um: ArrayLike, *, lm_weights: ArrayLike | 
         hyps[key] = Hypothesis(pairs=pairs, matrix=mat, mirrored=mirrored, residuals_um=res)
     ranked = sorted(hyps.values(), key=lambda h: (-h.n_inliers, h.rms_um))
     return gate(ranked, lm, em, cfg)
+
+
+def _lifted(res: MatchResult, keep_lm: NDArray[np.intp], keep_em: NDArray[np.intp]
+            ) -> MatchResult:
+    """A subset's result with its pairs in the indices of the full point sets."""
+    def lift(h: Hypothesis | None) -> Hypothesis | None:
+        if h is None:
+            return None
+        pairs = np.stack([keep_lm[h.pairs[:, 0]], keep_em[h.pairs[:, 1]]], axis=1)
+        return replace(h, pairs=pairs.astype(np.intp))
+
+    return replace(res, best=lift(res.best), runner_up=lift(res.runner_up),
+                   nfa=2 * res.nfa,
+                   reason=f"{res.reason} (second look, confident detections only: "
+                          f"{len(keep_lm)} LM, {len(keep_em)} EM; NFA x2)")
 
 
 def _weights(w: ArrayLike | None, n: int, name: str) -> FloatArray:

@@ -40,6 +40,29 @@ def test_lm_beads_subpixel_and_scored_against_impostors() -> None:
             assert det.score[d.argmin()] < 0.5 * good.min(), (x, y, det.score[d.argmin()])
 
 
+def test_lm_beads_outscore_a_crowd_of_faint_specks() -> None:
+    """Bleed-through of virus particles into the bead channel: 30 point-like specks at
+    5-25% of a bead's brightness outnumber the 10 beads three to one, and one
+    out-of-focus blob carries 20 beads' worth of light. The beads are still the typical
+    spot: every bead must score at least twice every speck (the plain median brightness
+    was a speck's, so the beads scored as clumps, 0.1-0.5, and the specks 0.9)."""
+    beads = spread_points(11, 10, 20, 360, 30)
+    rng = np.random.default_rng(12)
+    specks = [(float(x), float(y), float(rng.uniform(150, 750)), 0.9)
+              for x, y in rng.uniform(15, 370, (30, 2))]
+    blob = [(60.0, 320.0, 2500.0, 5.0)]
+    r = render_lm(beads, extras=specks + blob, seed=13)
+    det = detect_lm_beads(r.image, 0.1)
+    dist, idx = _nearest(det.xy_px, beads)
+    assert np.all(dist < 0.3), dist
+    speck_xy = np.array([s[:2] for s in specks])
+    near_speck = np.linalg.norm(det.xy_px[:, None] - speck_xy[None], axis=2).min(axis=1) < 1.5
+    near_speck[idx] = False  # a speck on top of a bead is the bead
+    assert near_speck.sum() >= 15                      # the specks are found, and scored
+    assert det.score[idx].min() > 2 * det.score[near_speck].max(), (
+        det.score[idx], det.score[near_speck])
+
+
 def test_lm_saturated_bead_is_down_weighted() -> None:
     beads = spread_points(2, 8, 20, 360, 30)
     r = render_lm(beads, extras=[(190.0, 190.0, 60000.0, 1.1)], seed=4, saturate_at=4095)

