@@ -8,6 +8,7 @@ import pytest
 from protocols.correlation.bead_images import correlate_bead_images
 from protocols.correlation.beads_em import (
     EmBeadConfig,
+    _valid_mask,
     black_is_clip,
     black_level,
     density_of,
@@ -197,3 +198,25 @@ def test_em_black_is_a_clip_only_where_the_beam_is() -> None:
     for image, clipped in ((bar, False), (cores.astype(np.float64), True)):
         assert black_is_clip(image, black_level(image), beam, 1) is clipped
         assert density_of(image, clipped).logarithmic is not clipped
+
+
+
+@pytest.mark.parametrize("offset", [0.0, 100.0], ids=["8bit-dark-carbon", "offset-with-bar"])
+def test_em_no_beam_mask_takes_its_zero_from_a_bar_not_from_dark_carbon(offset: float) -> None:
+    """Bright holes and darker carbon, as an export stretches them (carbon at 60 of 255,
+    nothing below): the darkest blocks are carbon, and taken as the zero of transmission
+    they put the no-beam level above the carbon, which masked the film and every bead on
+    it (7 of 10 beads of an independent square). Saved with an offset of 100 and a bar
+    in view, the bar (at the offset) is the zero: the bar is masked, the carbon is not."""
+    rng = np.random.default_rng(37)
+    yy, xx = np.mgrid[0:600, 0:600].astype(np.float64)
+    d = np.hypot(xx / 66.0 - np.rint(xx / 66.0), yy / 66.0 - np.rint(yy / 66.0)) * 66.0
+    image = np.where(d < 16.5, 200.0, 60.0) + rng.normal(0, 5.0, xx.shape)
+    if offset:
+        image = image * 3.0 + offset
+        image[:60] = offset + rng.normal(0, 2.0, (60, 600))     # the bar: no beam
+    valid = _valid_mask(image, 3.0, EmBeadConfig().dark_fraction)
+    carbon = (d > 22.0) & (yy > 100)
+    assert valid[carbon].mean() > 0.95, valid[carbon].mean()
+    if offset:
+        assert not valid[:50].any()
