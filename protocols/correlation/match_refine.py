@@ -7,6 +7,8 @@ mirror state), so a refinement cannot drift into a mapping no microscope produce
 
 from __future__ import annotations
 
+from itertools import combinations
+
 import numpy as np
 from numpy.typing import NDArray
 from scipy.optimize import linear_sum_assignment
@@ -14,7 +16,7 @@ from scipy.spatial import cKDTree
 
 from protocols.correlation.match_types import MIRROR, FloatArray, MatchConfig
 
-__all__ = ["fit_matrix", "refine"]
+__all__ = ["consensus_fit", "fit_matrix", "refine"]
 
 
 def fit_matrix(src: FloatArray, dst: FloatArray, mirrored: bool, affine: bool,
@@ -40,6 +42,58 @@ def fit_matrix(src: FloatArray, dst: FloatArray, mirrored: bool, affine: bool,
     if sv[1] < lo or sv[0] > hi:
         return None
     return np.concatenate([lin, (cd - lin @ cs)[:, None]], axis=1)
+
+
+def _affines_through(src: FloatArray, dst: FloatArray, triples: NDArray[np.intp]
+                     ) -> tuple[FloatArray, NDArray[np.bool_]]:
+    """The exact affine through each triple of pairs, (T, 2, 3), and which are defined."""
+    s = src[triples]                                   # (T, 3, 2)
+    d = dst[triples]
+    a = np.concatenate([s, np.ones(s.shape[:2] + (1,))], axis=2)  # (T, 3, 3)
+    det = np.linalg.det(a)
+    ok = np.abs(det) > 1e-6 * np.maximum(1.0, np.max(np.abs(s), axis=(1, 2))) ** 2
+    a[~ok] = np.eye(3)
+    sol = np.linalg.solve(a, d)                        # (T, 3, 2): rows x, y, 1
+    mats = np.transpose(sol, (0, 2, 1))                # (T, 2, 3)
+    return mats, ok
+
+
+def consensus_fit(src: FloatArray, dst: FloatArray, mirrored: bool, cfg: MatchConfig,
+                  tol_um: float, max_triples: int = 400) -> FloatArray | None:
+    """Least-squares fit of the largest subset of pairs one bounded affine agrees with.
+
+    A coarse round of nearest neighbours pairs a few wrong beads along with the right
+    ones; a least-squares fit through all of them, with 4-5% of anisotropy to follow,
+    then lands between the two and the true pairs at the edge drift out of the next,
+    smaller radius (a simulated square with 6 shared beads ended as 5 pairs, one false).
+    The exact affine of every triple of pairs (a sample of them when there are many)
+    that stays within physical bounds counts the pairs within ``tol_um``; the best one's
+    agreeing pairs are refitted (MSAC: ties go to the smaller truncated residual sum).
+    """
+    k = len(src)
+    if k < 4:
+        return fit_matrix(src, dst, mirrored, False, cfg)
+    triples = np.array(list(combinations(range(k), 3)), dtype=np.intp)
+    if len(triples) > max_triples:
+        rng = np.random.default_rng(k)
+        triples = triples[rng.choice(len(triples), max_triples, replace=False)]
+    mats, ok = _affines_through(src, dst, triples)
+    lin = mats[:, :, :2]
+    sv = np.linalg.svd(lin, compute_uv=False)
+    lo, hi = cfg.scale_bounds
+    ok &= (np.linalg.det(lin) < 0) == mirrored
+    ok &= (sv[:, 1] >= lo) & (sv[:, 0] <= hi) & (sv[:, 0] <= cfg.max_anisotropy * sv[:, 1])
+    if not np.any(ok):
+        return fit_matrix(src, dst, mirrored, k >= cfg.affine_from, cfg)
+    mats = mats[ok]
+    pred = np.einsum("tij,kj->tki", mats[:, :, :2], src) + mats[:, None, :, 2]
+    r2 = np.sum((pred - dst[None]) ** 2, axis=2)       # (T, k)
+    cost = np.sum(np.minimum(r2, tol_um ** 2), axis=1)
+    best = int(np.argmin(cost))
+    inl = r2[best] <= tol_um ** 2
+    if inl.sum() < 3:
+        return fit_matrix(src, dst, mirrored, k >= cfg.affine_from, cfg)
+    return fit_matrix(src[inl], dst[inl], mirrored, int(inl.sum()) >= cfg.affine_from, cfg)
 
 
 def _assign(pred: FloatArray, em: FloatArray, radius: float) -> NDArray[np.intp]:
@@ -73,8 +127,8 @@ def refine(matrix: FloatArray, mirrored: bool, lm: FloatArray, em: FloatArray,
         pairs = _mutual_nn(lm @ mat[:, :2].T + mat[:, 2], tree, radius)
         if len(pairs) < 2:
             return None
-        mat = fit_matrix(lm[pairs[:, 0]], em[pairs[:, 1]], mirrored,
-                          len(pairs) >= cfg.affine_from, cfg)
+        mat = consensus_fit(lm[pairs[:, 0]], em[pairs[:, 1]], mirrored, cfg,
+                            0.5 * cfg.verify_radius_um)
         if mat is None:
             return None
     for _ in range(2):
