@@ -14,6 +14,13 @@ the answer is "ok" only with enough inliers, a clear inlier margin, and a small 
 number of false alarms (how many hypotheses as good would be expected from unrelated point
 sets). A collinear or regular bead arrangement therefore yields "no_confident_match"
 rather than a guess.
+
+Each vote cell gives two starts: its median similarity, and an affine through the bead
+correspondences its votes name (the similarity is microns off at the edge of a square
+with a few % of anisotropy). Coarse refinement rounds fit the largest subset of
+nearest-neighbour pairs one bounded affine agrees with, so the wrong pairs a coarse radius
+admits do not pull the fit. When the full sets are refused, the confident detections
+alone get a second look (see :func:`match_points`).
 """
 
 from __future__ import annotations
@@ -83,8 +90,9 @@ def match_points(lm_um: ArrayLike, em_um: ArrayLike, *, lm_weights: ArrayLike | 
     # Second look at the confident detections alone. Specks and contamination that score
     # low still enter the a-contrario count (every LM point is a chance to align), so a
     # true match among 6 beads of 30 detections can read as chance; chosen by score alone,
-    # before looking at the other side, the subset is a fair test. Two looks, so its
-    # NFA is doubled against the same threshold.
+    # before looking at the other side, the subset is a fair test. It is held to half
+    # the NFA threshold (and its NFA reported doubled), so the two looks together expect
+    # at most 1.5 x max_nfa false alarms between unrelated sets.
     keep_lm = np.flatnonzero(w_lm >= cfg.confident_weight)
     keep_em = np.flatnonzero(w_em >= cfg.confident_weight)
     if (len(keep_lm) == len(lm) and len(keep_em) == len(em)) or min(
