@@ -385,7 +385,9 @@ def run_square(seed: int, keep: Path | None) -> dict[str, Any]:
     if out["targets"]:
         got = np.array([[t["x"], t["y"]] for t in out["targets"]])
         e = np.linalg.norm(got - sq.targets_em, axis=1) * sq.em_px * 1000
-        row.update(errors_nm=e.tolist(), median_nm=float(np.median(e)))
+        pred = np.array([t["predicted_error_um"] for t in out["targets"]]) * 1000
+        row.update(errors_nm=e.tolist(), median_nm=float(np.median(e)),
+                   predicted_nm=pred.tolist())
         row["correct"] = bool(out["status"] == "ok" and np.median(e) < CORRECT_NM)
         row["wrong"] = bool(out["status"] == "ok" and np.median(e) >= CORRECT_NM)
     else:
@@ -400,6 +402,10 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
         return {"squares": 0}
     errs = [e for r in rows if r.get("correct") for e in r["errors_nm"]]
     secs = [r["seconds"] for r in rows if "seconds" in r]
+    # Calibration where it is relied on: every target of every accepted square. For an
+    # isotropic 2D Gaussian error, 63% / 98% fall within 1x / 2x its predicted RMS.
+    ratio = np.array([e / p for r in rows if r["status"] == "ok" and "predicted_nm" in r
+                      for e, p in zip(r["errors_nm"], r["predicted_nm"])])
     return {
         "squares": n,
         "correct": round(sum(bool(r.get("correct")) for r in rows) / n, 3),
@@ -410,6 +416,8 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "confidently_wrong": sum(bool(r.get("wrong")) for r in rows),
         "median_target_error_nm": round(float(np.median(errs)), 1) if errs else None,
         "p95_target_error_nm": round(float(np.percentile(errs, 95)), 1) if errs else None,
+        "within_1x_predicted": round(float(np.mean(ratio <= 1)), 3) if ratio.size else None,
+        "within_2x_predicted": round(float(np.mean(ratio <= 2)), 3) if ratio.size else None,
         "median_s": round(float(np.median(secs)), 3) if secs else None,
         "max_s": round(float(np.max(secs)), 3) if secs else None,
     }
