@@ -8,6 +8,7 @@ mirror state), so a refinement cannot drift into a mapping no microscope produce
 from __future__ import annotations
 
 from itertools import combinations
+from math import comb
 
 import numpy as np
 from numpy.typing import NDArray
@@ -73,10 +74,12 @@ def consensus_fit(src: FloatArray, dst: FloatArray, mirrored: bool, cfg: MatchCo
     k = len(src)
     if k < 4:
         return fit_matrix(src, dst, mirrored, False, cfg)
-    triples = np.array(list(combinations(range(k), 3)), dtype=np.intp)
-    if len(triples) > max_triples:
+    if comb(k, 3) <= max_triples:
+        triples = np.array(list(combinations(range(k), 3)), dtype=np.intp)
+    else:  # drawn, never enumerated: hundreds of pairs have millions of triples
         rng = np.random.default_rng(k)
-        triples = triples[rng.choice(len(triples), max_triples, replace=False)]
+        triples = np.sort(np.stack([rng.choice(k, 3, replace=False)
+                                    for _ in range(max_triples)]), axis=1)
     mats, ok = _affines_through(src, dst, triples)
     lin = mats[:, :, :2]
     sv = np.linalg.svd(lin, compute_uv=False)
