@@ -44,15 +44,20 @@ MAX_TARGET_ERROR_UM = 0.25
 EXTRAPOLATION_SD_PER_UM = 0.004
 # Between the beads, too, a bend can hide from them: 5-8 beads over 70 um fit an affine to
 # 30 nm while a bend of a 40-80 um wavelength moves a target 15-25 um from the nearest
-# bead by 0.2-0.4 um. On an independent image generator (benchmarks/
-# correlation_independent_images.py, seeds 1 and 2: 255 targets of accepted squares) only
-# 88% of true errors fell within 2x the prediction, 72% for targets 15-25 um from the
-# nearest matched bead (97% within 8 um). This much per um of the distance to the nearest
-# matched bead that the hull excess does not already count (so a target straight out
-# from the beads is not charged twice), in quadrature: 96% within 2x there; on the point
-# benchmark (seeds 20240611 and 1-3, 1,260 targets) 96.7% -> 99.5% within 2x, one square
-# of 228 with >= 6 shared beads newly refused. Charged on the whole distance it refused 7.
-INTERPOLATION_SD_PER_UM = 0.004
+# bead by 0.2-0.4 um. With fewer than INTERPOLATION_BELOW_PAIRS pairs nothing in the data
+# can show it (a residual field is only chosen from model_selection.FIELD_BEST_FROM pairs,
+# and weakly at first). On an independent image generator (benchmarks/
+# correlation_independent_images.py, seeds 1 and 2, 45 accepted squares) only 88% of true
+# errors fell within 2x the prediction, 78% with fewer than 7 pairs, 100% with 9 or more.
+# Below that many pairs, this much per um of the distance to the nearest matched bead
+# that the hull excess does not already count (a target straight out from the beads is
+# not charged twice), in quadrature: 95.6% within 2x, no square newly refused; on the
+# point benchmark (seeds 20240611 and 1-7, 443 accepted squares with >= 6 shared beads)
+# 96.7% -> 97.6% within 2x, one square newly refused. For every square alike, 0.004 per um
+# refused 4 there and made the simulated bead images 4x pessimistic (their 10 nm errors
+# among 10-20 beads were predicted at 40-50 nm).
+INTERPOLATION_SD_PER_UM = 0.003
+INTERPOLATION_BELOW_PAIRS = 9
 # A square's answer is refused when its median target's predicted RMS radial error exceeds
 # this (um). With calibrated predictions the chance that a target with an RMS error of
 # 0.15 um misses by more than 250 nm is about exp(-(0.25/0.15)^2) = 6% (at the former
@@ -207,6 +212,8 @@ def correlate_points(lm_um: ArrayLike, em_um: ArrayLike, targets_lm_um: ArrayLik
     mapped = transform.apply(targets) if len(targets) else np.zeros((0, 2))
     outside = hull_excess_um(targets, lm[pairs[:, 0]])
     between = np.maximum(nearest_um(targets, lm[pairs[:, 0]]) - outside, 0.0)
+    if len(pairs) >= INTERPOLATION_BELOW_PAIRS:
+        between = np.zeros_like(between)
     errors = np.sqrt(choice.predicted_error(targets) ** 2
                      + (EXTRAPOLATION_SD_PER_UM * outside) ** 2
                      + (INTERPOLATION_SD_PER_UM * between) ** 2)
