@@ -60,6 +60,7 @@ class EmBeadConfig:
     bead_diameter_um: float = 0.2
     threshold_sigmas: float = 6.0
     faint_sigmas: float = 4.5
+    faint_min_score: float = 0.05
     max_candidates: int = 600
     min_edge_ratio: float = 0.25
     min_score: float = 0.02
@@ -254,7 +255,10 @@ def detect_em_beads(image: ArrayLike, pixel_um: float,
     xy = np.array([[x.x, x.y] for x in fits])
     radius = np.array([x.sigma for x in fits]) / SPHERE_SIGMA_PER_RADIUS
     amp = np.array([x.amplitude for x in fits])
-    keep = score >= cfg.min_score
+    # A faint candidate stays only when it looks like this map's beads (size, density,
+    # shape): noise peaks at 4.5-6 sigma outnumber faint beads and would fill the output.
+    keep = (score >= cfg.min_score) & ((np.array(levels) >= cfg.threshold_sigmas)
+                                       | (score >= cfg.faint_min_score))
     xy, score, radius, amp = xy[keep], score[keep], radius[keep], amp[keep]
     xy, score, radius, amp = _merge(xy, score, radius, amp, radius_px)
     order = np.argsort(-score, kind="stable")
