@@ -55,7 +55,12 @@ CLIP_MIN_PIXELS, CLIP_MIN_FRACTION = 5, 2e-5
 
 @dataclass(frozen=True)
 class EmBeadConfig:
-    """What a bead looks like in the EM map and how strict the scoring is."""
+    """What a bead looks like in the EM map and how strict the scoring is.
+
+    Blobs above ``threshold_sigmas`` are detections; those between ``faint_sigmas`` and
+    it are kept, weakly scored, only when they look like this map's beads (score at least
+    ``faint_min_score``): the beads of a low-dose map sit there.
+    """
 
     bead_diameter_um: float = 0.2
     threshold_sigmas: float = 6.0
