@@ -59,13 +59,15 @@ class EmBeadConfig:
 
     Blobs above ``threshold_sigmas`` are detections; those between ``faint_sigmas`` and
     it are kept, weakly scored, only when they look like this map's beads (score at least
-    ``faint_min_score``): the beads of a low-dose map sit there.
+    ``faint_min_score``; the ``max_faint`` strongest are fitted): the beads of a low-dose
+    map sit there.
     """
 
     bead_diameter_um: float = 0.2
     threshold_sigmas: float = 6.0
     faint_sigmas: float = 4.5
     faint_min_score: float = 0.05
+    max_faint: int = 100
     max_candidates: int = 600
     min_edge_ratio: float = 0.25
     min_score: float = 0.02
@@ -240,6 +242,11 @@ def detect_em_beads(image: ArrayLike, pixel_um: float,
     blob = ratio >= cfg.min_edge_ratio
     peaks, ratio = peaks[blob][:cfg.max_candidates], ratio[blob][:cfg.max_candidates]
     sigmas = resp[peaks[:, 0], peaks[:, 1]] / noise[peaks[:, 0], peaks[:, 1]]
+    # Fitting is the cost: the strongest max_faint candidates below the threshold only
+    # (noise peaks of a large map are thousands; a square holds tens of beads).
+    first = (sigmas >= cfg.threshold_sigmas) | (
+        np.cumsum(sigmas < cfg.threshold_sigmas) <= cfg.max_faint)
+    peaks, ratio, sigmas = peaks[first], ratio[first], sigmas[first]
     sigma_fit = max(radius_px * SPHERE_SIGMA_PER_RADIUS, 0.7)
     half = max(3, int(np.ceil(2.5 * max(radius_px, 1.5))))
     centres = (peaks * f + (f - 1) // 2).astype(np.intp)
