@@ -263,13 +263,14 @@ def detect_em_beads(image: ArrayLike, pixel_um: float,
     if not fits:
         _log.info("beads_em.none", candidates=len(peaks))
         return empty
-    score = _score(fits, np.array(ratios), np.array(levels), radius_px, cfg)
+    level = np.array(levels)
+    score = _score(fits, np.array(ratios), level, radius_px, cfg)
     xy = np.array([[x.x, x.y] for x in fits])
     radius = np.array([x.sigma for x in fits]) / SPHERE_SIGMA_PER_RADIUS
     amp = np.array([x.amplitude for x in fits])
     # A faint candidate stays only when it looks like this map's beads (size, density,
     # shape): noise peaks at 4.5-6 sigma outnumber faint beads and would fill the output.
-    keep = (score >= cfg.min_score) & ((np.array(levels) >= cfg.threshold_sigmas)
+    keep = (score >= cfg.min_score) & ((level >= cfg.threshold_sigmas)
                                        | (score >= cfg.faint_min_score))
     xy, score, radius, amp = xy[keep], score[keep], radius[keep], amp[keep]
     xy, score, radius, amp = _merge(xy, score, radius, amp, radius_px)
