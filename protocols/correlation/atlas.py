@@ -26,6 +26,7 @@ import numpy as np
 import structlog
 from numpy.typing import ArrayLike, NDArray
 
+from protocols.correlation.atlas_closed import decide_closed
 from protocols.correlation.atlas_lattice import LatticeCells, lattice_cells, metal_mask, resample
 from protocols.correlation.atlas_pose import (
     Pose,
@@ -61,6 +62,11 @@ class AtlasConfig:
     ``tie_gap_sigmas``: the margin one channel needs among the (at most 8) poses another
     channel ties (see _tie_broken); among 8 unrelated poses a lead of 3 sigmas, 3 above
     the median, happens by chance about once in 2000.
+    ``closed_*``: the closed-square channel (atlas_closed.py) scores in decades of its
+    number of false alarms (NFA): it decides alone at an NFA of 1e-3 that is 100 times less
+    than the next different answer's. From an NFA of 1e-2 it may name the few poses within
+    ``closed_gap_decades`` of its best (the mark and itself shifted by a square) for another
+    channel to choose from (_tie_broken): both going wrong by chance is then ~1e-2 x 1/2000.
     """
 
     work_pixel_um: float = 2.5
@@ -73,6 +79,9 @@ class AtlasConfig:
     min_held_sigmas: float = 2.0
     tie_gap_sigmas: float = 3.0
     film_gap_sigmas: float = 3.0
+    closed_best_decades: float = 3.0
+    closed_gap_decades: float = 2.0
+    closed_narrow_decades: float = 2.0
     min_squares: int = 12
     max_square_residual_fraction: float = 0.15
 
@@ -146,17 +155,47 @@ def _rotation_deg(transform: Transform2D) -> float:
     return float(np.degrees(np.arctan2(lin[1, 0], lin[0, 0])) % 360.0)
 
 
+@dataclass(frozen=True)
+class _Rule:
+    """What one channel's scores must show: ``gap`` over the runner-up, ``best`` above the
+    median (for the closed channel: its own significance), ``held`` after the jackknife,
+    and the window of its best within which poses tie."""
+
+    gap: float
+    best: float
+    held: float
+    tie: float
+    narrow: float
+
+
+def _rule(name: str, cfg: AtlasConfig) -> _Rule:
+    if name == "closed":
+        return _Rule(cfg.closed_gap_decades, cfg.closed_best_decades, float("-inf"),
+                     cfg.closed_gap_decades, cfg.closed_narrow_decades)
+    gap = cfg.film_gap_sigmas if name == "film" else cfg.min_gap_sigmas
+    return _Rule(gap, cfg.min_best_sigmas, cfg.min_held_sigmas, cfg.min_gap_sigmas,
+                 cfg.min_best_sigmas)
+
+
+def _unit(name: str) -> str:
+    return "decades" if name == "closed" else "sigma"
+
+
+def _level(name: str) -> str:
+    return "chance" if name == "closed" else "the median"
+
+
 def _doubt(name: str, decision: PoseDecision, cfg: AtlasConfig) -> str | None:
     """Why one channel's pose is not confident, or None when it is."""
-    gap = cfg.film_gap_sigmas if name == "film" else cfg.min_gap_sigmas
-    if not (decision.z_gap >= gap and decision.z_best >= cfg.min_best_sigmas):
-        return (f"the best pose is {decision.z_gap:.1f} sigma above the next candidate "
-                f"(need {gap:g}) and {decision.z_best:.1f} above the median "
-                f"(need {cfg.min_best_sigmas:g})")
-    if decision.z_held < cfg.min_held_sigmas:
+    rule = _rule(name, cfg)
+    if not (decision.z_gap >= rule.gap and decision.z_best >= rule.best):
+        return (f"the best pose is {decision.z_gap:.1f} {_unit(name)} above the next "
+                f"candidate (need {rule.gap:g}) and {decision.z_best:.1f} above "
+                f"{_level(name)} (need {rule.best:g})")
+    if decision.z_held < rule.held:
         return (f"the best pose rests on one square: without it it is "
                 f"{decision.z_held:.1f} sigma above the next candidate "
-                f"(need {cfg.min_held_sigmas:g})")
+                f"(need {rule.held:g})")
     return None
 
 
@@ -200,20 +239,23 @@ def _tie_broken(channels: list[tuple[str, PoseDecision]], cfg: AtlasConfig
     The first channel must be sure that the answer is among its tied poses (``z_best``)
     and the tie must be small (at most the 8 lattice symmetries); the second must then
     beat every other tied pose by ``tie_gap_sigmas`` of its own spread, and stand as far
-    above its own median.
+    above its own median. The closed-square channel's scores are -log10 of a number of
+    false alarms among all its hypotheses; as a judge among the tied few only, that
+    number shrinks by their ratio.
     """
     for name, narrow in channels:
-        if narrow.z_best < cfg.min_best_sigmas:
+        rule = _rule(name, cfg)
+        if narrow.z_best < rule.narrow:
             continue
-        tied = [p for p, z in narrow.z_of.items()
-                if z >= narrow.z_best - cfg.min_gap_sigmas]
+        tied = [p for p, z in narrow.z_of.items() if z >= narrow.z_best - rule.tie]
         if not 2 <= len(tied) <= 8:
             continue
         for other, judge in channels:
             if other == name or not all(p in judge.z_of for p in tied):
                 continue
             ranked = sorted(tied, key=lambda p: -judge.z_of[p])
-            top, second = judge.z_of[ranked[0]], judge.z_of[ranked[1]]
+            fewer = np.log10(judge.n_hypotheses / len(tied)) if other == "closed" else 0.0
+            top, second = judge.z_of[ranked[0]] + fewer, judge.z_of[ranked[1]] + fewer
             if top - second >= cfg.tie_gap_sigmas and top >= cfg.tie_gap_sigmas:
                 pose = ranked[0]
                 # Scores here are the tying channel's, in its sigmas (its raw ones tie).
@@ -222,9 +264,9 @@ def _tie_broken(channels: list[tuple[str, PoseDecision]], cfg: AtlasConfig
                     z_best=narrow.z_of[pose], z_gap=top - second, n_hypotheses=len(tied),
                     n_candidates=len(tied), mesh_score=narrow.mesh_score, z_held=top - second)
                 return "ok", (
-                    f"the {name} content ties {len(tied)} poses {narrow.z_best:.1f} sigma "
-                    f"above the median; the {other} content puts one {top - second:.1f} "
-                    "sigma above the others"), decision
+                    f"the {name} content ties {len(tied)} poses {narrow.z_best:.1f} "
+                    f"{_unit(name)} above {_level(name)}; the {other} content puts one "
+                    f"{top - second:.1f} {_unit(other)} above the others"), decision
     return None
 
 
@@ -259,7 +301,11 @@ def register_atlas(lm_image: ArrayLike, lm_pixel_um: float, em_image: ArrayLike,
         raise CorrelationInputError(
             f"grid pitch {lm_cells.pitch_um:.1f} um in LM vs {em_cells.pitch_um:.1f} um in EM: "
             f"pixel sizes off by more than {cfg.scale_tolerance:.0%} or no grid lattice visible")
-    status, reason, decision = _choose_pose(decide_pose_channels(lm_cells, em_cells), cfg)
+    channels = decide_pose_channels(lm_cells, em_cells)
+    closed = decide_closed(lm_cells, em_cells)
+    if closed is not None:
+        channels.append(("closed", closed))
+    status, reason, decision = _choose_pose(channels, cfg)
     pairs_lm, pairs_em = _paired_openings(lm_cells, em_cells, decision.pose)
     lm_sq_px = _to_original(pairs_lm, lm.shape, lm_w.shape)
     em_sq_px = _to_original(pairs_em, em.shape, em_w.shape)

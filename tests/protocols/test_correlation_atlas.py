@@ -263,3 +263,88 @@ def test_lattice_pitch_is_the_openings_spacing_not_a_multiple_the_spectrum_prefe
     cells = lattice_cells(metal, 2.5, 20, 40.0, 400.0, 12)
     assert abs(cells.pitch_um / PITCH_UM - 1.0) < 0.03, cells.pitch_um
     assert cells.found.sum() >= 150
+
+
+def _closed_world(rng: np.random.Generator, mark: list[tuple[int, int]], ice: float,
+                  pose: Pose, lm_shape: tuple[int, int] = (16, 16), em_shape: tuple[int, int]
+                  = (24, 24)):  # type: ignore[no-untyped-def]
+    """LM and EM cells of one grid seen under ``pose``: LM squares closed by the ``mark``,
+    EM squares closed by the same mark and by thick ice (a fraction ``ice``, EM only)."""
+    lm_o = np.full(lm_shape, 0.5)
+    for r, c in mark:
+        lm_o[r, c] = 0.0
+    moved = np.asarray(dihedral(lm_o, pose.rot, pose.mirrored))
+    em_o = np.full(em_shape, 0.5)
+    em_o[pose.dr:pose.dr + moved.shape[0], pose.dc:pose.dc + moved.shape[1]] = moved
+    em_o[rng.random(em_shape) < ice] = 0.0
+    k = 4
+    return (_synthetic_cells(np.zeros(lm_shape + (k, k)), lm_o),
+            _synthetic_cells(np.zeros(em_shape + (k, k)), em_o))
+
+
+ARROW = [(6, 6), (7, 6), (8, 6), (9, 6), (7, 7), (7, 5), (8, 8)]
+
+
+@pytest.mark.parametrize("pose", [Pose(False, 1, 3, 4), Pose(True, 2, 5, 2),
+                                  Pose(True, 3, 0, 7)])
+def test_an_orientation_mark_of_solid_squares_decides_the_pose_despite_thick_ice(
+        pose: Pose) -> None:
+    """Independent grid 1890275151: a 7-square arrow of solid squares, 5% of the EM
+    squares closed by thick ice (4% there). Whole closed squares are projected out of the metal
+    channel, so the metal saw nothing; metal closes a square to light and electrons alike,
+    so the LM's closed squares must all land on closed EM squares - by chance they do
+    at 10^-6 or less."""
+    from protocols.correlation.atlas import AtlasConfig, _choose_pose
+    from protocols.correlation.atlas_closed import decide_closed
+
+    lm, em = _closed_world(np.random.default_rng(pose.rot + 4 * pose.mirrored), ARROW, 0.05,
+                           pose)
+    d = decide_closed(lm, em)
+    assert d is not None and d.pose == pose
+    status, reason, decision = _choose_pose([("closed", d)], AtlasConfig())
+    assert status == "ok" and decision.pose == pose, reason
+
+
+def test_an_lm_mark_over_a_clump_of_thick_ice_is_no_answer() -> None:
+    """An L of 4 closed LM squares and an EM whose only closed squares are a 4 x 4 clump of
+    thick ice (no mark): the L fits the clump in many poses, a tie, not an answer."""
+    from protocols.correlation.atlas import AtlasConfig, _choose_pose
+    from protocols.correlation.atlas_closed import decide_closed
+
+    lm, em = _closed_world(np.random.default_rng(0), [(6, 6), (7, 6), (8, 6), (6, 7)], 0.0,
+                           Pose(False, 0, 0, 0))
+    em_o = np.full((24, 24), 0.5)
+    em_o[10:14, 10:14] = 0.0
+    em = _synthetic_cells(np.zeros((24, 24, 4, 4)), em_o)
+    d = decide_closed(lm, em)
+    assert d is not None
+    status, reason, _ = _choose_pose([("closed", d)], AtlasConfig())
+    assert status == "no_confident_match", reason
+
+
+def test_a_piece_of_rim_at_the_lm_field_edge_is_not_a_mark() -> None:
+    """A partial field cuts the rim into a small closed cluster at the image edge; under
+    a wrong rotation it would land on the EM rim, so it is not counted."""
+    from protocols.correlation.atlas_closed import lm_marks
+
+    lm, _ = _closed_world(np.random.default_rng(0), ARROW, 0.0, Pose(False, 0, 0, 0))
+    openness = lm.openness.copy()
+    openness[0:3, 12:] = 0.0
+    lm = _synthetic_cells(lm.patches, openness)
+    marks = lm_marks(lm)
+    assert {tuple(map(int, rc)) for rc in np.argwhere(marks)} == set(ARROW)
+
+
+def test_an_independent_grid_with_a_solid_square_mark_is_answered_right() -> None:
+    """benchmarks/correlation_independent_atlas.py grid 1890275151: refused (the metal
+    channel 0.9 sigma ahead, the film 2.2) before the closed-square channel."""
+    from benchmarks.correlation_independent_atlas import make_case
+
+    case = make_case(1890275151)
+    pts = case.lm_view.to_px(case.points_ij * case.grid.pitch)
+    res = register_atlas(case.lm, case.lm_nominal, case.em, case.em_nominal, pts)
+    assert res.status == "ok", res.reason
+    assert "closed" in res.reason
+    assert res.points_em_px is not None
+    uv = case.em_view.to_grid(res.points_em_px)
+    assert np.array_equal(np.floor(uv / case.grid.pitch + 0.5), case.points_ij)

@@ -1,0 +1,173 @@
+"""The pose told by closed squares: what is metal to light is metal to electrons.
+
+Why a channel of its own: an orientation mark made of solid squares (or any square closed
+by metal) is the clearest non-periodic feature a grid has, yet the metal channel cannot
+see it - a whole closed square looks the same under every symmetry of the square and is
+projected out of the patches (atlas_pose.content), because thick ice closes squares to the
+electrons as well, and those must not decide. The film channel sees it, but weighed
+against the brightness noise of hundreds of ordinary squares. The physics is one-sided: a
+square that stops light at 20x is thick metal and stops electrons, while a square closed
+to electrons may be ice that light crosses. So the test is one-sided too: under a pose,
+how many of the LM's closed squares land on closed EM squares, against the chance of that
+given how many EM squares are closed (binomial), times the number of poses tried - a
+number of false alarms (NFA), the a-contrario test of matching.py. Every other pose's NFA
+is kept, so that a tie (a symmetric mark, thick ice in clumps) is seen as one.
+
+Scores are in decades: ``-log10(NFA)``, so 3 means one chance coincidence in 1000 grids.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numpy.typing import NDArray
+from scipy import ndimage
+from scipy.stats import binom
+
+from protocols.correlation.atlas_lattice import LatticeCells
+from protocols.correlation.atlas_pose import (
+    POSES,
+    Pose,
+    PoseDecision,
+    closed_boundary,
+    dihedral,
+    lm_to_em_cells,
+)
+
+BoolArray = NDArray[np.bool_]
+
+# A square is closed in the LM below this fraction of a typical opening's open area (as in
+# atlas_pose.film_contrast), and counts as closed in the EM below the looser EM_CLOSED: the
+# hit needs only "not open film", and a solid square's edge in a coarser EM atlas must not
+# turn a hit into a miss.
+LM_CLOSED = 0.15
+EM_CLOSED = 0.5
+# An EM square is closed by metal when its film is less than this fraction of a typical
+# film's brightness above the metal: 5% transmission is ln(20) = 3 inelastic mean free
+# paths (~1 um of ice at 300 kV) more than the film's. On the independent renderer solid
+# squares sit at 0.00 +- 0.01, thick-ice squares at 0.10-0.12.
+METAL_LIKE = 0.05
+# LM closed clusters larger than this are no mark (a piece of rim, a closed region).
+MAX_MARK_SQUARES = 12
+# A pose counts as a hypothesis when this many LM closed squares land on known EM squares.
+MIN_SQUARES = 3
+
+
+def lm_marks(cells: LatticeCells) -> BoolArray:
+    """LM squares closed by metal that are content, not boundary.
+
+    Clusters touching the image edge are left out: a piece of rim cut by a partial field is
+    small and closed and would, under a wrong rotation, land on a piece of the EM rim.
+    """
+    found = cells.found & cells.valid
+    if not found.any():
+        return np.zeros(cells.shape, bool)
+    typ = float(np.median(cells.openness[found]))
+    closed = cells.valid & (cells.openness < LM_CLOSED * typ)
+    lab, n = ndimage.label(closed, structure=np.ones((3, 3)))
+    if n == 0:
+        return closed
+    sizes = ndimage.sum(np.ones(lab.shape), lab, np.arange(1, n + 1))
+    edge = ndimage.binary_dilation(~cells.valid, structure=np.ones((3, 3)),
+                                   border_value=1)
+    at_edge = ndimage.maximum(edge, lab, np.arange(1, n + 1)) > 0
+    keep = (sizes <= MAX_MARK_SQUARES) & ~at_edge
+    return np.asarray(np.isin(lab, 1 + np.flatnonzero(keep)), dtype=bool)
+
+
+def em_closed(cells: LatticeCells) -> tuple[BoolArray, BoolArray]:
+    """(closed by metal, known) EM squares; the rim and the space beyond it are not known.
+
+    Closed means as dark as the metal itself (below METAL_LIKE of the film's brightness
+    above it) when the square's brightness is known: ice, however thick, passes some
+    electrons, metal none, and every ice-closed square counted raises the chance level
+    that the marks must beat.
+    """
+    found = cells.found & cells.valid
+    typ = float(np.median(cells.openness[found])) if found.any() else 1.0
+    known = cells.valid & ~closed_boundary(cells, edge_counts=False)
+    closed = known & (cells.openness < EM_CLOSED * typ)
+    b = cells.brightness
+    if b is not None and found.any() and np.isfinite(cells.metal_level):
+        span = float(np.nanmedian(b[found])) - cells.metal_level
+        if span > 0:
+            with np.errstate(invalid="ignore"):
+                closed &= (b - cells.metal_level) < METAL_LIKE * span
+    return np.asarray(closed, dtype=bool), known
+
+
+def decide_closed(lm: LatticeCells, em: LatticeCells) -> PoseDecision | None:
+    """The pose whose LM marks land on closed EM squares least likely by chance, or None
+    when the LM has fewer than MIN_SQUARES mark squares.
+
+    ``z_of`` holds every pose's -log10(NFA) (poses placing fewer than MIN_SQUARES marks on
+    known EM squares are hypotheses that cannot count: NFA = number of hypotheses); the
+    decision's ``z_best``/``z_gap``/``z_held`` are in the same decades, ``z_held`` being
+    the best pose's significance with one of its hits taken away, against the runner-up.
+    """
+    marks = lm_marks(lm)
+    if int(marks.sum()) < MIN_SQUARES:
+        return None
+    closed, known = em_closed(em)
+    p = float(closed.sum()) / max(float(known.sum()), 1.0)
+    p = min(max(p, 1.0 / max(float(known.sum()), 1.0)), 1.0 - 1e-9)
+    rows, cols = known.shape
+    tried: list[tuple[int, int, Pose]] = []  # (k, hits, pose)
+    for mirrored, rot in POSES:
+        moved = dihedral(marks, rot, mirrored)
+        r, c = np.nonzero(moved)
+        drs = np.arange(-moved.shape[0], rows + 1)
+        dcs = np.arange(-moved.shape[1], cols + 1)
+        er = (r[None, None, :] + drs[:, None, None]) + 0 * dcs[None, :, None]
+        ec = (c[None, None, :] + dcs[None, :, None]) + 0 * drs[:, None, None]
+        inside = (er >= 0) & (ec >= 0) & (er < rows) & (ec < cols)
+        er_c, ec_c = np.clip(er, 0, rows - 1), np.clip(ec, 0, cols - 1)
+        on = inside & known[er_c, ec_c]
+        k = on.sum(axis=2)
+        hits = (on & closed[er_c, ec_c]).sum(axis=2)
+        for i, dr in enumerate(drs):
+            for j, dc in enumerate(dcs):
+                tried.append((int(k[i, j]), int(hits[i, j]),
+                              Pose(mirrored, rot, int(dr), int(dc))))
+    counted = [t for t in tried if t[0] >= MIN_SQUARES]
+    n_hyp = max(len(counted), 1)
+    z_of = {pose: -np.log10(n_hyp) for _, _, pose in tried}
+    for k, hits, pose in counted:
+        z_of[pose] = -np.log10(n_hyp * max(float(binom.sf(hits - 1, k, p)), 1e-300))
+    ranked = sorted(counted, key=lambda t: -z_of[t[2]])
+    if len(ranked) < 2:
+        return None
+    k, hits, pose = ranked[0]
+    best = z_of[pose]
+    runner_hits, runner_pose = _different_runner_up(marks, closed, ranked)
+    runner = z_of[runner_pose] if runner_pose is not None else -np.log10(n_hyp)
+    held = -np.log10(n_hyp * max(float(binom.sf(hits - 2, k - 1, p)), 1e-300)) \
+        if hits >= 1 and k >= 2 else 0.0
+    return PoseDecision(pose=pose, score=float(hits), runner_up=float(runner_hits),
+                        z_best=float(best), z_gap=float(best - runner),
+                        z_held=float(min(held, best) - runner), n_hypotheses=n_hyp,
+                        n_candidates=n_hyp, mesh_score=float("nan"), z_of=z_of)
+
+
+def _hits(marks: BoolArray, closed: BoolArray, pose: Pose) -> set[tuple[int, int]]:
+    """EM squares on which the pose lands an LM mark square that is closed there."""
+    lr, lc, er, ec = lm_to_em_cells(pose, marks.shape)
+    on = marks[lr, lc] & (er >= 0) & (ec >= 0) & (er < closed.shape[0]) & \
+        (ec < closed.shape[1])
+    return {(int(r), int(c)) for r, c in zip(er[on], ec[on]) if closed[r, c]}
+
+
+def _different_runner_up(marks: BoolArray, closed: BoolArray,
+                         ranked: list[tuple[int, int, Pose]], look: int = 200
+                         ) -> tuple[int, Pose | None]:
+    """The best pose after the first that rests on other EM squares than the first's hits.
+
+    Why: a mark shifted or turned so that it still covers most of itself keeps all but one
+    hit - the same EM feature read in a worse pose, beaten by the first's extra hit and the
+    miss of its own (metal in the LM on open film in the EM). It is no different answer;
+    one that shares fewer than half of the first's hits is.
+    """
+    first = _hits(marks, closed, ranked[0][2])
+    for _, hits, pose in ranked[1:look]:
+        if 2 * len(first & _hits(marks, closed, pose)) < len(first):
+            return hits, pose
+    return 0, None
