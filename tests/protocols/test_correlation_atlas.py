@@ -348,3 +348,29 @@ def test_an_independent_grid_with_a_solid_square_mark_is_answered_right() -> Non
     assert res.points_em_px is not None
     uv = case.em_view.to_grid(res.points_em_px)
     assert np.array_equal(np.floor(uv / case.grid.pitch + 0.5), case.points_ij)
+
+
+def test_a_ring_tie_is_broken_by_an_l_of_closed_squares_weak_on_its_own() -> None:
+    """A centre ring ties the 8 rotations about the grid centre in the metal; an L of 4
+    solid squares with 5% thick ice in the EM is no answer among all poses (NFA ~0.1),
+    but among the 8 tied ones a chance full hit is 8 / 10^4 as likely: answered right."""
+    from protocols.correlation.atlas import AtlasConfig, _choose_pose
+    from protocols.correlation.atlas_closed import decide_closed
+
+    truth = Pose(True, 3, 4, 6)
+    lm, em = _closed_world(np.random.default_rng(3), [(6, 6), (7, 6), (8, 6), (6, 7)], 0.05,
+                           truth)
+    closed = decide_closed(lm, em)
+    assert closed is not None
+    status, _, _ = _choose_pose([("closed", closed)], AtlasConfig())
+    assert status == "no_confident_match"
+    rng = np.random.default_rng(4)
+    metal = {p: float(rng.normal()) for p in closed.z_of}
+    ring = [Pose(m, r, truth.dr + int(rng.integers(-1, 2)), truth.dc + int(rng.integers(-1, 2)))
+            for m in (False, True) for r in range(4) if (m, r) != (True, 3)] + [truth]
+    for p in ring:
+        metal[p] = 80.0 + 0.1 * float(rng.normal())
+    status, reason, decision = _choose_pose([("metal", _decision(metal)), ("closed", closed)],
+                                            AtlasConfig())
+    assert status == "ok" and decision.pose == truth, reason
+    assert "closed" in reason
