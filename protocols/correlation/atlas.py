@@ -229,6 +229,28 @@ def _choose_pose(channels: list[tuple[str, PoseDecision]], cfg: AtlasConfig
     ), decision
 
 
+def _within(name: str, decision: PoseDecision, tied: list[Pose]
+            ) -> tuple[Pose, Pose, float, float] | None:
+    """(top, second, lead, top's level) of one channel's scores among the tied poses.
+
+    The closed-square channel's scores are -log10 of a number of false alarms among all
+    its hypotheses; among the tied few only, that number shrinks by their ratio.
+    """
+    if not all(p in decision.z_of for p in tied):
+        return None
+    ranked = sorted(tied, key=lambda p: -decision.z_of[p])
+    fewer = np.log10(decision.n_hypotheses / len(tied)) if name == "closed" else 0.0
+    top, second = decision.z_of[ranked[0]] + fewer, decision.z_of[ranked[1]] + fewer
+    return ranked[0], ranked[1], top - second, top
+
+
+def _half_sure(name: str, lead: float, top: float, cfg: AtlasConfig) -> bool:
+    """Half the margin a judge needs alone (see _tie_broken)."""
+    if name == "closed":
+        return lead >= 0.5 * cfg.closed_gap_decades and top >= 0.5 * cfg.closed_best_decades
+    return lead >= 0.5 * cfg.tie_gap_sigmas and top >= 0.5 * cfg.tie_gap_sigmas
+
+
 def _tie_broken(channels: list[tuple[str, PoseDecision]], cfg: AtlasConfig
                 ) -> tuple[str, str, PoseDecision] | None:
     """A pose one channel singles out among the few another channel cannot separate.
@@ -239,9 +261,14 @@ def _tie_broken(channels: list[tuple[str, PoseDecision]], cfg: AtlasConfig
     The first channel must be sure that the answer is among its tied poses (``z_best``)
     and the tie must be small (at most the 8 lattice symmetries); the second must then
     beat every other tied pose by ``tie_gap_sigmas`` of its own spread, and stand as far
-    above its own median. The closed-square channel's scores are -log10 of a number of
-    false alarms among all its hypotheses; as a judge among the tied few only, that
-    number shrinks by their ratio.
+    above its own median.
+
+    Or two channels each half as sure name the same pose and none names another: among 8
+    unrelated poses a lead of 1.5 sigma, 1.5 above the median, happens about once in 20,
+    and the second naming the same pose by chance once in 8 x 20 - together about as rare
+    as one lead of 3. The tying channel's own order among its tied poses counts here only
+    for closed squares, where it is real evidence (the mark with all its hits against
+    itself shifted by a square); the metal's order within its tie is its noise.
     """
     for name, narrow in channels:
         rule = _rule(name, cfg)
@@ -250,24 +277,38 @@ def _tie_broken(channels: list[tuple[str, PoseDecision]], cfg: AtlasConfig
         tied = [p for p, z in narrow.z_of.items() if z >= narrow.z_best - rule.tie]
         if not 2 <= len(tied) <= 8:
             continue
-        for other, judge in channels:
-            if other == name or not all(p in judge.z_of for p in tied):
+        verdicts = {other: _within(other, judge, tied) for other, judge in channels}
+        for other, v in verdicts.items():
+            if other == name or v is None:
                 continue
-            ranked = sorted(tied, key=lambda p: -judge.z_of[p])
-            fewer = np.log10(judge.n_hypotheses / len(tied)) if other == "closed" else 0.0
-            top, second = judge.z_of[ranked[0]] + fewer, judge.z_of[ranked[1]] + fewer
-            if top - second >= cfg.tie_gap_sigmas and top >= cfg.tie_gap_sigmas:
-                pose = ranked[0]
-                # Scores here are the tying channel's, in its sigmas (its raw ones tie).
-                decision = PoseDecision(
-                    pose=pose, score=narrow.z_of[pose], runner_up=narrow.z_of[ranked[1]],
-                    z_best=narrow.z_of[pose], z_gap=top - second, n_hypotheses=len(tied),
-                    n_candidates=len(tied), mesh_score=narrow.mesh_score, z_held=top - second)
+            pose, second, lead, top = v
+            if lead >= cfg.tie_gap_sigmas and top >= cfg.tie_gap_sigmas:
                 return "ok", (
                     f"the {name} content ties {len(tied)} poses {narrow.z_best:.1f} "
                     f"{_unit(name)} above {_level(name)}; the {other} content puts one "
-                    f"{top - second:.1f} {_unit(other)} above the others"), decision
+                    f"{lead:.1f} {_unit(other)} above the others"), \
+                    _tie_decision(narrow, tied, pose, second, lead)
+        half = {o: v for o, v in verdicts.items() if v is not None and (o != name or o == "closed")
+                and _half_sure(o, v[2], v[3], cfg)}
+        named = {v[0] for v in half.values()}
+        if len(half) >= 2 and len(named) == 1:
+            pose = named.pop()
+            lead = min(v[2] for v in half.values())
+            second = next(iter(half.values()))[1]
+            how = ", ".join(f"{o} {v[2]:.1f} {_unit(o)}" for o, v in half.items())
+            return "ok", (
+                f"the {name} content ties {len(tied)} poses {narrow.z_best:.1f} "
+                f"{_unit(name)} above {_level(name)}; {len(half)} channels put the same one "
+                f"above the others ({how})"), _tie_decision(narrow, tied, pose, second, lead)
     return None
+
+
+def _tie_decision(narrow: PoseDecision, tied: list[Pose], pose: Pose, second: Pose,
+                  lead: float) -> PoseDecision:
+    # Scores here are the tying channel's, in its units (its raw ones tie).
+    return PoseDecision(pose=pose, score=narrow.z_of[pose], runner_up=narrow.z_of[second],
+                        z_best=narrow.z_of[pose], z_gap=lead, n_hypotheses=len(tied),
+                        n_candidates=len(tied), mesh_score=narrow.mesh_score, z_held=lead)
 
 
 def register_atlas(lm_image: ArrayLike, lm_pixel_um: float, em_image: ArrayLike,

@@ -374,3 +374,32 @@ def test_a_ring_tie_is_broken_by_an_l_of_closed_squares_weak_on_its_own() -> Non
                                             AtlasConfig())
     assert status == "ok" and decision.pose == truth, reason
     assert "closed" in reason
+
+
+@pytest.mark.parametrize(("film_lead", "closed_lead", "same", "answered"), [
+    (2.0, 1.5, True, True), (2.0, 1.5, False, False), (2.0, 0.0, True, False),
+    (1.0, 1.5, True, False)])
+def test_two_channels_half_as_sure_break_a_tie_only_when_they_agree(
+        film_lead: float, closed_lead: float, same: bool, answered: bool) -> None:
+    """Independent grid 2132147592: a ring ties the rotations; the film leads the truth by
+    2.9 sigma, the closed squares by 1.9 decades - each short of a lead alone, together
+    as rare by chance. Neither may carry it alone at half strength, nor when they differ."""
+    from protocols.correlation.atlas import AtlasConfig, _choose_pose
+
+    rng = np.random.default_rng(2)
+    poses = [Pose(bool(m), r, dr, dc) for m in (0, 1) for r in range(4)
+             for dr in range(-6, 6) for dc in range(-6, 6)]
+    metal = {p: float(rng.normal()) for p in poses}
+    film = {p: float(rng.normal()) for p in poses}
+    closed = {p: -3.0 for p in poses}
+    for p in poses[:4]:
+        metal[p] = 80.0 + 0.1 * float(rng.normal())
+        film[p], closed[p] = 1.0, -1.0
+    film[poses[2]] += film_lead
+    closed[poses[2] if same else poses[3]] += closed_lead
+    status, reason, decision = _choose_pose(
+        [("metal", _decision(metal)), ("film", _decision(film)),
+         ("closed", _decision(closed))], AtlasConfig())
+    assert (status == "ok") == answered, reason
+    if answered:
+        assert decision.pose == poses[2] and "2 channels" in reason
