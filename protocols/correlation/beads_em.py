@@ -36,6 +36,7 @@ from protocols.correlation.spot_fit import SpotFit, fit_spots
 from protocols.correlation.spots import (
     blob_level,
     blob_response,
+    distinct_spots,
     edge_ratio,
     level_noise,
     local_noise,
@@ -273,7 +274,9 @@ def detect_em_beads(image: ArrayLike, pixel_um: float,
     keep = (score >= cfg.min_score) & ((level >= cfg.threshold_sigmas)
                                        | (score >= cfg.faint_min_score))
     xy, score, radius, amp = xy[keep], score[keep], radius[keep], amp[keep]
-    xy, score, radius, amp = _merge(xy, score, radius, amp, radius_px)
+    # Two peaks of one disk converge to one position: keep the better-scored one.
+    k = distinct_spots(xy, score, radius_px)
+    xy, score, radius, amp = xy[k], score[k], radius[k], amp[k]
     order = np.argsort(-score, kind="stable")
     _log.info("beads_em.detected", candidates=len(peaks), fitted=len(fits), kept=len(order),
               radius_px=round(radius_px, 2), binning=f)
@@ -342,13 +345,3 @@ def _mode_log(values: FloatArray, width: float = 0.25) -> float:
     return float(np.exp(np.median(logs[np.abs(logs - centre) <= width])))
 
 
-def _merge(xy: FloatArray, score: FloatArray, radius: FloatArray, amp: FloatArray,
-           radius_px: float) -> tuple[FloatArray, FloatArray, FloatArray, FloatArray]:
-    """Two peaks of one disk converge to one position: keep the better-scored one."""
-    order = np.argsort(-score, kind="stable")
-    kept: list[int] = []
-    for i in order:
-        if all(np.hypot(*(xy[i] - xy[j])) > max(1.0, radius_px) for j in kept):
-            kept.append(int(i))
-    k = np.array(kept, dtype=np.intp)
-    return xy[k], score[k], radius[k], amp[k]

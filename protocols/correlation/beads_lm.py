@@ -19,7 +19,13 @@ from numpy.typing import ArrayLike, NDArray
 
 from protocols.correlation.errors import CorrelationInputError
 from protocols.correlation.spot_fit import SpotFit, fit_spots
-from protocols.correlation.spots import blob_response, local_noise, local_peaks, robust_sd
+from protocols.correlation.spots import (
+    blob_response,
+    distinct_spots,
+    local_noise,
+    local_peaks,
+    robust_sd,
+)
 
 FloatArray = NDArray[np.float64]
 _log = structlog.get_logger(__name__)
@@ -206,22 +212,12 @@ def detect_lm_beads(image: ArrayLike, pixel_um: float,
     xy, score = xy[keep], score[keep]
     size = np.array([f.sigma for f in fits])[keep]
     amp = np.array([f.amplitude for f in fits])[keep]
-    xy, score, size, amp = _merge_duplicates(xy, score, size, amp, sigma_px)
+    # Two peaks of one spot converge to one position: keep the better-scored one.
+    k = distinct_spots(xy, score, sigma_px)
+    xy, score, size, amp = xy[k], score[k], size[k], amp[k]
     order = np.argsort(-score, kind="stable")
     _log.info("beads_lm.detected", candidates=len(peaks), fitted=len(fits), kept=len(order),
               sigma_px=round(sigma_px, 2))
     return BeadDetections(xy[order], score[order], size[order], amp[order])
 
 
-def _merge_duplicates(xy: FloatArray, score: FloatArray, size: FloatArray, amp: FloatArray,
-                      sigma_px: float) -> tuple[FloatArray, FloatArray, FloatArray, FloatArray]:
-    """Two peaks of one spot converge to one position: keep the better-scored one."""
-    if len(xy) < 2:
-        return xy, score, size, amp
-    order = np.argsort(-score, kind="stable")
-    kept: list[int] = []
-    for i in order:
-        if all(np.hypot(*(xy[i] - xy[j])) > max(1.0, sigma_px) for j in kept):
-            kept.append(int(i))
-    k = np.array(kept, dtype=np.intp)
-    return xy[k], score[k], size[k], amp[k]

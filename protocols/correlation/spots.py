@@ -159,3 +159,18 @@ def edge_ratio(image: NDArray[np.floating], sigma_px: float, rc: NDArray[np.intp
     ratio = np.minimum(np.abs(l1), np.abs(l2)) / np.maximum(np.maximum(np.abs(l1), np.abs(l2)),
                                                            1e-12)
     return np.where(l1 * l2 > 0, ratio, 0.0)
+
+
+def distinct_spots(xy: FloatArray, score: FloatArray, min_distance_px: float) -> NDArray[np.intp]:
+    """Indices of the spots to keep, best score first, none within ``min_distance_px``
+    (at least 1 px) of a better one.
+
+    Why: two candidate peaks of one spot (a defocused bead's ring, a disk's flat top)
+    converge to one position when fitted; the better-scored fit stands for the spot.
+    """
+    limit = max(1.0, float(min_distance_px))
+    kept: list[int] = []
+    for i in np.argsort(-np.asarray(score), kind="stable"):
+        if all(np.hypot(*(xy[i] - xy[j])) > limit for j in kept):
+            kept.append(int(i))
+    return np.array(kept, dtype=np.intp)
