@@ -71,9 +71,17 @@ def consensus_fit(src: FloatArray, dst: FloatArray, mirrored: bool, cfg: MatchCo
     that stays within physical bounds counts the pairs within ``tol_um``; the best one's
     agreeing pairs are refitted (MSAC: ties go to the smaller truncated residual sum).
     """
+    a, b = _agreeing(src, dst, mirrored, cfg, tol_um, max_triples)
+    return fit_matrix(a, b, mirrored, len(a) >= cfg.affine_from, cfg)
+
+
+def _agreeing(src: FloatArray, dst: FloatArray, mirrored: bool, cfg: MatchConfig,
+              tol_um: float, max_triples: int) -> tuple[FloatArray, FloatArray]:
+    """The pairs the best bounded triple affine agrees with (all of them when no triple
+    gives one: fewer than 4 pairs, none within the bounds, or under 3 agreeing)."""
     k = len(src)
     if k < 4:
-        return fit_matrix(src, dst, mirrored, False, cfg)
+        return src, dst
     if comb(k, 3) <= max_triples:
         triples = np.array(list(combinations(range(k), 3)), dtype=np.intp)
     else:  # drawn, never enumerated: hundreds of pairs have millions of triples
@@ -87,16 +95,13 @@ def consensus_fit(src: FloatArray, dst: FloatArray, mirrored: bool, cfg: MatchCo
     ok &= (np.linalg.det(lin) < 0) == mirrored
     ok &= (sv[:, 1] >= lo) & (sv[:, 0] <= hi) & (sv[:, 0] <= cfg.max_anisotropy * sv[:, 1])
     if not np.any(ok):
-        return fit_matrix(src, dst, mirrored, k >= cfg.affine_from, cfg)
+        return src, dst
     mats = mats[ok]
     pred = np.einsum("tij,kj->tki", mats[:, :, :2], src) + mats[:, None, :, 2]
     r2 = np.sum((pred - dst[None]) ** 2, axis=2)       # (T, k)
     cost = np.sum(np.minimum(r2, tol_um ** 2), axis=1)
-    best = int(np.argmin(cost))
-    inl = r2[best] <= tol_um ** 2
-    if inl.sum() < 3:
-        return fit_matrix(src, dst, mirrored, k >= cfg.affine_from, cfg)
-    return fit_matrix(src[inl], dst[inl], mirrored, int(inl.sum()) >= cfg.affine_from, cfg)
+    inl = r2[int(np.argmin(cost))] <= tol_um ** 2
+    return (src[inl], dst[inl]) if inl.sum() >= 3 else (src, dst)
 
 
 def _assign(pred: FloatArray, em: FloatArray, radius: float) -> NDArray[np.intp]:
