@@ -20,6 +20,11 @@ from numpy.typing import NDArray
 
 FloatArray = NDArray[np.float64]
 N_PARAMS = 7
+# Convergence: position and width steps below STEP_TOL (px; sub-pixel fits are good to
+# ~0.05 px at best), amplitude steps below AMPLITUDE_TOL of the amplitude (its noise is
+# a few % for the brightest spot).
+STEP_TOL = 1e-4
+AMPLITUDE_TOL = 1e-3
 
 
 @dataclass(frozen=True)
@@ -41,41 +46,67 @@ class SpotFit:
 
 
 def _model(p: FloatArray, xx: FloatArray, yy: FloatArray) -> tuple[FloatArray, FloatArray]:
-    """Model values (n, P) and Jacobian (n, P, 7) for parameters p (n, 7)."""
+    """Model values (n, P) and Jacobian (n, 7, P) for parameters p (n, 7).
+
+    The Jacobian is filled in place, parameter-major: stacking seven (n, P) arrays along a
+    last axis of 7 cost as much as the rest of the fit on 40 x 40 px windows.
+    """
     x0, y0, s, a = p[:, 0:1], p[:, 1:2], p[:, 2:3], p[:, 3:4]
     dx, dy = xx[None] - x0, yy[None] - y0
     r2 = dx * dx + dy * dy
-    g = np.exp(-r2 / (2.0 * s * s))
-    val = a * g + p[:, 4:5] + p[:, 5:6] * xx[None] + p[:, 6:7] * yy[None]
+    inv_s2 = 1.0 / (s * s)
+    g = np.exp(-0.5 * r2 * inv_s2)
     ag = a * g
-    jac = np.stack([ag * dx / s ** 2, ag * dy / s ** 2, ag * r2 / s ** 3, g,
-                    np.ones_like(g), np.broadcast_to(xx, g.shape),
-                    np.broadcast_to(yy, g.shape)], axis=2)
+    val = ag + p[:, 4:5] + p[:, 5:6] * xx[None] + p[:, 6:7] * yy[None]
+    jac = np.empty((len(p), N_PARAMS, xx.size))
+    agi = ag * inv_s2
+    jac[:, 0] = agi * dx
+    jac[:, 1] = agi * dy
+    jac[:, 2] = agi * r2 / s
+    jac[:, 3] = g
+    jac[:, 4] = 1.0
+    jac[:, 5] = xx
+    jac[:, 6] = yy
     return val, jac
 
 
 def _levenberg_marquardt(p: FloatArray, data: FloatArray, xx: FloatArray, yy: FloatArray,
                          lo: FloatArray, hi: FloatArray, iterations: int,
                          f_scale: FloatArray | None) -> FloatArray:
-    """Batched LM with box bounds (clipping); IRLS soft-L1 weights when ``f_scale`` given."""
-    lam = np.full(len(p), 1e-3)
+    """Batched LM with box bounds (clipping); IRLS soft-L1 weights when ``f_scale`` given.
 
-    def cost(q: FloatArray) -> tuple[FloatArray, FloatArray, FloatArray]:
+    A spot leaves the batch once its step moves its position and width by less than
+    ``STEP_TOL`` px and its amplitude by less than ``AMPLITUDE_TOL`` of itself: 1e-6 absolute
+    in every parameter - the former rule - is far below the noise for a background of
+    thousands of counts (and its slopes), and kept 240 of 334 windows of a 6000 px map
+    iterating to the limit. What is reported depends on position, width and amplitude.
+    """
+    out = np.array(p, dtype=np.float64)
+    idx = np.arange(len(out))
+    lam = np.full(len(out), 1e-3)
+    scale = None if f_scale is None else np.asarray(f_scale, np.float64)
+
+    def cost(q: FloatArray, d: FloatArray, fs: FloatArray | None
+             ) -> tuple[FloatArray, FloatArray, FloatArray]:
         val, jac = _model(q, xx, yy)
-        res = val - data
-        if f_scale is None:
+        res = val - d
+        if fs is None:
             return 0.5 * np.sum(res ** 2, axis=1), res, jac
-        z = (res / f_scale[:, None]) ** 2
-        rho = 2.0 * (np.sqrt(1.0 + z) - 1.0) * f_scale[:, None] ** 2
+        z = (res / fs[:, None]) ** 2
+        rho = 2.0 * (np.sqrt(1.0 + z) - 1.0) * fs[:, None] ** 2
         return 0.5 * np.sum(rho, axis=1), res, jac
 
-    c, res, jac = cost(p)
+    def tol(q: FloatArray) -> FloatArray:
+        amp = AMPLITUDE_TOL * np.maximum(np.abs(q[:, 3:4]), 1e-12)
+        return np.concatenate([np.full((len(q), 3), STEP_TOL), amp], axis=1)
+
+    p, d = out.copy(), data
+    c, res, jac = cost(p, d, scale)
     for _ in range(iterations):
-        w = (np.ones_like(res) if f_scale is None
-             else 1.0 / np.sqrt(1.0 + (res / f_scale[:, None]) ** 2))
-        jtw = jac.transpose(0, 2, 1) * w[:, None, :]
-        a = jtw @ jac
-        grad = np.einsum("nkp,np->nk", jtw, res)
+        jw = jac if scale is None else \
+            jac * (1.0 / np.sqrt(1.0 + (res / scale[:, None]) ** 2))[:, None, :]
+        a = jw @ jac.transpose(0, 2, 1)
+        grad = np.einsum("nkp,np->nk", jw, res)
         diag = np.einsum("nkk->nk", a)
         damped = a + (lam[:, None] * np.maximum(diag, 1e-12))[:, :, None] * np.eye(N_PARAMS)
         try:
@@ -83,16 +114,22 @@ def _levenberg_marquardt(p: FloatArray, data: FloatArray, xx: FloatArray, yy: Fl
         except np.linalg.LinAlgError:
             step = -grad / np.maximum(np.einsum("nkk->nk", damped), 1e-12)
         trial = np.clip(p + step, lo, hi)
-        c_new, res_new, jac_new = cost(trial)
+        c_new, res_new, jac_new = cost(trial, d, scale)
         better = c_new < c
-        p = np.where(better[:, None], trial, p)
-        c = np.where(better, c_new, c)
-        res = np.where(better[:, None], res_new, res)
-        jac = np.where(better[:, None, None], jac_new, jac)
+        p[better], c[better] = trial[better], c_new[better]
+        res[better], jac[better] = res_new[better], jac_new[better]
         lam = np.where(better, lam * 0.3, lam * 10.0)
-        if np.all(np.abs(step) < 1e-6):
-            break
-    return p
+        done = np.all(np.abs(step[:, :4]) < tol(p), axis=1)
+        if done.any():
+            out[idx[done]] = p[done]
+            keep = ~done
+            idx, p, c, res, jac, lam, d = (idx[keep], p[keep], c[keep], res[keep], jac[keep],
+                                          lam[keep], d[keep])
+            scale = None if scale is None else scale[keep]
+            if idx.size == 0:
+                break
+    out[idx] = p
+    return out
 
 
 def fit_spots(image: NDArray[np.floating], rc: NDArray[np.intp], sigma_px: float, half_px: int,
@@ -132,8 +169,11 @@ def fit_spots(image: NDArray[np.floating], rc: NDArray[np.intp], sigma_px: float
                    np.maximum(amp0, 1e-12), bg0, np.zeros_like(bg0), np.zeros_like(bg0)], 1)
     lo = np.array([-half, -half, 0.3, 0.0, -np.inf, -np.inf, -np.inf])
     hi = np.array([half, half, 3.0 * half, np.inf, np.inf, np.inf, np.inf])
-    p = _levenberg_marquardt(p0, data, xx, yy, lo, hi, 60, None)
-    p = _levenberg_marquardt(p, data, xx, yy, lo, hi, 30, 3.0 * scale)
+    # A bead's window converges in well under these many iterations; windows that do not
+    # are noise peaks drifting in a flat cost (their centres were the only ones to move,
+    # by up to 0.15 px, when the caps came down from 60 and 30).
+    p = _levenberg_marquardt(p0, data, xx, yy, lo, hi, 30, None)
+    p = _levenberg_marquardt(p, data, xx, yy, lo, hi, 15, 3.0 * scale)
     val, _ = _model(p, xx, yy)
     rms = np.sqrt(np.mean((val - data) ** 2, axis=1))
     for n, k in enumerate(idx):
