@@ -8,8 +8,8 @@ electrons as well, and those must not decide. The film channel sees it, but weig
 against the brightness noise of hundreds of ordinary squares. The physics is one-sided: a
 square that stops light at 20x is thick metal and stops electrons, while a square closed
 to electrons may be ice that light crosses. So the test is one-sided too: under a pose,
-how many of the LM's closed squares land on closed EM squares, against the chance of that
-given how many EM squares are closed (binomial), times the number of poses tried - a
+how many of the LM's closed squares land on EM squares closed and as dark as the metal,
+against the chance of that given how many EM squares are (binomial), times the number of poses tried - a
 number of false alarms (NFA), the a-contrario test of matching.py. Every other pose's NFA
 is kept, so that a tie (a symmetric mark, thick ice in clumps) is seen as one.
 

@@ -403,3 +403,30 @@ def test_two_channels_half_as_sure_break_a_tie_only_when_they_agree(
     assert (status == "ok") == answered, reason
     if answered:
         assert decision.pose == poses[2] and "2 channels" in reason
+
+
+def test_thick_ice_brighter_than_the_metal_does_not_count_as_closed() -> None:
+    """20% of the EM squares closed by thick ice that still passes 10% of the film's
+    electrons (as on the independent renderer): read as metal they make the arrow's hits
+    likely by chance; read by brightness, only the arrow is metal and decides alone."""
+    from dataclasses import replace
+
+    from protocols.correlation.atlas import AtlasConfig, _choose_pose
+    from protocols.correlation.atlas_closed import decide_closed
+
+    truth = Pose(False, 1, 3, 4)
+    rng = np.random.default_rng(7)
+    lm, em = _closed_world(rng, ARROW, 0.0, truth)
+    openness = em.openness.copy()
+    ice = (rng.random(openness.shape) < 0.2) & (openness > 0)
+    openness[ice] = 0.0
+    brightness = np.where(openness > 0, 1.0, 0.0) + 0.1 * ice   # metal 0, film 1
+    blind = replace(em, openness=openness, found=openness > 0.25)
+    seeing = replace(blind, brightness=brightness, metal_level=0.0)
+    for cells, answered in ((blind, False), (seeing, True)):
+        d = decide_closed(lm, cells)
+        assert d is not None
+        status, reason, decision = _choose_pose([("closed", d)], AtlasConfig())
+        assert (status == "ok") == answered, reason
+        if answered:
+            assert decision.pose == truth
