@@ -21,7 +21,8 @@ from __future__ import annotations
 import numpy as np
 from numpy.typing import NDArray
 from scipy import ndimage
-from scipy.stats import binom
+from scipy.signal import correlate2d
+from scipy.stats import hypergeom
 
 from protocols.correlation.atlas_lattice import LatticeCells
 from protocols.correlation.atlas_pose import (
@@ -95,53 +96,67 @@ def em_closed(cells: LatticeCells) -> tuple[BoolArray, BoolArray]:
     return np.asarray(closed, dtype=bool), known
 
 
-def decide_closed(lm: LatticeCells, em: LatticeCells) -> PoseDecision | None:
-    """The pose whose LM marks land on closed EM squares least likely by chance, or None
-    when the LM has fewer than MIN_SQUARES mark squares.
+def lm_known(cells: LatticeCells) -> tuple[BoolArray, BoolArray]:
+    """(marks, known) LM squares: known are the marks and the squares light crosses (open
+    film); partly covered squares (a ring, letters, the mesh edge) and closed regions that
+    are no mark say nothing either way."""
+    marks = lm_marks(cells)
+    found = cells.found & cells.valid
+    typ = float(np.median(cells.openness[found])) if found.any() else 1.0
+    return marks, np.asarray(marks | (cells.valid & (cells.openness > 0.5 * typ)), dtype=bool)
 
-    ``z_of`` holds every pose's -log10(NFA) (poses placing fewer than MIN_SQUARES marks on
-    known EM squares are hypotheses that cannot count: NFA = number of hypotheses); the
-    decision's ``z_best``/``z_gap``/``z_held`` are in the same decades, ``z_held`` being
-    the best pose's significance with one of its hits taken away, against the runner-up.
+
+def decide_closed(lm: LatticeCells, em: LatticeCells) -> PoseDecision | None:
+    """The pose whose LM marks land on metal-dark EM squares least likely by chance, or
+    None when the LM has fewer than MIN_SQUARES mark squares.
+
+    Both ways: metal stops light and electrons alike, so under the true pose the LM's
+    marks land on EM metal and the LM's open film does not. Per pose, over the squares
+    known in both, the chance of ``h`` or more of the ``n`` marks landing on the ``K``
+    metal squares among ``N`` is hypergeometric: a mark dropped into a piece of rim
+    brings the rim's other squares, under the LM's open film, into ``K`` and so weighs
+    little. ``z_of`` holds every pose's -log10(NFA) (poses with fewer than MIN_SQUARES
+    marks on known squares cannot count: NFA = number of hypotheses); ``z_best``,
+    ``z_gap`` and ``z_held`` are in the same decades, ``z_held`` being the best pose's
+    significance with one of its hits taken away, against the runner-up.
     """
-    marks = lm_marks(lm)
+    marks, known_l = lm_known(lm)
     if int(marks.sum()) < MIN_SQUARES:
         return None
-    closed, known = em_closed(em)
-    p = float(closed.sum()) / max(float(known.sum()), 1.0)
-    p = min(max(p, 1.0 / max(float(known.sum()), 1.0)), 1.0 - 1e-9)
-    rows, cols = known.shape
-    tried: list[tuple[int, int, Pose]] = []  # (k, hits, pose)
+    metal, known_e = em_closed(em)
+    tried: list[tuple[tuple[int, int, int, int], Pose]] = []  # ((N, K, n, h), pose)
+    em_k, em_m = known_e.astype(np.float64), (metal & known_e).astype(np.float64)
     for mirrored, rot in POSES:
-        moved = dihedral(marks, rot, mirrored)
-        r, c = np.nonzero(moved)
-        drs = np.arange(-moved.shape[0], rows + 1)
-        dcs = np.arange(-moved.shape[1], cols + 1)
-        er = (r[None, None, :] + drs[:, None, None]) + 0 * dcs[None, :, None]
-        ec = (c[None, None, :] + dcs[None, :, None]) + 0 * drs[:, None, None]
-        inside = (er >= 0) & (ec >= 0) & (er < rows) & (ec < cols)
-        er_c, ec_c = np.clip(er, 0, rows - 1), np.clip(ec, 0, cols - 1)
-        on = inside & known[er_c, ec_c]
-        k = on.sum(axis=2)
-        hits = (on & closed[er_c, ec_c]).sum(axis=2)
-        for i, dr in enumerate(drs):
-            for j, dc in enumerate(dcs):
-                tried.append((int(k[i, j]), int(hits[i, j]),
-                              Pose(mirrored, rot, int(dr), int(dc))))
-    counted = [t for t in tried if t[0] >= MIN_SQUARES]
+        kl = np.asarray(dihedral(known_l, rot, mirrored), np.float64)
+        ml = np.asarray(dihedral(marks & known_l, rot, mirrored), np.float64)
+        # full cross-correlation: output [i, j] pairs LM cell [r, c] with EM cell
+        # [r + i - (h - 1), c + j - (w - 1)], i.e. dr = i - (h - 1), dc = j - (w - 1)
+        counts = [np.rint(correlate2d(e, x, mode="full")).astype(int)
+                  for e, x in ((em_k, kl), (em_m, kl), (em_k, ml), (em_m, ml))]
+        h, w = kl.shape
+        for i in range(counts[0].shape[0]):
+            for j in range(counts[0].shape[1]):
+                tried.append(((int(counts[0][i, j]), int(counts[1][i, j]),
+                               int(counts[2][i, j]), int(counts[3][i, j])),
+                              Pose(mirrored, rot, i - (h - 1), j - (w - 1))))
+    counted = [t for t in tried if t[0][2] >= MIN_SQUARES]
     n_hyp = max(len(counted), 1)
-    z_of = {pose: -np.log10(n_hyp) for _, _, pose in tried}
-    for k, hits, pose in counted:
-        z_of[pose] = -np.log10(n_hyp * max(float(binom.sf(hits - 1, k, p)), 1e-300))
-    ranked = sorted(counted, key=lambda t: -z_of[t[2]])
+    z_of = {pose: -np.log10(n_hyp) for _, pose in tried}
+
+    def decades(big_n: int, k: int, n: int, hits: int) -> float:
+        return float(-np.log10(n_hyp * max(float(hypergeom.sf(hits - 1, big_n, k, n)),
+                                           1e-300)))
+
+    for (big_n, k, n, hits), pose in counted:
+        z_of[pose] = decades(big_n, k, n, hits)
+    ranked = sorted(counted, key=lambda t: -z_of[t[1]])
     if len(ranked) < 2:
         return None
-    k, hits, pose = ranked[0]
+    (big_n, k, n, hits), pose = ranked[0]
     best = z_of[pose]
-    runner_hits, runner_pose = _different_runner_up(marks, closed, ranked)
+    runner_hits, runner_pose = _different_runner_up(marks, metal, ranked)
     runner = z_of[runner_pose] if runner_pose is not None else -np.log10(n_hyp)
-    held = -np.log10(n_hyp * max(float(binom.sf(hits - 2, k - 1, p)), 1e-300)) \
-        if hits >= 1 and k >= 2 else 0.0
+    held = decades(big_n - 1, k - 1, n - 1, hits - 1) if hits >= 1 and n >= 2 else 0.0
     return PoseDecision(pose=pose, score=float(hits), runner_up=float(runner_hits),
                         z_best=float(best), z_gap=float(best - runner),
                         z_held=float(min(held, best) - runner), n_hypotheses=n_hyp,
@@ -157,7 +172,7 @@ def _hits(marks: BoolArray, closed: BoolArray, pose: Pose) -> set[tuple[int, int
 
 
 def _different_runner_up(marks: BoolArray, closed: BoolArray,
-                         ranked: list[tuple[int, int, Pose]], look: int = 200
+                         ranked: list[tuple[tuple[int, int, int, int], Pose]], look: int = 200
                          ) -> tuple[int, Pose | None]:
     """The best pose after the first that rests on other EM squares than the first's hits.
 
@@ -166,8 +181,8 @@ def _different_runner_up(marks: BoolArray, closed: BoolArray,
     miss of its own (metal in the LM on open film in the EM). It is no different answer;
     one that shares fewer than half of the first's hits is.
     """
-    first = _hits(marks, closed, ranked[0][2])
-    for _, hits, pose in ranked[1:look]:
+    first = _hits(marks, closed, ranked[0][1])
+    for counts, pose in ranked[1:look]:
         if 2 * len(first & _hits(marks, closed, pose)) < len(first):
-            return hits, pose
+            return counts[3], pose
     return 0, None

@@ -430,3 +430,22 @@ def test_thick_ice_brighter_than_the_metal_does_not_count_as_closed() -> None:
         assert (status == "ok") == answered, reason
         if answered:
             assert decision.pose == truth
+
+
+def test_a_mark_is_not_matched_into_a_piece_of_rim() -> None:
+    """A partial EM field shows a 4 x 10 band of rim metal at its edge: the LM's arrow fits
+    inside it in other poses with every mark on metal. Counted one way only that is a tie;
+    but there the LM's open film around the arrow lands on the same metal, which metal
+    would have closed to light too - so the true pose stands alone."""
+    from protocols.correlation.atlas import AtlasConfig, _choose_pose
+    from protocols.correlation.atlas_closed import decide_closed
+
+    truth = Pose(True, 0, 8, 6)
+    lm, em = _closed_world(np.random.default_rng(5), ARROW, 0.0, truth)
+    openness = em.openness.copy()
+    openness[0:4, 7:17] = 0.0
+    em = _synthetic_cells(em.patches, openness)
+    d = decide_closed(lm, em)
+    assert d is not None and d.pose == truth
+    status, reason, decision = _choose_pose([("closed", d)], AtlasConfig())
+    assert status == "ok" and decision.pose == truth, reason
