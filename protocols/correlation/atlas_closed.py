@@ -5,13 +5,13 @@ by metal) is the clearest non-periodic feature a grid has, yet the metal channel
 see it - a whole closed square looks the same under every symmetry of the square and is
 projected out of the patches (atlas_pose.content), because thick ice closes squares to the
 electrons as well, and those must not decide. The film channel sees it, but weighed
-against the brightness noise of hundreds of ordinary squares. The physics is one-sided: a
-square that stops light at 20x is thick metal and stops electrons, while a square closed
-to electrons may be ice that light crosses. So the test is one-sided too: under a pose,
-how many of the LM's closed squares land on EM squares closed and as dark as the metal,
-against the chance of that given how many EM squares are (binomial), times the number of poses tried - a
-number of false alarms (NFA), the a-contrario test of matching.py. Every other pose's NFA
-is kept, so that a tie (a symmetric mark, thick ice in clumps) is seen as one.
+against the brightness noise of hundreds of ordinary squares. Metal stops light and
+electrons alike; ice, however thick, passes some electrons and lets light through. So an
+EM square counts as metal only when it is as dark as the bars, and under the true pose the
+LM's closed squares land on EM metal while its open film does not. Per pose, the chance
+of that by accident is hypergeometric over the squares known in both, times the number of
+poses tried - a number of false alarms (NFA), the a-contrario test of matching.py. Every
+other pose's NFA is kept, so that a tie (a symmetric mark) is seen as one.
 
 Scores are in decades: ``-log10(NFA)``, so 3 means one chance coincidence in 1000 grids.
 """
@@ -49,7 +49,7 @@ EM_CLOSED = 0.5
 METAL_LIKE = 0.05
 # LM closed clusters larger than this are no mark (a piece of rim, a closed region).
 MAX_MARK_SQUARES = 12
-# A pose counts as a hypothesis when this many LM closed squares land on known EM squares.
+# A pose counts as a hypothesis when this many LM marks land on squares known in the EM.
 MIN_SQUARES = 3
 
 
