@@ -59,11 +59,9 @@ def lm_marks(cells: LatticeCells) -> BoolArray:
     Clusters touching the image edge are left out: a piece of rim cut by a partial field is
     small and closed and would, under a wrong rotation, land on a piece of the EM rim.
     """
-    found = cells.found & cells.valid
-    if not found.any():
+    if not (cells.found & cells.valid).any():
         return np.zeros(cells.shape, bool)
-    typ = float(np.median(cells.openness[found]))
-    closed = cells.valid & (cells.openness < LM_CLOSED * typ)
+    closed = cells.valid & (cells.openness < LM_CLOSED * cells.typical_openness())
     lab, n = ndimage.label(closed, structure=np.ones((3, 3)))
     if n == 0:
         return closed
@@ -84,9 +82,8 @@ def em_closed(cells: LatticeCells) -> tuple[BoolArray, BoolArray]:
     that the marks must beat.
     """
     found = cells.found & cells.valid
-    typ = float(np.median(cells.openness[found])) if found.any() else 1.0
     known = cells.valid & ~closed_boundary(cells, edge_counts=False)
-    closed = known & (cells.openness < EM_CLOSED * typ)
+    closed = known & (cells.openness < EM_CLOSED * cells.typical_openness(default=1.0))
     b = cells.brightness
     if b is not None and found.any() and np.isfinite(cells.metal_level):
         span = float(np.nanmedian(b[found])) - cells.metal_level
@@ -101,9 +98,8 @@ def lm_known(cells: LatticeCells) -> tuple[BoolArray, BoolArray]:
     film); partly covered squares (a ring, letters, the mesh edge) and closed regions that
     are no mark say nothing either way."""
     marks = lm_marks(cells)
-    found = cells.found & cells.valid
-    typ = float(np.median(cells.openness[found])) if found.any() else 1.0
-    return marks, np.asarray(marks | (cells.valid & (cells.openness > 0.5 * typ)), dtype=bool)
+    open_film = cells.valid & (cells.openness > 0.5 * cells.typical_openness(default=1.0))
+    return marks, np.asarray(marks | open_film, dtype=bool)
 
 
 def decide_closed(lm: LatticeCells, em: LatticeCells) -> PoseDecision | None:

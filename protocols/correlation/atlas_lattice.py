@@ -192,6 +192,12 @@ class LatticeCells:
         """(rows, columns) of the square grid."""
         return int(self.found.shape[0]), int(self.found.shape[1])
 
+    def typical_openness(self, default: float = float("nan")) -> float:
+        """Open fraction of a typical measured opening (``default`` when none was found):
+        the yardstick for calling a square open, cut or closed."""
+        found = self.found & self.valid
+        return float(np.median(self.openness[found])) if found.any() else default
+
 
 def _index_fit(centres: FloatArray, angle_deg: float, pitch_px: float
                ) -> tuple[NDArray[np.intp], FloatArray, BoolArray]:

@@ -131,8 +131,7 @@ def closed_boundary(cells: LatticeCells, max_hole_squares: int = 40, edge_counts
                     ) -> BoolArray:
     """Closed squares of the boundary: clusters larger than ``max_hole_squares`` and, with
     ``edge_counts``, clusters running into the image edge (see interior_squares)."""
-    found = cells.found & cells.valid
-    inside = (cells.openness > 0.5 * float(np.median(cells.openness[found]))) & cells.valid
+    inside = (cells.openness > 0.5 * cells.typical_openness()) & cells.valid
     lab, n = ndimage.label(~inside & cells.valid, structure=np.ones((3, 3)))
     sizes = ndimage.sum(np.ones(lab.shape), lab, np.arange(1, n + 1))
     outer = sizes > max_hole_squares
@@ -284,7 +283,7 @@ def film_contrast(cells: LatticeCells, clip_sigmas: float = 3.0, soft_sigmas: fl
         return None
     rows, cols = b.shape
     ok = np.isfinite(b) & cells.valid
-    open_typ = float(np.median(cells.openness[cells.found & cells.valid]))
+    open_typ = cells.typical_openness()
     # The reference is the open neighbours' film: inside an orientation mark or a patch of
     # closed squares the closed neighbours would make the reference the metal itself.
     pad = np.pad(np.where(ok & cells.found & (cells.openness > 0.5 * open_typ), b, np.nan), 1,

@@ -211,9 +211,8 @@ def correlate_points(lm_um: ArrayLike, em_um: ArrayLike, targets_lm_um: ArrayLik
     transform = choice.best
     mapped = transform.apply(targets) if len(targets) else np.zeros((0, 2))
     outside = hull_excess_um(targets, lm[pairs[:, 0]])
-    between = np.maximum(nearest_um(targets, lm[pairs[:, 0]]) - outside, 0.0)
-    if len(pairs) >= INTERPOLATION_BELOW_PAIRS:
-        between = np.zeros_like(between)
+    between = (np.maximum(nearest_um(targets, lm[pairs[:, 0]]) - outside, 0.0)
+               if len(pairs) < INTERPOLATION_BELOW_PAIRS else np.zeros(len(targets)))
     errors = np.sqrt(choice.predicted_error(targets) ** 2
                      + (EXTRAPOLATION_SD_PER_UM * outside) ** 2
                      + (INTERPOLATION_SD_PER_UM * between) ** 2)
