@@ -51,7 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.append(str(Path(__file__).resolve().parent))  # after the repo: benchmarks/ may shadow
 from protocols.correlation.errors import CorrelationInputError
 from protocols.correlation.points import correlate_points
-from protocols.correlation.transforms import fit_transform
+from protocols.correlation.transform_average import AveragedTransform
 
 FloatArray = NDArray[np.float64]
 CORRECT_NM = 250.0
@@ -233,6 +233,12 @@ def _summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def _label(t: AveragedTransform) -> str:
+    """The averaged transform's dominant mean, and "+field" when fields carry most weight."""
+    return (("affine" if t.affine_weight >= 0.5 else "similarity")
+            + ("+field" if t.field_weight >= 0.5 else ""))
+
+
 def _run_square(sq: PointSquare) -> dict[str, Any]:
     t0 = time.perf_counter()
     try:
@@ -248,13 +254,10 @@ def _run_square(sq: PointSquare) -> dict[str, Any]:
     err = np.linalg.norm(res.targets_um - sq.targets_em_true, axis=1) * 1000
     row.update(target_errors_nm=err.tolist(), correct=bool(np.median(err) < CORRECT_NM),
                predicted_nm=(np.asarray(res.target_errors_um) * 1000).tolist(),
-               model=res.transform.model + ("+field" if res.transform.signal_ratio else ""))
+               model=_label(res.transform))
     truth = {tuple(p) for p in sq.true_pairs.tolist()}
     row["wrong_pairs"] = sum(tuple(p) not in truth for p in res.pairs.tolist())
-    t = res.transform
-    oracle = fit_transform(sq.lm[sq.true_pairs[:, 0]], sq.em[sq.true_pairs[:, 1]], t.model,
-                           mirrored=t.mirrored, field_length_um=t.length_um or 30.0,
-                           field_ratio=t.signal_ratio)
+    oracle = res.transform.refit(sq.lm[sq.true_pairs[:, 0]], sq.em[sq.true_pairs[:, 1]])
     o_err = np.linalg.norm(oracle.apply(sq.targets_lm) - sq.targets_em_true, axis=1) * 1000
     row["oracle_ratio"] = float(np.median(err) / max(float(np.median(o_err)), 1e-6))
     return row

@@ -24,7 +24,7 @@ from drivers.base import LowDoseArea
 from drivers.clock import VirtualClock
 from protocols.correlation.bead_images import BeadImageCorrelation, correlate_bead_images
 from protocols.correlation.errors import CorrelationInputError
-from protocols.correlation.transforms import Transform2D, fit_transform
+from protocols.correlation.transform_average import AveragedTransform
 from simulators.electron import SimulatedElectronMicroscope
 from simulators.electron_config import ElectronSimConfig, LowDosePreset, mag_index_of
 from simulators.light import SimulatedLightMicroscope
@@ -98,10 +98,10 @@ def _square_case(spec: Specimen, lm: SimulatedLightMicroscope, em: SimulatedElec
     return row
 
 
-def _oracle_ratios(t: Transform2D, res: BeadImageCorrelation, b_lm: FloatArray, b_em: FloatArray, t_lm: FloatArray,
+def _oracle_ratios(t: AveragedTransform, res: BeadImageCorrelation, b_lm: FloatArray, b_em: FloatArray, t_lm: FloatArray,
                    t_em: FloatArray, err_nm: FloatArray, lm_px: float, em_px: float
                    ) -> dict[str, float]:
-    """Our median target error over two oracles' (same model and residual field).
+    """Our median target error over two oracles' (same candidates and weights).
 
     ``oracle_ratio`` is the issue's definition: the model fitted to *our detections*
     paired by the truth (each detection within 3 LM / 8 EM pixels of a shared bead's true
@@ -119,8 +119,7 @@ def _oracle_ratios(t: Transform2D, res: BeadImageCorrelation, b_lm: FloatArray, 
         return np.where(d[np.arange(len(det_px)), j] <= tol, j, -1).astype(np.intp)
 
     def median_err(src: FloatArray, dst: FloatArray) -> float:
-        o = fit_transform(src, dst, t.model, mirrored=t.mirrored,
-                          field_length_um=t.length_um or 30.0, field_ratio=t.signal_ratio)
+        o = t.refit(src, dst)
         return float(np.median(np.linalg.norm(o.apply(t_lm * lm_px) / em_px - t_em, axis=1))
                      * em_px * 1000)
 

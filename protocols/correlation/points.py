@@ -1,8 +1,9 @@
 """Point-set correlation end to end: match beads, choose a model, transfer targets.
 
 This is the one place that chains :func:`match_points` (which pairs) with
-:func:`choose_model` (which transform, by leave-one-out error, and its predicted error) so that the CLI, the bead
-and atlas pipelines and the session protocol all get the same answer from the same inputs.
+:func:`choose_model` (which transforms, weighted by leave-one-out error, their mean and its
+predicted error) so that the CLI, the bead and atlas pipelines and the session protocol all
+get the same answer from the same inputs.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from scipy.spatial import ConvexHull, QhullError, cKDTree
 from protocols.correlation.errors import CorrelationInputError
 from protocols.correlation.matching import MatchConfig, MatchResult, MatchStatus, match_points
 from protocols.correlation.model_selection import choose_model
-from protocols.correlation.transforms import Transform2D, as_points, fit_transform
+from protocols.correlation.transform_average import AveragedTransform
+from protocols.correlation.transforms import as_points, fit_transform
 
 FloatArray = NDArray[np.float64]
 # A pair whose error under a fit of the others exceeds both this floor (um) and
@@ -82,7 +84,7 @@ class PointCorrelation:
     reason: str
     match: MatchResult
     pairs: NDArray[np.intp]
-    transform: Transform2D | None
+    transform: AveragedTransform | None
     targets_um: FloatArray | None
     target_errors_um: FloatArray | None
     target_reliable: NDArray[np.bool_] | None = None
@@ -208,7 +210,7 @@ def correlate_points(lm_um: ArrayLike, em_um: ArrayLike, targets_lm_um: ArrayLik
     pairs = _drop_outliers(lm, em, match.pairs, mirrored, MIN_FIT_PAIRS)
     choice = choose_model(lm[pairs[:, 0]], em[pairs[:, 1]], mirrored=mirrored,
                           from_frame=from_frame, to_frame=to_frame)
-    transform = choice.best
+    transform = choice.transform
     mapped = transform.apply(targets) if len(targets) else np.zeros((0, 2))
     outside = hull_excess_um(targets, lm[pairs[:, 0]])
     between = (np.maximum(nearest_um(targets, lm[pairs[:, 0]]) - outside, 0.0)

@@ -61,7 +61,7 @@ def as_points(points: ArrayLike, name: str, min_count: int = 1) -> FloatArray:
     return arr
 
 
-def _none_for_nan(values: FloatArray) -> list[Any]:
+def none_for_nan(values: FloatArray) -> list[Any]:
     """Nested list with None where a value is undefined (JSON has no NaN)."""
     out = np.asarray(values, dtype=object)
     out[~np.isfinite(np.asarray(values, dtype=np.float64))] = None
@@ -93,7 +93,7 @@ def _mean_design(model: str, u: FloatArray, mirrored: bool) -> FloatArray:
     return np.stack([np.concatenate([phi, z], 1), np.concatenate([z, phi], 1)], axis=1)
 
 
-def _design(model: str, u: FloatArray, mirrored: bool, centres: FloatArray, length: float,
+def features(model: str, u: FloatArray, mirrored: bool, centres: FloatArray, length: float,
             ratio: float) -> FloatArray:
     """Features (n, 2, p + 2k): mean part, then ``ratio * k(u, centre_j)`` per axis."""
     mean = _mean_design(model, u, mirrored)
@@ -105,6 +105,19 @@ def _design(model: str, u: FloatArray, mirrored: bool, centres: FloatArray, leng
     field_part[:, 0, 0::2] = kern
     field_part[:, 1, 1::2] = kern
     return np.concatenate([mean, field_part], axis=2)
+
+
+def parametric_matrix(model: str, mirrored: bool, theta: FloatArray, origin: FloatArray,
+                       scale: float) -> FloatArray:
+    """The mean part as a 2x3 affine matrix in original units.
+
+    dst = A (p - o) / s + t  ->  (A / s) p + (t - A o / s).
+    """
+    feats = _mean_design(model, np.array([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]]), mirrored)
+    img = feats @ theta[:feats.shape[2]]
+    lin = np.stack([img[1] - img[0], img[2] - img[0]], axis=1) / scale
+    t = img[0] - lin @ origin
+    return np.concatenate([lin, t[:, None]], axis=1)
 
 
 @dataclass(frozen=True)
@@ -140,15 +153,11 @@ class Transform2D:
     matrix: FloatArray = field(init=False)
 
     def __post_init__(self) -> None:
-        # Affine part in original units: dst = A (p - o)/s + t  ->  (A/s) p + (t - A o / s)
-        feats = _mean_design(self.model, np.array([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]]),
-                             self.mirrored)
-        img = feats @ self.theta[:feats.shape[2]]
-        lin = np.stack([img[1] - img[0], img[2] - img[0]], axis=1) / self.scale
-        t = img[0] - lin @ self.origin
-        object.__setattr__(self, "matrix", np.concatenate([lin, t[:, None]], axis=1))
+        matrix = parametric_matrix(self.model, self.mirrored, self.theta, self.origin,
+                                    self.scale)
+        object.__setattr__(self, "matrix", matrix)
         if self.model != "similarity":  # the mirror state is the sign of the linear part
-            object.__setattr__(self, "mirrored", bool(np.linalg.det(lin) < 0))
+            object.__setattr__(self, "mirrored", bool(np.linalg.det(matrix[:, :2]) < 0))
 
     @property
     def n_pairs(self) -> int:
@@ -167,7 +176,7 @@ class Transform2D:
 
     def _features(self, points: ArrayLike) -> FloatArray:
         p = as_points(points, "points")
-        return _design(self.model, (p - self.origin) / self.scale, self.mirrored,
+        return features(self.model, (p - self.origin) / self.scale, self.mirrored,
                        self.centres, self.length, self.signal_ratio)
 
     def apply(self, points: ArrayLike) -> FloatArray:
@@ -209,8 +218,8 @@ class Transform2D:
                            "length": self.length, "signal_ratio": self.signal_ratio},
             "pred_cov": self.pred_cov.tolist(), "sigma_um": self.sigma_um,
             "residuals_um": self.residuals_um.tolist(),
-            "loo_errors_um": _none_for_nan(self.loo_errors_um),
-            "loo_sd_um": _none_for_nan(self.loo_sd_um),
+            "loo_errors_um": none_for_nan(self.loo_errors_um),
+            "loo_sd_um": none_for_nan(self.loo_sd_um),
             "loo_log_density": self.loo_lpd if np.isfinite(self.loo_lpd) else None,
             "rms_residual_um": float(np.sqrt(np.mean(res ** 2))) if res.size else 0.0,
             "rms_loo_error_um": float(np.sqrt(np.mean(finite ** 2))) if finite.size else None,

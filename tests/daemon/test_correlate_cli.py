@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from daemon.correlate_cmd import main
+from protocols.correlation.transform_average import AveragedTransform
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -62,9 +63,14 @@ def test_points_ok_writes_the_contract_json(files: dict[str, Path],
     assert np.all(np.linalg.norm(got - truth, axis=1) < 0.2)
     assert all(0 < t["predicted_error_um"] < 0.5 for t in out["targets"])
     assert out["transform"]["mirrored"] is True
-    assert out["transform"]["model"] in ("similarity", "affine")
+    assert out["transform"]["model"] == "averaged"
+    assert {c["model"] for c in out["transform"]["components"]} <= {"similarity", "affine"}
+    assert abs(sum(c["weight"] for c in out["transform"]["components"]) - 1.0) < 1e-9
     assert all(t["reliable"] for t in out["targets"])
     assert len(out["transform"]["matrix"]) == 2
+    # The transform written is the one the targets went through.
+    again = AveragedTransform.from_dict(out["transform"]).apply(_beads()[2])
+    assert np.allclose(again, got, atol=1e-9)
     assert len(out["pairs"]) >= 10 and all("residual_um" in p for p in out["pairs"])
     assert len(out["leave_one_out_errors_um"]) == len(out["pairs"])
     assert out["elapsed_s"] > 0

@@ -112,9 +112,10 @@ def test_far_targets_of_few_bunched_beads_are_refused() -> None:
 
 @pytest.mark.parametrize("n", [6, 7, 8, 12])
 def test_a_field_is_used_only_from_eight_beads(n: int) -> None:
-    """Six or seven beads cannot pin a residual field's length scale down: the map used is
-    the affine, while the predicted error still weighs the fields the beads allow (so a
-    bend between them widens it). From eight beads the best field is used."""
+    """Six or seven beads cannot pin a residual field's length scale down: the best
+    candidate (the predicted error's centre) is the affine, while the predicted error
+    still weighs the fields the beads allow (so a bend between them widens it). From
+    eight beads the best candidate has a field."""
     rng = np.random.default_rng(40 + n)
     src = rng.uniform(0, 90, (n, 2))
     bend = _bend(rng, 0.5)
