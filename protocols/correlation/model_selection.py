@@ -32,7 +32,7 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from protocols.correlation.errors import CorrelationInputError
-from protocols.correlation.transform_average import AveragedTransform
+from protocols.correlation.transform_average import MIN_WEIGHT, AveragedTransform
 from protocols.correlation.transforms import (
     MODEL_NAMES,
     ModelName,
@@ -152,7 +152,7 @@ class ModelChoice:
         allowance = self.anisotropy_allowance
         var = np.zeros(len(p))
         for w, c in zip(self.weights, self.candidates):
-            if w < 1e-6:
+            if w < MIN_WEIGHT:
                 continue
             own = c.predicted_error(p, anisotropy_allowance=allowance) ** 2
             if c.signal_ratio == 0:

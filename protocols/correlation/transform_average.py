@@ -38,6 +38,7 @@ from protocols.correlation.transforms import (
     fit_transform,
     none_for_nan,
     parametric_matrix,
+    rms_errors,
 )
 
 FloatArray = NDArray[np.float64]
@@ -161,9 +162,6 @@ class AveragedTransform:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready description; :meth:`from_dict` restores a transform that maps alike."""
-        res = np.linalg.norm(self.residuals_um, axis=1)
-        loo = np.linalg.norm(self.loo_errors_um, axis=1)
-        finite = loo[np.isfinite(loo)]
         return {
             "model": "averaged", "from_frame": self.from_frame, "to_frame": self.to_frame,
             "mirrored": self.mirrored, "matrix": self.matrix.tolist(),
@@ -178,8 +176,7 @@ class AveragedTransform:
                            for p in self.parts],
             "residuals_um": self.residuals_um.tolist(),
             "loo_errors_um": none_for_nan(self.loo_errors_um),
-            "rms_residual_um": float(np.sqrt(np.mean(res ** 2))) if res.size else 0.0,
-            "rms_loo_error_um": float(np.sqrt(np.mean(finite ** 2))) if finite.size else None,
+            **rms_errors(self.residuals_um, self.loo_errors_um),
         }
 
     @classmethod

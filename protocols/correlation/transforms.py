@@ -107,6 +107,16 @@ def features(model: str, u: FloatArray, mirrored: bool, centres: FloatArray, len
     return np.concatenate([mean, field_part], axis=2)
 
 
+def rms_errors(residuals_um: FloatArray, loo_errors_um: FloatArray) -> dict[str, Any]:
+    """RMS radial residual and LOO error (um) of a fit, as written to JSON (the LOO one
+    over the beads where it is defined, None where it is nowhere)."""
+    res = np.linalg.norm(residuals_um, axis=1)
+    loo = np.linalg.norm(loo_errors_um, axis=1)
+    finite = loo[np.isfinite(loo)]
+    return {"rms_residual_um": float(np.sqrt(np.mean(res ** 2))) if res.size else 0.0,
+            "rms_loo_error_um": float(np.sqrt(np.mean(finite ** 2))) if finite.size else None}
+
+
 def parametric_matrix(model: str, mirrored: bool, theta: FloatArray, origin: FloatArray,
                        scale: float) -> FloatArray:
     """The mean part as a 2x3 affine matrix in original units.
@@ -206,9 +216,6 @@ class Transform2D:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready description; :meth:`from_dict` restores an identical transform."""
-        res = np.linalg.norm(self.residuals_um, axis=1)
-        loo = np.linalg.norm(self.loo_errors_um, axis=1)
-        finite = loo[np.isfinite(loo)]
         return {
             "model": self.model, "from_frame": self.from_frame, "to_frame": self.to_frame,
             "mirrored": self.mirrored, "matrix": self.matrix.tolist(),
@@ -221,8 +228,7 @@ class Transform2D:
             "loo_errors_um": none_for_nan(self.loo_errors_um),
             "loo_sd_um": none_for_nan(self.loo_sd_um),
             "loo_log_density": self.loo_lpd if np.isfinite(self.loo_lpd) else None,
-            "rms_residual_um": float(np.sqrt(np.mean(res ** 2))) if res.size else 0.0,
-            "rms_loo_error_um": float(np.sqrt(np.mean(finite ** 2))) if finite.size else None,
+            **rms_errors(self.residuals_um, self.loo_errors_um),
         }
 
     @classmethod
