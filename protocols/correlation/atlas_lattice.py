@@ -172,7 +172,9 @@ class LatticeCells:
     ``opening_px`` holds the measured centres (working pixels), NaN where none.
     ``brightness`` is the median intensity of each square's central part in the atlas'
     own image, turned so that metal is dark, and ``metal_level`` the median of the metal
-    (both NaN/None when no image was given); see :func:`square_brightness`.
+    (both NaN/None when no image was given); see :func:`square_brightness`. ``film`` is
+    each whole opening's log film transmission with the illumination taken out
+    (atlas_film.with_film), NaN elsewhere; None until measured.
     """
 
     angle_deg: float
@@ -186,6 +188,7 @@ class LatticeCells:
     opening_px: FloatArray
     brightness: FloatArray | None = None
     metal_level: float = float("nan")
+    film: FloatArray | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -232,6 +235,12 @@ def square_patches(img: FloatArray, centre: FloatArray, coef: FloatArray, k: int
     return np.asarray(out, np.float64).reshape(nj, k, ni, k).transpose(0, 2, 1, 3)
 
 
+def metal_sign(img: FloatArray, dark: BoolArray) -> float:
+    """1 when the metal is darker than the rest of ``img`` (transmitted light, EM), -1
+    when brighter (reflected light, an inverted EM montage)."""
+    return 1.0 if float(np.median(img[dark])) <= float(np.median(img[~dark])) else -1.0
+
+
 def square_brightness(img: FloatArray, dark: BoolArray, centre: FloatArray, coef: FloatArray,
                       inner: float = 0.4, samples: int = 6) -> tuple[FloatArray, float]:
     """Median intensity of the central ``inner`` x ``inner`` pitch of every square, and of
@@ -243,7 +252,7 @@ def square_brightness(img: FloatArray, dark: BoolArray, centre: FloatArray, coef
     The centre of a square is inside its opening for any bar width, so this reads the film
     and not the bars.
     """
-    sign = 1.0 if float(np.median(img[dark])) <= float(np.median(img[~dark])) else -1.0
+    sign = metal_sign(img, dark)
     vals = square_patches(sign * img, centre, coef, samples, inner)
     nj, ni = centre.shape[:2]
     flat = vals.reshape(nj, ni, -1)

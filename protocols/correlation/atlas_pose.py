@@ -281,15 +281,12 @@ def film_contrast(cells: LatticeCells, clip_sigmas: float = 3.0, soft_sigmas: fl
     b = cells.brightness
     if b is None:
         return None
-    rows, cols = b.shape
     ok = np.isfinite(b) & cells.valid
     open_typ = cells.typical_openness()
     # The reference is the open neighbours' film: inside an orientation mark or a patch of
     # closed squares the closed neighbours would make the reference the metal itself.
-    pad = np.pad(np.where(ok & cells.found & (cells.openness > 0.5 * open_typ), b, np.nan), 1,
-                 constant_values=np.nan)
-    neigh = np.stack([pad[1 + dr:1 + dr + rows, 1 + dc:1 + dc + cols]
-                      for dr in (-1, 0, 1) for dc in (-1, 0, 1) if (dr, dc) != (0, 0)])
+    neigh = _neighbours(np.where(ok & cells.found & (cells.openness > 0.5 * open_typ), b,
+                                 np.nan))
     counts = np.isfinite(neigh).sum(axis=0)
     ref = np.full(b.shape, np.nan)
     some = counts >= 3
@@ -303,8 +300,13 @@ def film_contrast(cells: LatticeCells, clip_sigmas: float = 3.0, soft_sigmas: fl
     use = ok & some & whole & (span > 0.25 * typical) & ~closed_boundary(cells, edge_counts=False)
     if typical <= 0 or use.sum() < 10:
         return None
+    # In log units, the film's own (below): a closed square (about -1 as a fraction of
+    # its neighbours' film) becomes log(0.05), beyond any film difference.
     v = np.zeros(b.shape)
-    v[use] = (b[use] - ref[use]) / span[use]
+    v[use] = np.log(np.clip(1.0 + (b[use] - ref[use]) / span[use], 0.05, None))
+    if cells.film is not None:
+        better = use & np.isfinite(cells.film)
+        v[better] = cells.film[better]
     med = float(np.median(v[use]))
     sig = 1.4826 * float(np.median(np.abs(v[use] - med)))
     if sig <= 0:
@@ -312,6 +314,14 @@ def film_contrast(cells: LatticeCells, clip_sigmas: float = 3.0, soft_sigmas: fl
     z = np.clip((v - med) / sig, -clip_sigmas, clip_sigmas)
     z = np.sign(z) * np.maximum(np.abs(z) - soft_sigmas, 0.0)
     return np.where(use, z, 0.0), use
+
+
+def _neighbours(x: FloatArray) -> FloatArray:
+    """(8, rows, cols): each cell's 8 neighbours' values, NaN beyond the edge."""
+    rows, cols = x.shape
+    pad = np.pad(x, 1, constant_values=np.nan)
+    return np.stack([pad[1 + dr:1 + dr + rows, 1 + dc:1 + dc + cols]
+                     for dr in (-1, 0, 1) for dc in (-1, 0, 1) if (dr, dc) != (0, 0)])
 
 
 def _decide(res_l: FloatArray, m_l: FloatArray, res_e: FloatArray, m_e: FloatArray,

@@ -1,0 +1,155 @@
+"""Each square's film transmission with the illumination taken out, from across the bars.
+
+Why: what tells the pose apart on most grids is the film (broken squares brighter, thick
+ice and cells darker), and in a stitched light overview the film's differences (a broken
+square is ~10% brighter in transmitted light) are smaller than the illumination's:
+vignetting repeats in every tile and can dim a tile's corners by a third, tile gains step
+by a few percent, the lamp is uneven. Comparing each square's level with its neighbours'
+levels, a pitch away, leaves that vignetting in (10-15% spread over ordinary squares on
+the independent renderer's overviews, as large as the signal).
+
+Illumination is smooth across a bar even where it is steep across a tile (at a seam both
+tiles are at their dim edge), while the film changes from one square to the next. So each
+square's log intensity is fitted by a plane (its own illumination slope; cells and dirt
+rejected as outliers), the two neighbours' planes are evaluated at the bar between them,
+and their difference there is the difference of the two squares' log film transmissions.
+Integrating those differences over the lattice (robust least squares, Huber weights for
+seams and squares cut by a seam) gives every square's log transmission up to one
+constant: on the same overviews the spread over ordinary squares falls to 0.6-2.5%
+while a broken square stays 10% above them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+from numpy.typing import NDArray
+from scipy import sparse
+from scipy.sparse.csgraph import connected_components
+from scipy.sparse.linalg import lsqr
+
+from protocols.correlation.atlas_lattice import LatticeCells, metal_sign, square_patches
+
+FloatArray = NDArray[np.float64]
+BoolArray = NDArray[np.bool_]
+
+SAMPLES = 9  # per side of the sampled part of each opening
+INNER = 0.8  # sampled fraction of the opening's side: clear of the bars' blurred edges
+CLIP_SIGMAS = 2.5  # samples further than this from a square's plane are cells or dirt
+HUBER = 1.5  # edges off by more than this many robust sigmas are down-weighted
+RIDGE = 1e-3  # ties each connected piece of the lattice to zero mean
+MIN_AROUND = 3  # measured squares around one that its film is compared with
+
+
+def _planes(cells: LatticeCells, img: FloatArray, metal_level: float, sign: float
+            ) -> FloatArray:
+    """(rows, cols, 3): a + b u + c v fitted to each whole opening's log film intensity,
+    u and v in pitches along the lattice's i and j axes; NaN where no whole opening."""
+    rows, cols = cells.shape
+    typical = cells.typical_openness()
+    whole = cells.found & cells.valid & (cells.openness > 0.85 * typical)
+    out = np.full((rows, cols, 3), np.nan)
+    if not whole.any() or not np.isfinite(typical):
+        return out
+    side = INNER * float(np.sqrt(typical))
+    rr, cc = np.nonzero(whole)
+    centre = np.full((1, len(rr), 2), np.nan)
+    centre[0] = cells.opening_px[rr, cc]
+    vals = square_patches(sign * img - metal_level, centre, cells.index_to_px, SAMPLES,
+                          side)[0].reshape(len(rr), -1)
+    s = ((np.arange(SAMPLES) + 0.5) / SAMPLES - 0.5) * side
+    ou, ov = np.meshgrid(s, s)
+    design = np.c_[np.ones(SAMPLES * SAMPLES), ou.ravel(), ov.ravel()]
+    level = np.nanmedian(vals, axis=1)
+    good = np.isfinite(vals).all(axis=1) & (level > 0)
+    y = np.log(np.maximum(vals[good], 0.02 * level[good, None]))
+    w = np.ones_like(y)
+    coef = np.zeros((len(y), 3))
+    for _ in range(3):
+        normal = np.einsum("nk,ka,kb->nab", w, design, design)
+        rhs = np.einsum("nk,ka,nk->na", w, design, y)
+        coef = np.linalg.solve(normal + 1e-9 * np.eye(3), rhs[..., None])[..., 0]
+        res = y - coef @ design.T
+        sd = 1.4826 * np.median(np.abs(res), axis=1, keepdims=True) + 1e-6
+        w = (np.abs(res) < CLIP_SIGMAS * sd).astype(np.float64)
+    out[rr[good], cc[good]] = coef
+    return out
+
+
+def film_log(cells: LatticeCells, img: FloatArray, metal_level: float, sign: float
+             ) -> FloatArray:
+    """Log film transmission of every whole opening against the squares around it
+    (:func:`_against_surroundings`); NaN elsewhere (closed, cut, unmeasured squares).
+
+    ``img`` is the image the lattice was measured on, ``sign`` turns it so that metal is
+    dark and ``metal_level`` is the metal's level in it (atlas_lattice.square_brightness).
+    """
+    planes = _planes(cells, img, metal_level, sign)
+    have = np.isfinite(planes[..., 0])
+    out = np.full(have.shape, np.nan)
+    n = int(have.sum())
+    if n < 2:
+        return out
+    index = np.full(have.shape, -1)
+    index[have] = np.arange(n)
+    a_idx, b_idx, diff = [], [], []
+    rows, cols = have.shape
+    for dr, dc in ((0, 1), (1, 0), (1, 1), (1, -1)):
+        c0, c1 = max(0, -dc), cols - max(0, dc)
+        both = have[:rows - dr, c0:c1] & have[dr:, c0 + dc:c1 + dc]
+        ra, ca = np.nonzero(both)
+        ca = ca + c0
+        # The bars (or the bars' crossing) between the two squares sit half a pitch along
+        # u (columns) and v (rows) from each.
+        at = np.array([1.0, 0.5 * dc, 0.5 * dr])
+        a_idx.append(index[ra, ca])
+        b_idx.append(index[ra + dr, ca + dc])
+        diff.append(planes[ra, ca] @ at - planes[ra + dr, ca + dc] @ (2.0 * np.eye(3)[0] - at))
+    ia, ib, d = np.concatenate(a_idx), np.concatenate(b_idx), np.concatenate(diff)
+    m = len(d)
+    if m == 0:
+        return out
+    w = np.ones(m)
+    x = np.zeros(n)
+    r_idx = np.r_[np.arange(m), np.arange(m), m + np.arange(n)]
+    c_idx = np.r_[ia, ib, np.arange(n)]
+    for _ in range(5):
+        a = sparse.csr_matrix((np.r_[w, -w, np.full(n, RIDGE)], (r_idx, c_idx)),
+                              shape=(m + n, n))
+        x = lsqr(a, np.r_[w * d, np.zeros(n)], atol=1e-10, btol=1e-10)[0]
+        res = x[ia] - x[ib] - d
+        scale = 1.4826 * float(np.median(np.abs(res))) + 1e-6
+        w = np.minimum(1.0, HUBER * scale / np.maximum(np.abs(res), 1e-12))
+    out[have] = x
+    piece = np.zeros(have.shape, np.intp)
+    _, labels = connected_components(sparse.coo_matrix((np.ones(m), (ia, ib)), shape=(n, n)),
+                                     directed=False)
+    piece[have] = labels + 1
+    return _against_surroundings(out, piece)
+
+
+def _against_surroundings(film: FloatArray, piece: NDArray[np.intp]) -> FloatArray:
+    """``film`` minus the median of the squares around it (5 x 5) measured in the same
+    connected piece (each piece has its own constant); NaN with fewer than ``MIN_AROUND``.
+
+    Why not the integrated value itself: what the integration leaves is a slow random
+    walk over the lattice, and a piece cut off by closed squares has an unknown offset.
+    """
+    rows, cols = film.shape
+    pf = np.pad(film, 2, constant_values=np.nan)
+    pp = np.pad(piece, 2)
+    around = np.stack([np.where(pp[2 + dr:2 + dr + rows, 2 + dc:2 + dc + cols] == piece,
+                                pf[2 + dr:2 + dr + rows, 2 + dc:2 + dc + cols], np.nan)
+                       for dr in range(-2, 3) for dc in range(-2, 3) if (dr, dc) != (0, 0)])
+    enough = np.isfinite(film) & (np.isfinite(around).sum(axis=0) >= MIN_AROUND)
+    out = np.full(film.shape, np.nan)
+    out[enough] = film[enough] - np.nanmedian(around[:, enough], axis=0)
+    return out
+
+
+def with_film(cells: LatticeCells, img: FloatArray, dark: BoolArray) -> LatticeCells:
+    """``cells`` with :func:`film_log` measured on ``img`` (whose metal mask is ``dark``)."""
+    if not np.isfinite(cells.metal_level):
+        return cells
+    return replace(cells, film=film_log(cells, img, cells.metal_level, metal_sign(img, dark)))
