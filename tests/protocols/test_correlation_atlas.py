@@ -250,6 +250,40 @@ def test_a_tie_of_one_channel_is_broken_only_by_a_clear_lead_of_the_other(
         assert decision.pose == poses[2] and "ties" in reason
 
 
+@pytest.mark.parametrize(("film_first", "film_top", "closed_elsewhere", "answered"), [
+    (True, 4.9, False, True), (False, 4.9, False, False), (True, 2.0, False, False),
+    (True, 4.9, True, False)], ids=["same-first", "film-elsewhere", "film-flat",
+                                    "closed-contradicts"])
+def test_two_channels_putting_one_pose_first_answer_it(film_first: bool, film_top: float,
+                                                       closed_elsewhere: bool,
+                                                       answered: bool) -> None:
+    """Independent grid 1937492130: a finder letter in one square of a small EM field puts
+    the metal's true pose 48 sigma ahead but the jackknife cannot keep it; the film's best
+    of ~2600 hypotheses is the same pose, 1.5 sigma ahead. Two first choices coinciding
+    answer, unless one is flat or a third channel stands up for another pose."""
+    from dataclasses import replace
+
+    from protocols.correlation.atlas import AtlasConfig, _choose_pose
+
+    rng = np.random.default_rng(2)
+    poses = [Pose(bool(m), r, dr, dc) for m in (0, 1) for r in range(4)
+             for dr in range(-6, 6) for dc in range(-6, 6)]
+    truth, other = poses[5], poses[40]
+    metal = {p: float(rng.normal()) for p in poses}
+    metal[truth] = 100.0
+    film = {p: float(rng.normal(0.0, 0.5)) for p in poses}
+    film[truth if film_first else other] = film_top
+    channels = [("metal", replace(_decision(metal), z_held=-27.0)), ("film", _decision(film))]
+    if closed_elsewhere:
+        closed = {p: float(rng.normal(0.0, 0.3)) - 3.0 for p in poses}
+        closed[other] = 2.5
+        channels.append(("closed", _decision(closed)))
+    status, reason, decision = _choose_pose(channels, AtlasConfig())
+    assert (status == "ok") == answered, reason
+    if answered:
+        assert decision.pose == truth and "same pose first" in reason
+
+
 def test_lattice_pitch_is_the_openings_spacing_not_a_multiple_the_spectrum_prefers() -> None:
     """Closed squares in every third row make the spectrum's strongest peak three pitches
     long (montage tiles or a mark can do the same); the openings say 125 um."""
