@@ -261,10 +261,13 @@ def _held_rival_level(res_l: FloatArray, m_l: FloatArray, res_e: FloatArray,
 
 def film_contrast(cells: LatticeCells, clip_sigmas: float = 3.0, soft_sigmas: float = 1.0
                   ) -> tuple[FloatArray, BoolArray] | None:
-    """Each square's film brightness against its neighbours', in robust sigmas, clipped.
+    """Each square's film against the squares around it, in robust sigmas, clipped.
 
-    Why relative to the 8 neighbours: illumination, vignetting, tile and montage gain steps
-    and ice gradients vary over a few squares and would otherwise correlate with anything.
+    Why relative to the squares around: illumination, vignetting, tile and montage gain
+    steps and ice gradients vary over a few squares and would otherwise correlate with
+    anything. Whole openings are read with the illumination taken out (``cells.film``,
+    atlas_film.py); closed squares, and openings that could not be read that way, by their
+    level against the 8 neighbours' (as a log ratio, the film's units).
     Why in (clipped) sigmas of the atlas' own spread: the two modalities agree on the sign
     of a broken (brighter), thick-ice, cell-covered or closed (darker) square, not on its
     size - a broken square is 10% brighter in transmitted light and twice as bright in the
