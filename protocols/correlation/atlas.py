@@ -314,9 +314,10 @@ def _corroborated(channels: list[tuple[str, PoseDecision]], cfg: AtlasConfig
     channels read different things (metal; film brightness; closed squares), so their
     first choices coincide by chance about once in the number of hypotheses (~1/2000).
     Over 120 grids of the independent renderer (benchmarks/correlation_independent_atlas.py,
-    seeds 2-5) two channels' first choices coincided 77 times, every time on the right pose. Each must still stand above its own median (``tie_gap_sigmas``,
-    or half ``closed_best_decades`` for the closed squares): a flat channel's first choice
-    is arbitrary.
+    seeds 2-5) two channels' first choices coincided 77 times, every time on the right
+    pose. Each must still stand above its own median (``tie_gap_sigmas``, or half
+    ``closed_best_decades`` for the closed squares): a flat channel's first choice is
+    arbitrary.
     """
 
     def standing(name: str, decision: PoseDecision) -> bool:
@@ -325,12 +326,13 @@ def _corroborated(channels: list[tuple[str, PoseDecision]], cfg: AtlasConfig
 
     up = [(name, d) for name, d in channels if standing(name, d)]
     for i, (name, first) in enumerate(up):
+        # A third channel standing up for another pose contradicts, unless the pose is
+        # among those it ties with its best (a centre ring ties the rotations).
+        if any(d.pose != first.pose and d.z_of.get(first.pose, float("-inf"))
+               < d.z_best - _rule(n, cfg).tie for n, d in up):
+            continue
         for other, second in up[i + 1:]:
-            # A third channel standing up for another pose contradicts, unless the pose is
-            # among those it ties with its best (a centre ring ties the rotations).
-            rivals = [n for n, d in up if d.pose != first.pose and d.z_of.get(
-                first.pose, float("-inf")) < d.z_best - _rule(n, cfg).tie]
-            if second.pose == first.pose and not rivals:
+            if second.pose == first.pose:
                 return "ok", (
                     f"the {name} and {other} content put the same pose first "
                     f"({first.z_best:.1f} {_unit(name)} and {second.z_best:.1f} "

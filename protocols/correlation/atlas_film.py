@@ -31,7 +31,12 @@ from scipy import sparse
 from scipy.sparse.csgraph import connected_components
 from scipy.sparse.linalg import lsqr
 
-from protocols.correlation.atlas_lattice import LatticeCells, metal_sign, square_patches
+from protocols.correlation.atlas_lattice import (
+    LatticeCells,
+    metal_sign,
+    square_patches,
+    window_stack,
+)
 
 FloatArray = NDArray[np.float64]
 BoolArray = NDArray[np.bool_]
@@ -105,9 +110,10 @@ def film_log(cells: LatticeCells, img: FloatArray, metal_level: float, sign: flo
         # The bars (or the bars' crossing) between the two squares sit half a pitch along
         # u (columns) and v (rows) from each.
         at = np.array([1.0, 0.5 * dc, 0.5 * dr])
+        back = np.array([1.0, -0.5 * dc, -0.5 * dr])
         a_idx.append(index[ra, ca])
         b_idx.append(index[ra + dr, ca + dc])
-        diff.append(planes[ra, ca] @ at - planes[ra + dr, ca + dc] @ (2.0 * np.eye(3)[0] - at))
+        diff.append(planes[ra, ca] @ at - planes[ra + dr, ca + dc] @ back)
     ia, ib, d = np.concatenate(a_idx), np.concatenate(b_idx), np.concatenate(diff)
     m = len(d)
     if m == 0:
@@ -138,12 +144,8 @@ def _against_surroundings(film: FloatArray, piece: NDArray[np.intp]) -> FloatArr
     Why not the integrated value itself: what the integration leaves is a slow random
     walk over the lattice, and a piece cut off by closed squares has an unknown offset.
     """
-    rows, cols = film.shape
-    pf = np.pad(film, 2, constant_values=np.nan)
-    pp = np.pad(piece, 2)
-    around = np.stack([np.where(pp[2 + dr:2 + dr + rows, 2 + dc:2 + dc + cols] == piece,
-                                pf[2 + dr:2 + dr + rows, 2 + dc:2 + dc + cols], np.nan)
-                       for dr in range(-2, 3) for dc in range(-2, 3) if (dr, dc) != (0, 0)])
+    around = np.where(window_stack(piece, 2, 0) == piece, window_stack(film, 2, np.nan),
+                      np.nan)
     enough = np.isfinite(film) & (np.isfinite(around).sum(axis=0) >= MIN_AROUND)
     out = np.full(film.shape, np.nan)
     out[enough] = film[enough] - np.nanmedian(around[:, enough], axis=0)

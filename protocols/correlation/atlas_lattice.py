@@ -16,6 +16,7 @@ content. Pixel (x, y) = (column, row).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TypeVar
 
 import cv2
 import numpy as np
@@ -26,6 +27,7 @@ from protocols.correlation.errors import CorrelationInputError
 
 FloatArray = NDArray[np.float64]
 BoolArray = NDArray[np.bool_]
+_Cell = TypeVar("_Cell", bound=np.generic)
 
 
 def resample(img: FloatArray, pixel_um: float, work_um: float) -> FloatArray:
@@ -233,6 +235,16 @@ def square_patches(img: FloatArray, centre: FloatArray, coef: FloatArray, k: int
     out = cv2.remap(np.asarray(img, np.float32), maps[..., 0], maps[..., 1], cv2.INTER_LINEAR,
                     borderMode=cv2.BORDER_CONSTANT, borderValue=float("nan"))
     return np.asarray(out, np.float64).reshape(nj, k, ni, k).transpose(0, 2, 1, 3)
+
+
+def window_stack(x: NDArray[_Cell], radius: int, fill: float) -> NDArray[_Cell]:
+    """((2r+1)^2 - 1, rows, cols): every cell's neighbours within ``radius`` squares (the
+    cell itself left out), ``fill`` beyond the edge of the square grid."""
+    rows, cols = x.shape
+    pad = np.pad(x, radius, constant_values=fill)
+    return np.stack([pad[radius + dr:radius + dr + rows, radius + dc:radius + dc + cols]
+                     for dr in range(-radius, radius + 1) for dc in range(-radius, radius + 1)
+                     if (dr, dc) != (0, 0)])
 
 
 def metal_sign(img: FloatArray, dark: BoolArray) -> float:

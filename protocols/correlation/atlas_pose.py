@@ -33,7 +33,7 @@ import numpy as np
 from numpy.typing import NDArray
 from scipy import ndimage
 
-from protocols.correlation.atlas_lattice import LatticeCells
+from protocols.correlation.atlas_lattice import LatticeCells, window_stack
 
 FloatArray = NDArray[np.float64]
 BoolArray = NDArray[np.bool_]
@@ -288,8 +288,8 @@ def film_contrast(cells: LatticeCells, clip_sigmas: float = 3.0, soft_sigmas: fl
     open_typ = cells.typical_openness()
     # The reference is the open neighbours' film: inside an orientation mark or a patch of
     # closed squares the closed neighbours would make the reference the metal itself.
-    neigh = _neighbours(np.where(ok & cells.found & (cells.openness > 0.5 * open_typ), b,
-                                 np.nan))
+    neigh = window_stack(np.where(ok & cells.found & (cells.openness > 0.5 * open_typ), b,
+                                  np.nan), 1, np.nan)
     counts = np.isfinite(neigh).sum(axis=0)
     ref = np.full(b.shape, np.nan)
     some = counts >= 3
@@ -317,14 +317,6 @@ def film_contrast(cells: LatticeCells, clip_sigmas: float = 3.0, soft_sigmas: fl
     z = np.clip((v - med) / sig, -clip_sigmas, clip_sigmas)
     z = np.sign(z) * np.maximum(np.abs(z) - soft_sigmas, 0.0)
     return np.where(use, z, 0.0), use
-
-
-def _neighbours(x: FloatArray) -> FloatArray:
-    """(8, rows, cols): each cell's 8 neighbours' values, NaN beyond the edge."""
-    rows, cols = x.shape
-    pad = np.pad(x, 1, constant_values=np.nan)
-    return np.stack([pad[1 + dr:1 + dr + rows, 1 + dc:1 + dc + cols]
-                     for dr in (-1, 0, 1) for dc in (-1, 0, 1) if (dr, dc) != (0, 0)])
 
 
 def _decide(res_l: FloatArray, m_l: FloatArray, res_e: FloatArray, m_e: FloatArray,
