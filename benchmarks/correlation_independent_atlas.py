@@ -19,7 +19,8 @@ process) on TIFF/MRC files and judges its JSON against ground truth:
 
 Query points: centres of 10-30 LM squares inside both fields. A point is right when its
 mapped EM position falls inside the true EM square. A grid with no non-periodic content
-common to both images (no finder mark, < 3 broken/dark/cell squares) may be refused
+common to both images (no finder mark, < 3 broken/dark/cell squares inside both fields and
+shown by both; a reflected-light overview shows only the cells) may be refused
 ("no_confident_match") without counting as a failure; a confident wrong answer always fails.
 
     OMP_NUM_THREADS=1 .venv/bin/python -m benchmarks.correlation_independent_atlas \
@@ -334,6 +335,27 @@ def _query_squares(g: Grid, lm: View, em: View, rng: np.random.Generator) -> NDA
     return ij[rng.choice(len(ij), k, replace=False)] if k else ij
 
 
+def _inside(view: View, uv: F) -> NDArray[np.bool_]:
+    p = view.to_px(uv.reshape(-1, 2))
+    return (p[:, 0] >= 0) & (p[:, 1] >= 0) & (p[:, 0] < view.shape[1]) & \
+        (p[:, 1] < view.shape[0])
+
+
+def _shared_content(g: Grid, lm: View, em: View, reflected: bool) -> int:
+    """Broken, thick-ice and cell-covered squares inside both fields that both images show.
+
+    A reflected-light overview shows cells but neither broken nor thick-ice squares (the
+    film reflects as little either way, render_lm).
+    """
+    uv = [np.array(k, float) * g.pitch for k, s in g.state.items()
+          if s in ("broken", "dark") and not reflected]
+    uv += [np.array(c[:2], float) for c in g.cells]
+    if not uv:
+        return 0
+    pts = np.array(uv)
+    return int(np.sum(_inside(lm, pts) & _inside(em, pts)))
+
+
 def make_case(seed: int) -> Case:
     """Render one independent atlas pair from ``seed``."""
     rng = np.random.default_rng(seed)
@@ -356,12 +378,14 @@ def make_case(seed: int) -> Case:
     em = render_em(g, em_v, rng, inverted)
     pts = _query_squares(g, lm_v, em_v, rng)
     n_content = sum(s in ("broken", "dark") for s in g.state.values()) + len(g.cells)
+    shared = _shared_content(g, lm_v, em_v, reflected)
     info = {"pitch_um": g.pitch, "bar_um": round(g.bar, 1), "finder": g.finder,
             "mirrored": mirrored, "lm_px": round(lm_nom, 3), "em_px": round(em_nom, 3),
             "scale_err": round(float(err), 3), "lm_shape": list(lm.shape),
             "em_shape": list(em.shape), "lm_reflected": reflected, "em_inverted": inverted,
             "whole": bool(whole), "broken_dark_cells": n_content,
-            "determined": g.finder not in ("none", "ring") or n_content >= 3}
+            "shared_content": shared,
+            "determined": g.finder not in ("none", "ring") or shared >= 3}
     return Case(seed, lm, em, lm_nom, em_nom, lm_v, em_v, g, pts, info)
 
 

@@ -23,6 +23,7 @@ spread either way on one overview; tests/protocols/test_correlation_atlas_film.p
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import replace
 
 import numpy as np
@@ -47,29 +48,41 @@ CLIP_SIGMAS = 2.5  # samples further than this from a square's plane are cells o
 HUBER = 1.5  # edges off by more than this many robust sigmas are down-weighted
 RIDGE = 1e-3  # ties each connected piece of the lattice to zero mean
 MIN_AROUND = 3  # measured squares around one that its film is compared with
+# What covers the film (cells, dirt; see film_cover): finer samples than the film level's,
+# whose plane only needs the illumination.
+COVER_SAMPLES = 13
+COVER_SIGMAS = 3.0
+COVER_MIN_LOG = 0.04
 
 
-def _planes(cells: LatticeCells, img: FloatArray, metal_level: float, sign: float
-            ) -> FloatArray:
-    """(rows, cols, 3): a + b u + c v fitted to each whole opening's log film intensity,
-    u and v in pitches along the lattice's i and j axes; NaN where no whole opening."""
+def _plane_fits(cells: LatticeCells, img: FloatArray, metal_level: float, sign: float,
+                samples: int) -> tuple[FloatArray, FloatArray, FloatArray]:
+    """Each whole opening's log film intensity, sampled and fitted by a plane.
+
+    Returns (rows, cols, 3) planes a + b u + c v (u and v in pitches along the lattice's
+    i and j axes), (rows, cols, samples^2) the log samples and (samples^2, 3) their
+    design rows [1, u, v]; NaN where no whole opening.
+    """
     rows, cols = cells.shape
     typical = cells.typical_openness()
     whole = cells.found & cells.valid & (cells.openness > 0.85 * typical)
     out = np.full((rows, cols, 3), np.nan)
+    logs = np.full((rows, cols, samples * samples), np.nan)
+    side = INNER * float(np.sqrt(typical)) if np.isfinite(typical) else 0.0
+    s = ((np.arange(samples) + 0.5) / samples - 0.5) * side
+    ou, ov = np.meshgrid(s, s)
+    design = np.c_[np.ones(samples * samples), ou.ravel(), ov.ravel()]
     if not whole.any() or not np.isfinite(typical):
-        return out
-    side = INNER * float(np.sqrt(typical))
+        return out, logs, design
     rr, cc = np.nonzero(whole)
     centre = np.full((1, len(rr), 2), np.nan)
     centre[0] = cells.opening_px[rr, cc]
-    vals = square_patches(sign * img - metal_level, centre, cells.index_to_px, SAMPLES,
+    vals = square_patches(sign * img - metal_level, centre, cells.index_to_px, samples,
                           side)[0].reshape(len(rr), -1)
-    s = ((np.arange(SAMPLES) + 0.5) / SAMPLES - 0.5) * side
-    ou, ov = np.meshgrid(s, s)
-    design = np.c_[np.ones(SAMPLES * SAMPLES), ou.ravel(), ov.ravel()]
     level = np.nanmedian(vals, axis=1)
     good = np.isfinite(vals).all(axis=1) & (level > 0)
+    if not good.any():
+        return out, logs, design
     y = np.log(np.maximum(vals[good], 0.02 * level[good, None]))
     w = np.ones_like(y)
     coef = np.zeros((len(y), 3))
@@ -81,7 +94,50 @@ def _planes(cells: LatticeCells, img: FloatArray, metal_level: float, sign: floa
         sd = 1.4826 * np.median(np.abs(res), axis=1, keepdims=True) + 1e-6
         w = (np.abs(res) < CLIP_SIGMAS * sd).astype(np.float64)
     out[rr[good], cc[good]] = coef
-    return out
+    logs[rr[good], cc[good]] = y
+    return out, logs, design
+
+
+def film_cover(planes: FloatArray, logs: FloatArray, design: FloatArray) -> FloatArray:
+    """Fraction of each whole opening's samples that something on the film covers (NaN
+    where no whole opening): further from the film's plane than ``COVER_SIGMAS`` times
+    the typical square's noise and than ``COVER_MIN_LOG``.
+
+    Why not the square's own plane fit as it stands: a cell in one corner tilts it towards
+    the cell, and a brighter cell, whose contrast is a few noise levels, hides in the
+    tilt (and the square's own spread, which the clipping there scales with). So the fit
+    is redone from the neighbours' slopes (illumination is smooth over a few squares) and
+    the median level, clipping at the typical square's noise: it starts beside the film
+    and stays there, yet can still follow a slope of its own (a tile seam).
+    Why a fraction and not a level: a cell darkens the film in transmitted light and in
+    the EM but brightens it in reflected light, and dirt is dark in either; the area
+    something covers is what every modality agrees on.
+    """
+    have = np.isfinite(planes[..., 0])
+    cover = np.full(have.shape, np.nan)
+    if not have.any():
+        return cover
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # squares with no measured neighbour
+        slopes = np.stack([np.nanmedian(window_stack(planes[..., k], 1, np.nan), axis=0)
+                           for k in (1, 2)], -1)
+    around = np.isfinite(window_stack(planes[..., 0], 1, np.nan)).sum(axis=0)
+    slopes = np.where((around >= 3)[..., None], slopes, planes[..., 1:])[have]
+    y = logs[have]
+    flat = y - slopes @ design[:, 1:].T
+    coef = np.c_[np.median(flat, axis=1), slopes]
+    res = y - coef @ design.T
+    noise = 1.4826 * float(np.median(np.abs(res)))
+    for _ in range(3):
+        w = (np.abs(res) < CLIP_SIGMAS * noise).astype(np.float64)
+        normal = np.einsum("nk,ka,kb->nab", w, design, design)
+        rhs = np.einsum("nk,ka,nk->na", w, design, y)
+        fit = np.linalg.solve(normal + 1e-9 * np.eye(3), rhs[..., None])[..., 0]
+        coef = np.where((w.sum(axis=1) > 0.5 * w.shape[1])[:, None], fit, coef)
+        res = y - coef @ design.T
+        noise = 1.4826 * float(np.median(np.median(np.abs(res), axis=1)))
+    cover[have] = np.mean(np.abs(res) > max(COVER_SIGMAS * noise, COVER_MIN_LOG), axis=1)
+    return cover
 
 
 def film_log(cells: LatticeCells, img: FloatArray, metal_level: float, sign: float
@@ -92,7 +148,7 @@ def film_log(cells: LatticeCells, img: FloatArray, metal_level: float, sign: flo
     ``img`` is the image the lattice was measured on, ``sign`` turns it so that metal is
     dark and ``metal_level`` is the metal's level in it (atlas_lattice.square_brightness).
     """
-    planes = _planes(cells, img, metal_level, sign)
+    planes = _plane_fits(cells, img, metal_level, sign, SAMPLES)[0]
     have = np.isfinite(planes[..., 0])
     out = np.full(have.shape, np.nan)
     n = int(have.sum())
@@ -153,7 +209,11 @@ def _against_surroundings(film: FloatArray, piece: NDArray[np.intp]) -> FloatArr
 
 
 def with_film(cells: LatticeCells, img: FloatArray, dark: BoolArray) -> LatticeCells:
-    """``cells`` with :func:`film_log` measured on ``img`` (whose metal mask is ``dark``)."""
+    """``cells`` with :func:`film_log` and :func:`film_cover` measured on ``img`` (whose
+    metal mask is ``dark``)."""
     if not np.isfinite(cells.metal_level):
         return cells
-    return replace(cells, film=film_log(cells, img, cells.metal_level, metal_sign(img, dark)))
+    sign = metal_sign(img, dark)
+    return replace(cells, film=film_log(cells, img, cells.metal_level, sign),
+                   cover=film_cover(*_plane_fits(cells, img, cells.metal_level, sign,
+                                                 COVER_SAMPLES)))

@@ -176,7 +176,8 @@ class LatticeCells:
     own image, turned so that metal is dark, and ``metal_level`` the median of the metal
     (both NaN/None when no image was given); see :func:`square_brightness`. ``film`` is
     each whole opening's log film transmission with the illumination taken out
-    (atlas_film.with_film), NaN elsewhere; None until measured.
+    (atlas_film.with_film), NaN elsewhere; None until measured. ``cover`` is the fraction of
+    each whole opening covered by something off the film's plane (cells, dirt), likewise.
     """
 
     angle_deg: float
@@ -191,6 +192,7 @@ class LatticeCells:
     brightness: FloatArray | None = None
     metal_level: float = float("nan")
     film: FloatArray | None = None
+    cover: FloatArray | None = None
 
     @property
     def shape(self) -> tuple[int, int]:

@@ -319,6 +319,31 @@ def film_contrast(cells: LatticeCells, clip_sigmas: float = 3.0, soft_sigmas: fl
     return np.where(use, z, 0.0), use
 
 
+def cover_contrast(cells: LatticeCells, clip_sigmas: float = 3.0, soft_sigmas: float = 1.0,
+                   floor: float = 0.01) -> tuple[FloatArray, BoolArray] | None:
+    """Each whole opening's cover (``cells.cover``: the fraction covered by cells or dirt)
+    against the atlas' typical square, in robust sigmas (at least ``floor`` of an
+    opening), clipped and soft-thresholded as in :func:`film_contrast`.
+
+    Why a channel of its own: cells are the one thing on the film that every modality
+    shows, whatever the contrast. A reflected-light overview shows neither broken nor
+    thick-ice squares (the film reflects little either way) but does show cells; summed
+    with the film level, cells would count once as darker and once as brighter.
+    Squares cut by metal are left out, as for the film.
+    """
+    c = cells.cover
+    if c is None:
+        return None
+    use = np.isfinite(c) & cells.valid & ~closed_boundary(cells, edge_counts=False)
+    if use.sum() < 10:
+        return None
+    med = float(np.median(c[use]))
+    sig = max(1.4826 * float(np.median(np.abs(c[use] - med))), floor)
+    z = np.clip((np.where(use, c, med) - med) / sig, -clip_sigmas, clip_sigmas)
+    z = np.sign(z) * np.maximum(np.abs(z) - soft_sigmas, 0.0)
+    return np.where(use, z, 0.0), use
+
+
 def _decide(res_l: FloatArray, m_l: FloatArray, res_e: FloatArray, m_e: FloatArray,
             near: set[Pose], peaks: dict[tuple[bool, int], float], min_overlap: float,
             by_overlap: bool = False) -> PoseDecision:
@@ -392,7 +417,7 @@ def decide_pose_channels(lm: LatticeCells, em: LatticeCells, min_overlap: float 
                          ) -> list[tuple[str, PoseDecision]]:
     """The pose decided by each content channel on its own: "metal" (the patches' residual
     metal: marks, letters, bars) and, when both atlases carry film brightness, "film"
-    (:func:`film_contrast`). Kept apart rather than summed: a channel with nothing to say
+    (:func:`film_contrast`) and "cover" (:func:`cover_contrast`). Kept apart rather than summed: a channel with nothing to say
     would halve the margin of one that decides, and one channel's large common pattern (a
     centre ring, equal under every rotation) would drown the other's tie-breaking squares.
     """
@@ -402,11 +427,12 @@ def decide_pose_channels(lm: LatticeCells, em: LatticeCells, min_overlap: float 
     res_l, int_l = content(lm)
     out = [("metal", _decide(res_l, int_l.astype(np.float64), res_e, int_e.astype(np.float64),
                              near, peaks, min_overlap))]
-    film_l, film_e = film_contrast(lm), film_contrast(em)
-    if film_l is not None and film_e is not None:
-        out.append(("film", _decide(film_l[0], film_l[1].astype(np.float64), film_e[0],
-                                    film_e[1].astype(np.float64), near, peaks, min_overlap,
-                                    by_overlap=True)))
+    for name, read in (("film", film_contrast), ("cover", cover_contrast)):
+        a, b = read(lm), read(em)
+        if a is not None and b is not None:
+            out.append((name, _decide(a[0], a[1].astype(np.float64), b[0],
+                                      b[1].astype(np.float64), near, peaks, min_overlap,
+                                      by_overlap=True)))
     return out
 
 

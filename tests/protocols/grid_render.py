@@ -3,7 +3,9 @@
 Not the simulator, on purpose (the atlas code must not depend on one grid design): bars and a
 round mesh, a chiral 'L'+dot centre mark, finder glyphs (small L-shapes in random squares
 and orientations), notches on random bars; the EM view adds torn (bright) and thick-ice
-(dark) squares and cells as dark blobs, the LM view faint cells and uneven illumination.
+(dark) squares and cells as dark blobs, the LM view faint cells and uneven illumination
+(in reflected light, "lm_reflected": bright metal, dim film, cells dimmer still, which
+with the metal bright is the opposite sign to the EM's).
 Edges are block-sampled. ``marks=False`` leaves no chiral metal; with ``film=False`` as
 well (no cells, torn or thick-ice squares) the grid has no chiral content at all.
 """
@@ -62,12 +64,13 @@ def grid_metal(g: FloatArray, seed: int = 0, marks: bool = True) -> NDArray[np.b
 
 
 def render_overview(linear: FloatArray, shift_um: FloatArray, pixel_um: float, size: int,
-                    modality: str, seed: int = 0, marks: bool = True, film: bool = True
-                    ) -> NDArray[np.float32]:
+                    modality: str, seed: int = 0, marks: bool = True, film: bool = True,
+                    cells: bool = True) -> NDArray[np.float32]:
     """An overview image whose pixel p shows grid point ``linear^-1 (p * px - shift)``.
 
     The grid content (marks, squares' states, cells) depends on ``seed`` only, so the LM
-    and EM views of one grid share it; the noise differs by modality.
+    and EM views of one grid share it; the noise differs by modality. ``cells=False``
+    leaves this view's cells out (a modality that does not show them).
     """
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)
     q = np.stack([xx, yy], -1) * pixel_um - shift_um
@@ -81,11 +84,13 @@ def render_overview(linear: FloatArray, shift_um: FloatArray, pixel_um: float, s
     local = g - np.stack([np.rint(g[..., 0] / PITCH_UM), np.rint(g[..., 1] / PITCH_UM)],
                          -1) * PITCH_UM
     cell = (t["cell"][ii, jj] > 0) & (np.linalg.norm(local - t["cell_xy"][ii, jj], axis=-1) < 22)
-    cell &= film
+    cell &= film & cells
     rng = np.random.default_rng(seed + (1 if modality == "lm" else 2))
-    if modality == "lm":
+    if modality in ("lm", "lm_reflected"):
         light = 1.0 - 0.25 * (np.hypot(xx - 0.3 * size, yy - 0.6 * size) / size) ** 2
         img = np.where(metal & inside, 0.05, np.where(cell, 0.9, 1.0)) * light
+        if modality == "lm_reflected":  # metal bright; broken or thick film looks alike
+            img = np.where(metal & inside, 1.0, np.where(cell, 0.13, 0.2)) * light
     else:
         state = t["state"][ii, jj] * film
         film = np.where(state == 1, 1.0, np.where(state == 2, 0.12, 0.7))

@@ -23,10 +23,11 @@ def _lin(deg: float, scale: float, mirrored: bool) -> np.ndarray:
 
 
 def _register(seed: int, lm_deg: float, em_deg: float, mirrored: bool, marks: bool = True,
-              em_pixel_claimed: float = 5.5, film: bool = True):  # type: ignore[no-untyped-def]
+              em_pixel_claimed: float = 5.5, film: bool = True,
+              lm: str = "lm", lm_cells: bool = True):  # type: ignore[no-untyped-def]
     l1, l2 = _lin(lm_deg, 1.0, False), _lin(em_deg, 0.98, mirrored)
-    lm = render_overview(l1, np.array([1600.0, 1600.0]), 5.0, 640, "lm", seed=seed, marks=marks,
-                         film=film)
+    lm = render_overview(l1, np.array([1600.0, 1600.0]), 5.0, 640, lm, seed=seed, marks=marks,
+                         film=film, cells=lm_cells)
     em = render_overview(l2, np.array([1600.0, 1650.0]), 5.5, 600, "em", seed=seed, marks=marks,
                          film=film)
     res = register_atlas(lm, 5.0, em, em_pixel_claimed, (POINTS_UM @ l1.T + 1600.0) / 5.0)
@@ -62,12 +63,33 @@ def test_a_grid_without_chiral_content_is_refused() -> None:
 @pytest.mark.parametrize("seed", [3, 6])
 def test_cells_and_squares_states_alone_fix_the_pose(seed: int) -> None:
     """No chiral metal at all: cells (darker in both) and torn/thick-ice squares (EM only)
-    are what tells the poses apart, through the film brightness of each square."""
+    are what tells the poses apart, through the film brightness of each square or how much
+    of it the cells cover."""
     res, truth = _register(seed, 20.0, -75.0, True, marks=False)
     assert res.status == "ok", res.reason
-    assert "film" in res.reason and res.mirrored
+    assert ("film" in res.reason or "cover" in res.reason) and res.mirrored
     assert res.points_em_px is not None
     assert np.all(np.linalg.norm(res.points_em_px - truth, axis=1) * 5.5 < 5.0)
+
+
+@pytest.mark.parametrize("seed", [3, 6])
+def test_cells_alone_fix_the_pose_in_reflected_light(seed: int) -> None:
+    """A reflected-light overview shows neither torn nor thick-ice squares, and here no
+    chiral metal: only the cells. They are dimmer than the film, and the metal is bright,
+    so against the metal they stand out the other way than in the EM: the film level
+    cannot use them, how much of each square something covers can."""
+    res, truth = _register(seed, 20.0, -75.0, True, marks=False, lm="lm_reflected")
+    assert res.status == "ok", res.reason
+    assert "cover" in res.reason and res.mirrored
+    assert res.points_em_px is not None
+    assert np.all(np.linalg.norm(res.points_em_px - truth, axis=1) * 5.5 < 5.0)
+
+
+def test_a_reflected_overview_without_cells_is_refused() -> None:
+    """The same grid with no cells in the light overview: the EM's torn and thick-ice
+    squares and cells have nothing to meet in reflected light."""
+    res, _ = _register(3, 20.0, -75.0, True, marks=False, lm="lm_reflected", lm_cells=False)
+    assert res.status == "no_confident_match", res.reason
 
 
 def test_wrong_pixel_size_is_unusable_input() -> None:

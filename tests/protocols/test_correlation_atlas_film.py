@@ -7,6 +7,9 @@ Tiles here span 5.4 squares, as a 20x camera field does. With fewer squares per 
 squares have a seam through them (the illumination's kink, which a plane cannot follow):
 at 4 squares per tile intact squares scatter by 0.020 (0.084 comparing with neighbours),
 at 2 by 0.09 either way, as much as the signal.
+
+The same plane fits tell how much of a square something covers (cells, dirt), darker or
+brighter than the film.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import warnings
 
 import cv2
 import numpy as np
+import pytest
 
 from protocols.correlation.atlas_film import with_film
 from protocols.correlation.atlas_lattice import lattice_cells, metal_mask
@@ -25,8 +29,9 @@ SIZE = 900
 TILE_PX = 270  # a stitched tile of 675 um: a 20x field (2048 x 0.33 um), 5.4 squares
 
 
-def _overview(seed: int, broken: float) -> tuple[np.ndarray, np.ndarray]:
-    """Transmitted-light overview (rotated grid) and each pixel's square index."""
+def _overview(seed: int, broken: float, cell: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """Transmitted-light overview (rotated grid) and which squares are torn (or, with
+    ``cell``, carry a cell of that relative contrast instead: a 25 um disk off-centre)."""
     rng = np.random.default_rng(seed)
     t = np.deg2rad(17.0)
     rot = np.array([[np.cos(t), -np.sin(t)], [np.sin(t), np.cos(t)]])
@@ -37,6 +42,10 @@ def _overview(seed: int, broken: float) -> tuple[np.ndarray, np.ndarray]:
     torn = rng.random((64, 64)) < 0.12
     is_torn = torn[ij[..., 0] + 32, ij[..., 1] + 32]
     film = np.where(metal, 0.03, np.where(is_torn, 1.0 + broken, 1.0))
+    if cell:
+        local = g - ij * PITCH_UM - 15.0
+        film = np.where(~metal & is_torn & (np.hypot(local[..., 0], local[..., 1]) < 25.0),
+                        1.0 + cell, np.where(metal, 0.03, 1.0))
     fx, fy = (xx % TILE_PX) / TILE_PX - 0.5, (yy % TILE_PX) / TILE_PX - 0.5
     gain = rng.normal(1.0, 0.03, (SIZE // TILE_PX + 1,) * 2)
     light = (1 - 0.35 * 2 * (fx ** 2 + fy ** 2)) * gain[(yy // TILE_PX).astype(int),
@@ -47,8 +56,8 @@ def _overview(seed: int, broken: float) -> tuple[np.ndarray, np.ndarray]:
     return img, torn
 
 
-def _square_values(seed: int, broken: float):  # type: ignore[no-untyped-def]
-    img, torn = _overview(seed, broken)
+def _square_values(seed: int, broken: float, cell: float = 0.0):  # type: ignore[no-untyped-def]
+    img, torn = _overview(seed, broken, cell)
     dark = metal_mask(img.astype(np.float64), PX_UM, 40.0, 400.0)
     cells = with_film(lattice_cells(dark, PX_UM, 20, 40.0, 400.0, 12, image=img), img, dark)
     assert cells.film is not None
@@ -100,3 +109,21 @@ def test_intact_film_alone_shows_no_broken_squares() -> None:
     vals = film[np.isfinite(film)]
     assert len(vals) > 80
     assert np.mean(np.abs(vals - np.median(vals)) > 0.05) < 0.06
+
+
+@pytest.mark.parametrize("cell", [-0.2, 0.12], ids=["darker", "brighter"])
+def test_cells_cover_part_of_their_squares_whichever_their_contrast(cell: float) -> None:
+    """A cell covering a sixth of a square, 20% darker (transmitted light) or 12% brighter
+    (reflected light), under the same vignetting: its square's cover stands above every
+    clean one, and clean squares' cover is the few % of noise samples."""
+    cells, has_cell = _square_values(5, 0.0, cell)
+    cover = cells.cover
+    assert cover is not None
+    measured = np.isfinite(cover)
+    assert measured.sum() > 80
+    clean, covered = cover[measured & ~has_cell], cover[measured & has_cell]
+    assert len(covered) >= 6
+    # A 25 um disk in the 72 um sampled part of the opening: about a third of the samples.
+    assert 0.15 < np.median(covered) < 0.45, np.median(covered)
+    assert np.percentile(clean, 95) < 0.06  # measured 0.035-0.049 (squares with a seam)
+    assert np.mean(covered > np.percentile(clean, 99)) > 0.9
