@@ -28,7 +28,7 @@ from dataclasses import replace
 
 import numpy as np
 from numpy.typing import NDArray
-from scipy import sparse
+from scipy import ndimage, sparse
 from scipy.sparse.csgraph import connected_components
 from scipy.sparse.linalg import lsqr
 
@@ -53,6 +53,7 @@ MIN_AROUND = 3  # measured squares around one that its film is compared with
 COVER_SAMPLES = 13
 COVER_SIGMAS = 3.0
 COVER_MIN_LOG = 0.04
+COVER_LEVEL_PEERS = 9  # squares of similar level whose noise one's is judged by
 
 
 def _plane_fits(cells: LatticeCells, img: FloatArray, metal_level: float, sign: float,
@@ -101,14 +102,15 @@ def _plane_fits(cells: LatticeCells, img: FloatArray, metal_level: float, sign: 
 def film_cover(planes: FloatArray, logs: FloatArray, design: FloatArray) -> FloatArray:
     """Fraction of each whole opening's samples that something on the film covers (NaN
     where no whole opening): further from the film's plane than ``COVER_SIGMAS`` times
-    the typical square's noise and than ``COVER_MIN_LOG``.
+    the noise of squares as bright (:func:`_noise_at_level`) and than ``COVER_MIN_LOG``.
 
     Why not the square's own plane fit as it stands: a cell in one corner tilts it towards
     the cell, and a brighter cell, whose contrast is a few noise levels, hides in the
     tilt (and the square's own spread, which the clipping there scales with). So the fit
     is redone from the neighbours' slopes (illumination is smooth over a few squares) and
-    the median level, clipping at the typical square's noise: it starts beside the film
-    and stays there, yet can still follow a slope of its own (a tile seam).
+    the median level, clipping at the noise of squares as bright (:func:`_noise_at_level`):
+    it starts beside the film and stays there, yet can still follow a slope of its own (a
+    tile seam).
     Why a fraction and not a level: a cell darkens the film in transmitted light and in
     the EM but brightens it in reflected light, and dirt is dark in either; the area
     something covers is what every modality agrees on.
@@ -128,16 +130,36 @@ def film_cover(planes: FloatArray, logs: FloatArray, design: FloatArray) -> Floa
     coef = np.c_[np.median(flat, axis=1), slopes]
     res = y - coef @ design.T
     noise = 1.4826 * float(np.median(np.abs(res)))
+    noise = _noise_at_level(coef[:, 0], res)
     for _ in range(3):
-        w = (np.abs(res) < CLIP_SIGMAS * noise).astype(np.float64)
+        w = (np.abs(res) < CLIP_SIGMAS * noise[:, None]).astype(np.float64)
         normal = np.einsum("nk,ka,kb->nab", w, design, design)
         rhs = np.einsum("nk,ka,nk->na", w, design, y)
         fit = np.linalg.solve(normal + 1e-9 * np.eye(3), rhs[..., None])[..., 0]
         coef = np.where((w.sum(axis=1) > 0.5 * w.shape[1])[:, None], fit, coef)
         res = y - coef @ design.T
-        noise = 1.4826 * float(np.median(np.median(np.abs(res), axis=1)))
-    cover[have] = np.mean(np.abs(res) > max(COVER_SIGMAS * noise, COVER_MIN_LOG), axis=1)
+        noise = _noise_at_level(coef[:, 0], res)
+    thr = np.maximum(COVER_SIGMAS * noise, COVER_MIN_LOG)
+    cover[have] = np.mean(np.abs(res) > thr[:, None], axis=1)
     return cover
+
+
+def _noise_at_level(level: FloatArray, res: FloatArray) -> FloatArray:
+    """Each square's expected noise (log units): the median robust spread of the squares
+    nearest to it in level.
+
+    Why by level: in log units shot noise grows as the film darkens, and a thick-ice
+    square in the EM (a few % transmission, a few counts) is noisy all over; measured
+    against the typical square it would look covered, and the EM's dark squares would
+    then meet the LM's cells. Why not the square's own spread: a cell covering a third
+    of the square inflates it.
+    """
+    own = 1.4826 * np.median(np.abs(res), axis=1)
+    order = np.argsort(level)
+    size = int(min(len(own), max(COVER_LEVEL_PEERS, len(own) // 20)))
+    out = np.empty_like(own)
+    out[order] = ndimage.median_filter(own[order], size=size, mode="nearest")
+    return np.asarray(out, np.float64)
 
 
 def film_log(cells: LatticeCells, img: FloatArray, metal_level: float, sign: float
