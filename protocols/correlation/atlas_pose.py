@@ -417,9 +417,10 @@ def decide_pose_channels(lm: LatticeCells, em: LatticeCells, min_overlap: float 
                          ) -> list[tuple[str, PoseDecision]]:
     """The pose decided by each content channel on its own: "metal" (the patches' residual
     metal: marks, letters, bars) and, when both atlases carry film brightness, "film"
-    (:func:`film_contrast`) and "cover" (:func:`cover_contrast`). Kept apart rather than summed: a channel with nothing to say
-    would halve the margin of one that decides, and one channel's large common pattern (a
-    centre ring, equal under every rotation) would drown the other's tie-breaking squares.
+    (:func:`film_contrast`) and "cover" (:func:`cover_contrast`). Kept apart rather than
+    summed: a channel with nothing to say would halve the margin of one that decides, and
+    one channel's large common pattern (a centre ring, equal under every rotation) would
+    drown the other's tie-breaking squares.
     """
     size = max(lm.shape)
     near, peaks = _mesh_shifts(lm, em, (em.shape[0] + size, em.shape[1] + size))
