@@ -318,6 +318,13 @@ class Case:
     info: dict[str, Any]
 
 
+def _inside(view: View, uv: F, margin: float = 0.0) -> NDArray[np.bool_]:
+    """Whether grid points ``uv`` (um) lie in ``view``'s image, ``margin`` pixels clear."""
+    p = view.to_px(uv.reshape(-1, 2))
+    return (p[:, 0] > margin) & (p[:, 1] > margin) & (p[:, 0] < view.shape[1] - margin) & \
+        (p[:, 1] < view.shape[0] - margin)
+
+
 def _query_squares(g: Grid, lm: View, em: View, rng: np.random.Generator) -> NDArray[np.intp]:
     n = g.n_index()
     ij = np.array([(i, j) for i in range(-n, n + 1) for j in range(-n, n + 1)
@@ -326,19 +333,10 @@ def _query_squares(g: Grid, lm: View, em: View, rng: np.random.Generator) -> NDA
     uv = ij * g.pitch
     ok = np.ones(len(ij), bool)
     for view in (lm, em):
-        p = view.to_px(uv)
-        m = g.pitch / np.sqrt(abs(np.linalg.det(view.lin)))
-        ok &= (p[:, 0] > m) & (p[:, 1] > m) & (p[:, 0] < view.shape[1] - m) & \
-              (p[:, 1] < view.shape[0] - m)
+        ok &= _inside(view, uv, g.pitch / np.sqrt(abs(np.linalg.det(view.lin))))
     ij = ij[ok]
     k = min(len(ij), int(rng.integers(10, 31)))
     return ij[rng.choice(len(ij), k, replace=False)] if k else ij
-
-
-def _inside(view: View, uv: F) -> NDArray[np.bool_]:
-    p = view.to_px(uv.reshape(-1, 2))
-    return (p[:, 0] >= 0) & (p[:, 1] >= 0) & (p[:, 0] < view.shape[1]) & \
-        (p[:, 1] < view.shape[0])
 
 
 def _shared_content(g: Grid, lm: View, em: View, reflected: bool) -> int:

@@ -310,13 +310,8 @@ def film_contrast(cells: LatticeCells, clip_sigmas: float = 3.0, soft_sigmas: fl
     if cells.film is not None:
         better = use & np.isfinite(cells.film)
         v[better] = cells.film[better]
-    med = float(np.median(v[use]))
-    sig = 1.4826 * float(np.median(np.abs(v[use] - med)))
-    if sig <= 0:
-        return None
-    z = np.clip((v - med) / sig, -clip_sigmas, clip_sigmas)
-    z = np.sign(z) * np.maximum(np.abs(z) - soft_sigmas, 0.0)
-    return np.where(use, z, 0.0), use
+    z = _votes(v, use, clip_sigmas, soft_sigmas)
+    return None if z is None else (z, use)
 
 
 def cover_contrast(cells: LatticeCells, clip_sigmas: float = 3.0, soft_sigmas: float = 1.0,
@@ -337,11 +332,22 @@ def cover_contrast(cells: LatticeCells, clip_sigmas: float = 3.0, soft_sigmas: f
     use = np.isfinite(c) & cells.valid & ~closed_boundary(cells, edge_counts=False)
     if use.sum() < 10:
         return None
-    med = float(np.median(c[use]))
-    sig = max(1.4826 * float(np.median(np.abs(c[use] - med))), floor)
-    z = np.clip((np.where(use, c, med) - med) / sig, -clip_sigmas, clip_sigmas)
+    z = _votes(c, use, clip_sigmas, soft_sigmas, floor)
+    return None if z is None else (z, use)
+
+
+def _votes(v: FloatArray, use: BoolArray, clip_sigmas: float, soft_sigmas: float,
+           floor: float = 0.0) -> FloatArray | None:
+    """``v`` in robust sigmas about its median over ``use`` (the spread at least ``floor``),
+    clipped at ``clip_sigmas`` and shrunk by ``soft_sigmas`` towards 0; 0 outside ``use``.
+    None when the spread is 0."""
+    med = float(np.median(v[use]))
+    sig = max(1.4826 * float(np.median(np.abs(v[use] - med))), floor)
+    if sig <= 0:
+        return None
+    z = np.clip((np.where(use, v, med) - med) / sig, -clip_sigmas, clip_sigmas)
     z = np.sign(z) * np.maximum(np.abs(z) - soft_sigmas, 0.0)
-    return np.where(use, z, 0.0), use
+    return np.where(use, z, 0.0)
 
 
 def _decide(res_l: FloatArray, m_l: FloatArray, res_e: FloatArray, m_e: FloatArray,
