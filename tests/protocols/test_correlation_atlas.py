@@ -306,6 +306,40 @@ def test_two_channels_putting_one_pose_first_answer_it(film_first: bool, film_to
         assert decision.pose == truth and "same pose first" in reason
 
 
+@pytest.mark.parametrize(("cover_gap", "answered"), [(0.5, True), (2.5, False)],
+                         ids=["cover-sees-nothing", "cover-singles-out-another"])
+def test_a_third_channel_contradicts_only_when_its_best_stands_out(cover_gap: float,
+                                                                   answered: bool) -> None:
+    """Independent grid 1686227695: a centre ring ties the metal's rotations and the film
+    puts the right one first (3.9 sigma above its median); the cover, which sees no cells in
+    that EM field, stands 3.7 above its median for another pose, as the best of ~2000
+    hypotheses of noise does, but only 0.5 above its own runner-up. That vetoed the answer.
+    A cover whose best leads its runner-up by half the gap it needs alone still vetoes."""
+    from protocols.correlation.atlas import AtlasConfig, _choose_pose
+
+    rng = np.random.default_rng(3)
+    poses = [Pose(bool(m), r, dr, dc) for m in (0, 1) for r in range(4)
+             for dr in range(-6, 6) for dc in range(-6, 6)]
+    truth, other = poses[0], poses[300]
+    metal = {p: float(rng.normal()) for p in poses}
+    for p in poses[:8]:
+        metal[p] = 83.0 + 0.01 * float(rng.normal())
+    metal[truth] = 83.05
+    film = {p: float(np.clip(rng.normal(), -3.0, 2.7)) for p in poses}
+    for p in poses[1:8]:
+        film[p] = 1.8                  # among the tied poses the film leads by 2.1 only
+    film[truth] = 3.9
+    cover = {p: float(np.clip(rng.normal(), -3.0, 3.2)) for p in poses}
+    cover[other] = 3.2 + cover_gap
+    cover[truth] = -1.0
+    status, reason, decision = _choose_pose(
+        [("metal", _decision(metal)), ("film", _decision(film)), ("cover", _decision(cover))],
+        AtlasConfig())
+    assert (status == "ok") == answered, reason
+    if answered:
+        assert decision.pose == truth
+
+
 def test_lattice_pitch_is_the_openings_spacing_not_a_multiple_the_spectrum_prefers() -> None:
     """Closed squares in every third row make the spectrum's strongest peak three pitches
     long (montage tiles or a mark can do the same); the openings say 125 um."""
