@@ -55,6 +55,12 @@ CLIP_MIN_PIXELS, CLIP_MIN_FRACTION = 5, 2e-5
 # A detection this many times the threshold, fitting this many times above its residual,
 # counts as clear when learning what this map's beads look like (see _score).
 CLEAR_LEVEL, CLEAR_FIT = 2.0, 3.5
+# A candidate whose surroundings (a ring of 1-2 nominal radii) sit at an export's white clip
+# this much shows only its core: see _score.
+CLIPPED_RING_FRACTION = 0.5
+# ...and is scored as a bead's core when its fitted radius and density are at least this
+# fraction of the map's beads' (the cores of clipped beads fitted at 0.48-0.85 of both).
+CLIPPED_MIN_CORE = 0.3
 
 
 @dataclass(frozen=True)
@@ -110,6 +116,32 @@ def black_level(image: FloatArray) -> float:
     lo = float(image.min())
     n = max(CLIP_MIN_PIXELS, int(CLIP_MIN_FRACTION * image.size))
     return lo if np.count_nonzero(image == lo) >= n else -np.inf
+
+
+def white_level(image: FloatArray) -> float | None:
+    """The map's maximum when many pixels sit exactly on it (an export's white clip),
+    else None."""
+    hi = float(image.max())
+    n = max(CLIP_MIN_PIXELS, int(CLIP_MIN_FRACTION * image.size))
+    return hi if np.count_nonzero(image == hi) >= n else None
+
+
+def clipped_around(image: FloatArray, xy: FloatArray, radius_px: float, white: float | None
+                   ) -> NDArray[np.bool_]:
+    """Whether most of the ring of 1-2 ``radius_px`` around each (x, y) sits at ``white``."""
+    out = np.zeros(len(xy), dtype=bool)
+    if white is None or len(xy) == 0:
+        return out
+    h = int(np.ceil(2 * radius_px)) + 1
+    yy, xx = np.mgrid[-h:h + 1, -h:h + 1]
+    rr = np.hypot(xx, yy)
+    dy, dx = yy[(rr >= radius_px) & (rr <= 2 * radius_px)], xx[(rr >= radius_px)
+                                                               & (rr <= 2 * radius_px)]
+    for i, (x, y) in enumerate(xy):
+        r = np.clip(np.rint(y).astype(int) + dy, 0, image.shape[0] - 1)
+        c = np.clip(np.rint(x).astype(int) + dx, 0, image.shape[1] - 1)
+        out[i] = np.mean(image[r, c] >= white) >= CLIPPED_RING_FRACTION
+    return out
 
 
 def black_is_clip(image: FloatArray, black: float, valid: NDArray[np.bool_], f: int) -> bool:
@@ -268,8 +300,9 @@ def detect_em_beads(image: ArrayLike, pixel_um: float,
         _log.info("beads_em.none", candidates=len(peaks))
         return empty
     level = np.array(levels)
-    score = _score(fits, np.array(ratios), level, radius_px, cfg)
     xy = np.array([[x.x, x.y] for x in fits])
+    clipped = clipped_around(img, xy, radius_px, white_level(img))
+    score = _score(fits, np.array(ratios), level, radius_px, cfg, clipped)
     radius = np.array([x.sigma for x in fits]) / SPHERE_SIGMA_PER_RADIUS
     amp = np.array([x.amplitude for x in fits])
     # A faint candidate stays only when it looks like this map's beads (size, density,
@@ -287,11 +320,21 @@ def detect_em_beads(image: ArrayLike, pixel_um: float,
 
 
 def _score(fits: list[SpotFit], edge: FloatArray, level: FloatArray, radius_px: float,
-           cfg: EmBeadConfig) -> FloatArray:
+           cfg: EmBeadConfig, clipped: NDArray[np.bool_] | None = None) -> FloatArray:
     """Score in (0, 1]: radius, density against the bead cluster, roundness, blobness,
-    and how far above the noise the blob response stands (``level``, in sigmas)."""
+    and how far above the noise the blob response stands (``level``, in sigmas).
+
+    ``clipped`` candidates sit on an export's white clip (:func:`clipped_around`): only
+    the core of a bead shows there, so it fits smaller and fainter than the map's beads
+    and only being larger or denser than them counts against it. Why: 8-bit exports
+    whose white is set below the film (an independent generator's squares 400026 and
+    200009) fitted such beads at 0.4-0.6 of their radius, and the size prior scored them
+    out (0.000-0.002) though they stood at 15-31 sigma; nothing else in a clipped area
+    responds (it has no noise).
+    """
     radius = np.array([f.sigma for f in fits]) / SPHERE_SIGMA_PER_RADIUS
     amp = np.array([f.amplitude for f in fits])
+    clip = np.zeros(len(fits), bool) if clipped is None else np.asarray(clipped, bool)
     elong = np.array([f.elongation for f in fits])
     rms = np.array([f.rms for f in fits])
     # The nominal diameter is only a prior: beads are sold as 150-250 nm, and the fitted
@@ -321,10 +364,19 @@ def _score(fits: list[SpotFit], edge: FloatArray, level: FloatArray, radius_px: 
                        & (amp > CLEAR_FIT * rms))
     if np.sum(like) < 2:
         like = shaped
+    if np.sum(like & ~clip) >= 2:
+        like = like & ~clip          # a clipped bead shows only its core
     typical, typical_r = _typical_bead(amp, radius, like, 1.2 * radius_px)
+    # Only strong cores of some size: where the film sits just above the clip, its noise
+    # dips below it in faint specks (6-8 sigma), and where it sits far above, in single
+    # pixels (infinitely many sigma above a noise of 0, a fiftieth of a bead's density).
+    clip = (clip & (level >= CLEAR_LEVEL * cfg.threshold_sigmas)
+            & (radius >= CLIPPED_MIN_CORE * typical_r) & (amp >= CLIPPED_MIN_CORE * typical))
+    radius = np.where(clip, np.maximum(radius, typical_r), radius)
+    prior = np.where(clip & (size_ratio < 1.2), 1.0, prior)
     size = (np.exp(-0.5 * (np.log(np.clip(radius / typical_r, 1e-3, None)) / 0.25) ** 2)
             * np.clip(prior / 0.3, 0.0, 1.0))
-    rel = amp / max(typical, 1e-12)
+    rel = np.where(clip, np.maximum(amp / max(typical, 1e-12), 1.0), amp / max(typical, 1e-12))
     density = np.exp(-0.5 * (np.log(np.clip(rel, 1e-3, None)) / 0.35) ** 2)
     shape = np.clip((cfg.max_elongation - elong) / (cfg.max_elongation - 1.0), 0.05, 1.0)
     blob = np.clip(edge / 0.6, 0.05, 1.0)
