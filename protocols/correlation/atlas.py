@@ -321,7 +321,10 @@ def _corroborated(channels: list[tuple[str, PoseDecision]], cfg: AtlasConfig
     seeds 2-5) two channels' first choices coincided 77 times, every time on the right
     pose. Each must still stand above its own median (``tie_gap_sigmas``, or half
     ``closed_best_decades`` for the closed squares): a flat channel's first choice is
-    arbitrary.
+    arbitrary. A third channel standing up for another pose vetoes the answer, but only
+    when its own best also leads its runner-up by half the gap it needs alone: standing
+    is no evidence by itself (the best of ~2000 unrelated hypotheses stands ~3.5 sigma
+    above their median).
     """
 
     def standing(name: str, decision: PoseDecision) -> bool:
