@@ -327,10 +327,12 @@ def _score(fits: list[SpotFit], edge: FloatArray, level: FloatArray, radius_px: 
     ``clipped`` candidates sit on an export's white clip (:func:`clipped_around`): only
     the core of a bead shows there, so it fits smaller and fainter than the map's beads
     and only being larger or denser than them counts against it. Why: 8-bit exports
-    whose white is set below the film (an independent generator's squares 400026 and
-    200009) fitted such beads at 0.4-0.6 of their radius, and the size prior scored them
-    out (0.000-0.002) though they stood at 15-31 sigma; nothing else in a clipped area
-    responds (it has no noise).
+    whose white is set below the film (an independent generator's square 400026) fitted
+    such beads at 0.4-0.5 of their radius, and the size prior scored them out
+    (0.000-0.002) though they stood at 20-31 sigma. Only strong cores of at least
+    ``CLIPPED_MIN_CORE`` of the beads' radius and density are treated so: a clipped film
+    still shows its noise as single dark pixels (far above a noise estimate of 0) or, just
+    above the clip, as faint specks.
     """
     radius = np.array([f.sigma for f in fits]) / SPHERE_SIGMA_PER_RADIUS
     amp = np.array([f.amplitude for f in fits])

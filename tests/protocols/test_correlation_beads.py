@@ -285,7 +285,7 @@ def test_em_beads_on_film_clipped_white_keep_their_score(seed: int) -> None:
     and only each bead's core shows, fitted smaller and fainter than the beads of the
     other side, from which the map's beads are learnt. Scored by the size and density
     of those, they fell to 0.04-0.33 (one lost); a clipped core may be smaller and
-    fainter, not larger or denser (independent generator, squares 400026 and 200009)."""
+    fainter, not larger or denser (independent generator, square 400026)."""
     beads = spread_points(seed, 12, 40, 720, 50) + 0.3
     image = render_em(beads, bead_od=0.5, counts=200.0, seed=seed + 1).image.astype(np.float64)
     image *= 0.6 + 0.8 * np.arange(image.shape[1])[None, :] / (image.shape[1] - 1)
