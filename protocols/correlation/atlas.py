@@ -388,7 +388,7 @@ def register_atlas(lm_image: ArrayLike, lm_pixel_um: float, em_image: ArrayLike,
             mask = metal_mask(img, work, cfg.min_pitch_um, cfg.max_pitch_um)
             found = lattice_cells(mask, work, cfg.cell_samples, cfg.min_pitch_um,
                                   cfg.max_pitch_um, cfg.min_squares, image=img)
-            cells.append(with_film(found, img, mask))
+            cells.append(with_film(found, img))
         except CorrelationInputError as err:
             raise CorrelationInputError(f"{name}: {err}") from err
     lm_cells, em_cells = cells

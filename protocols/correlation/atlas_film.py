@@ -34,7 +34,6 @@ from scipy.sparse.linalg import lsqr
 
 from protocols.correlation.atlas_lattice import (
     LatticeCells,
-    metal_sign,
     square_patches,
     window_stack,
 )
@@ -230,12 +229,12 @@ def _against_surroundings(film: FloatArray, piece: NDArray[np.intp]) -> FloatArr
     return out
 
 
-def with_film(cells: LatticeCells, img: FloatArray, dark: BoolArray) -> LatticeCells:
-    """``cells`` with :func:`film_log` and :func:`film_cover` measured on ``img`` (whose
-    metal mask is ``dark``)."""
+def with_film(cells: LatticeCells, img: FloatArray) -> LatticeCells:
+    """``cells`` with :func:`film_log` and :func:`film_cover` measured on ``img``, the
+    image ``cells`` were read from (its metal level and sign are theirs)."""
     if not np.isfinite(cells.metal_level):
         return cells
-    sign = metal_sign(img, dark)
+    sign = cells.metal_sign
     return replace(cells, film=film_log(cells, img, cells.metal_level, sign),
                    cover=film_cover(*_plane_fits(cells, img, cells.metal_level, sign,
                                                  COVER_SAMPLES)))

@@ -174,7 +174,8 @@ class LatticeCells:
     ``opening_px`` holds the measured centres (working pixels), NaN where none.
     ``brightness`` is the median intensity of each square's central part in the atlas'
     own image, turned so that metal is dark, and ``metal_level`` the median of the metal
-    (both NaN/None when no image was given); see :func:`square_brightness`. ``film`` is
+    (both NaN/None when no image was given), and ``metal_sign`` how the image was turned
+    (:func:`metal_sign`); see :func:`square_brightness`. ``film`` is
     each whole opening's log film transmission with the illumination taken out
     (atlas_film.with_film), NaN elsewhere; None until measured. ``cover`` is the fraction of
     each whole opening covered by something off the film's plane (cells, dirt), likewise.
@@ -191,6 +192,7 @@ class LatticeCells:
     opening_px: FloatArray
     brightness: FloatArray | None = None
     metal_level: float = float("nan")
+    metal_sign: float = 1.0
     film: FloatArray | None = None
     cover: FloatArray | None = None
 
@@ -256,9 +258,9 @@ def metal_sign(img: FloatArray, dark: BoolArray) -> float:
 
 
 def square_brightness(img: FloatArray, dark: BoolArray, centre: FloatArray, coef: FloatArray,
-                      inner: float = 0.4, samples: int = 6) -> tuple[FloatArray, float]:
+                      inner: float = 0.4, samples: int = 6) -> tuple[FloatArray, float, float]:
     """Median intensity of the central ``inner`` x ``inner`` pitch of every square, and of
-    the metal, with the image turned so that metal is dark.
+    the metal, with the image turned so that metal is dark; and that turn (:func:`metal_sign`).
 
     Why: what most grids offer to tell the pose apart is not in the metal but in the film:
     broken squares (no film: brighter in transmitted light and far brighter in the EM),
@@ -273,7 +275,7 @@ def square_brightness(img: FloatArray, dark: BoolArray, centre: FloatArray, coef
     level = np.full((nj, ni), np.nan)
     whole = np.isfinite(flat).all(axis=2)
     level[whole] = np.median(flat[whole], axis=1)
-    return level, float(np.median(sign * img[dark]))
+    return level, float(np.median(sign * img[dark])), sign
 
 
 def _spaced_at(centres: FloatArray, pitch_px: float, tolerance: float = 0.15) -> bool:
@@ -331,9 +333,9 @@ def lattice_cells(dark: BoolArray, work_um: float, k: int, min_pitch_um: float,
     patches = square_patches(metal, centre, coef, k)
     valid = np.asarray(np.isfinite(patches).all(axis=(2, 3)), dtype=bool)
     openness = 1.0 - np.nanmean(np.where(np.isfinite(patches), patches, 1.0), axis=(2, 3))
-    brightness, metal_level = (None, float("nan")) if image is None else \
+    brightness, metal_level, sign = (None, float("nan"), 1.0) if image is None else \
         square_brightness(image, dark, centre, coef)
     return LatticeCells(angle_deg=angle, pitch_um=pitch_um, index_to_px=coef,
                         lo=(int(lo[0]), int(lo[1])), patches=np.nan_to_num(patches, nan=0.0),
                         found=found, openness=openness, valid=valid, opening_px=opening_px,
-                        brightness=brightness, metal_level=metal_level)
+                        brightness=brightness, metal_level=metal_level, metal_sign=sign)

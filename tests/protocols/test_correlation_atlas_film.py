@@ -59,7 +59,7 @@ def _overview(seed: int, broken: float, cell: float = 0.0) -> tuple[np.ndarray, 
 def _square_values(seed: int, broken: float, cell: float = 0.0):  # type: ignore[no-untyped-def]
     img, torn = _overview(seed, broken, cell)
     dark = metal_mask(img.astype(np.float64), PX_UM, 40.0, 400.0)
-    cells = with_film(lattice_cells(dark, PX_UM, 20, 40.0, 400.0, 12, image=img), img, dark)
+    cells = with_film(lattice_cells(dark, PX_UM, 20, 40.0, 400.0, 12, image=img), img)
     assert cells.film is not None
     # Which squares are torn: the centre of each cell back in grid micrometres.
     rows, cols = cells.shape
