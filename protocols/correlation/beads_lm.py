@@ -176,6 +176,21 @@ def _saturation_weight(saturated: NDArray[np.bool_], strong: NDArray[np.bool_]) 
     return float(np.clip(0.1 + 0.9 * (frac - 0.2) / 0.3, 0.1, 1.0))
 
 
+# Spots fitted this many times wider than the optics predict are refitted in wider windows.
+WIDE_SPOT_FACTOR = 1.5
+
+
+def _bright_centroid(img: FloatArray, row: int, col: int, half: int) -> tuple[int, int]:
+    """(row, col), rounded, of the centroid of the pixels above mid-range in the window."""
+    r0, c0 = max(0, row - half), max(0, col - half)
+    win = img[r0:row + half + 1, c0:col + half + 1]
+    lo, hi = float(win.min()), float(win.max())
+    if hi <= lo:
+        return int(row), int(col)
+    rr, cc = np.nonzero(win > 0.5 * (lo + hi))
+    return round(float(rr.mean())) + r0, round(float(cc.mean())) + c0
+
+
 def detect_lm_beads(image: ArrayLike, pixel_um: float,
                     config: LmBeadConfig | None = None) -> BeadDetections:
     """Find fluorescent beads in a 2D fLM image; positions in pixels (col, row).
@@ -195,7 +210,22 @@ def detect_lm_beads(image: ArrayLike, pixel_um: float,
     noise: list[float] = []
     saturated: list[bool] = []
     half = max(3, int(np.ceil(3.0 * sigma_px)))
-    for (r, c), fit in zip(peaks, fit_spots(img, peaks, sigma_px, half)):
+    first = fit_spots(img, peaks, sigma_px, half)
+    # Spots much wider than the optics predict (clipped plateaus of an 8-bit export, an
+    # unknown NA) peak in the blob response near their edge, and a window of 3 predicted
+    # sigmas holds only part of them: fits left it (half the beads of an independent
+    # square, 500020, were dropped) or stopped on the flat top ~0.8 px from the centre.
+    # When the fitted spots say so, all are fitted again in a window of 3 of their sigmas,
+    # started from the centroid of each spot's upper half (within 2 sigmas, so that a
+    # brighter neighbour does not draw the start to itself).
+    widths = [f.sigma for f in first if f is not None]
+    wide = float(np.median(widths)) if widths else 0.0
+    if wide > WIDE_SPOT_FACTOR * sigma_px:
+        half = max(half, int(np.ceil(3.0 * wide)))
+        near = int(np.ceil(2.0 * wide))
+        peaks = np.array([_bright_centroid(img, r, c, near) for r, c in peaks], dtype=np.intp)
+        first = fit_spots(img, peaks, wide, half)
+    for (r, c), fit in zip(peaks, first):
         if fit is None:
             continue
         fits.append(fit)
