@@ -110,38 +110,39 @@ def density_of(image: FloatArray, zero_is_black_clip: bool = False) -> _Density:
     return _Density(film, True)
 
 
+def _is_clip(image: FloatArray, value: float) -> bool:
+    """Whether many pixels sit exactly on ``value`` (ties at an extreme are otherwise rare)."""
+    n = max(CLIP_MIN_PIXELS, int(CLIP_MIN_FRACTION * image.size))
+    return bool(np.count_nonzero(image == value) >= n)
+
+
 def black_level(image: FloatArray) -> float:
     """The map's minimum when many pixels sit exactly on it (a clip: an export's black, a
-    camera's zero), else -inf; ties at the minimum are otherwise rare."""
+    camera's zero), else -inf."""
     lo = float(image.min())
-    n = max(CLIP_MIN_PIXELS, int(CLIP_MIN_FRACTION * image.size))
-    return lo if np.count_nonzero(image == lo) >= n else -np.inf
+    return lo if _is_clip(image, lo) else -np.inf
 
 
 def white_level(image: FloatArray) -> float | None:
     """The map's maximum when many pixels sit exactly on it (an export's white clip),
     else None."""
     hi = float(image.max())
-    n = max(CLIP_MIN_PIXELS, int(CLIP_MIN_FRACTION * image.size))
-    return hi if np.count_nonzero(image == hi) >= n else None
+    return hi if _is_clip(image, hi) else None
 
 
 def clipped_around(image: FloatArray, xy: FloatArray, radius_px: float, white: float | None
                    ) -> NDArray[np.bool_]:
     """Whether most of the ring of 1-2 ``radius_px`` around each (x, y) sits at ``white``."""
-    out = np.zeros(len(xy), dtype=bool)
     if white is None or len(xy) == 0:
-        return out
+        return np.zeros(len(xy), dtype=bool)
     h = int(np.ceil(2 * radius_px)) + 1
     yy, xx = np.mgrid[-h:h + 1, -h:h + 1]
     rr = np.hypot(xx, yy)
-    dy, dx = yy[(rr >= radius_px) & (rr <= 2 * radius_px)], xx[(rr >= radius_px)
-                                                               & (rr <= 2 * radius_px)]
-    for i, (x, y) in enumerate(xy):
-        r = np.clip(np.rint(y).astype(int) + dy, 0, image.shape[0] - 1)
-        c = np.clip(np.rint(x).astype(int) + dx, 0, image.shape[1] - 1)
-        out[i] = np.mean(image[r, c] >= white) >= CLIPPED_RING_FRACTION
-    return out
+    ring = (rr >= radius_px) & (rr <= 2 * radius_px)
+    centre = np.rint(np.asarray(xy, np.float64)).astype(int)
+    r = np.clip(centre[:, 1:2] + yy[ring][None], 0, image.shape[0] - 1)
+    c = np.clip(centre[:, 0:1] + xx[ring][None], 0, image.shape[1] - 1)
+    return np.asarray(np.mean(image[r, c] >= white, axis=1) >= CLIPPED_RING_FRACTION)
 
 
 def black_is_clip(image: FloatArray, black: float, valid: NDArray[np.bool_], f: int) -> bool:
@@ -378,7 +379,8 @@ def _score(fits: list[SpotFit], edge: FloatArray, level: FloatArray, radius_px: 
     prior = np.where(clip & (size_ratio < 1.2), 1.0, prior)
     size = (np.exp(-0.5 * (np.log(np.clip(radius / typical_r, 1e-3, None)) / 0.25) ** 2)
             * np.clip(prior / 0.3, 0.0, 1.0))
-    rel = np.where(clip, np.maximum(amp / max(typical, 1e-12), 1.0), amp / max(typical, 1e-12))
+    rel = amp / max(typical, 1e-12)
+    rel = np.where(clip, np.maximum(rel, 1.0), rel)
     density = np.exp(-0.5 * (np.log(np.clip(rel, 1e-3, None)) / 0.35) ** 2)
     shape = np.clip((cfg.max_elongation - elong) / (cfg.max_elongation - 1.0), 0.05, 1.0)
     blob = np.clip(edge / 0.6, 0.05, 1.0)
