@@ -72,14 +72,21 @@ def _square_values(seed: int, broken: float, cell: float = 0.0):  # type: ignore
     return cells, is_torn
 
 
+def _clean_and_marked(values: np.ndarray | None, marked: np.ndarray
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """Measured values of unmarked and of marked squares, after checking there are enough."""
+    assert values is not None
+    measured = np.isfinite(values)
+    assert measured.sum() > 80
+    clean, hit = values[measured & ~marked], values[measured & marked]
+    assert len(hit) >= 6
+    return clean, hit
+
+
 def test_a_broken_square_stands_out_of_tile_vignetting() -> None:
     cells, torn = _square_values(3, 0.10)
-    film = cells.film
-    assert film is not None
-    measured = np.isfinite(film)
-    assert measured.sum() > 80
-    ok, br = film[measured & ~torn], film[measured & torn]
-    assert len(br) >= 6
+    ok, br = _clean_and_marked(cells.film, torn)
+    measured = np.isfinite(cells.film)
     spread = 1.4826 * np.median(np.abs(ok - np.median(ok)))
     # log(1.1) = 0.095 above intact film; intact squares scatter by well under a third of it.
     assert abs(np.median(br) - np.median(ok) - np.log(1.1)) < 0.02
@@ -117,12 +124,7 @@ def test_cells_cover_part_of_their_squares_whichever_their_contrast(cell: float)
     (reflected light), under the same vignetting: its square's cover stands above every
     clean one, and clean squares' cover is the few % of noise samples."""
     cells, has_cell = _square_values(5, 0.0, cell)
-    cover = cells.cover
-    assert cover is not None
-    measured = np.isfinite(cover)
-    assert measured.sum() > 80
-    clean, covered = cover[measured & ~has_cell], cover[measured & has_cell]
-    assert len(covered) >= 6
+    clean, covered = _clean_and_marked(cells.cover, has_cell)
     # A 25 um disk in the 72 um sampled part of the opening: about a third of the samples.
     assert 0.15 < np.median(covered) < 0.45, np.median(covered)
     assert np.percentile(clean, 95) < 0.06  # measured 0.035-0.049 (squares with a seam)
