@@ -425,6 +425,46 @@ def test_a_piece_of_rim_at_the_lm_field_edge_is_not_a_mark() -> None:
     assert {tuple(map(int, rc)) for rc in np.argwhere(marks)} == set(ARROW)
 
 
+def _cut_by_field_edge(cells, first_row: int):  # type: ignore[no-untyped-def]
+    """The same LM cells seen by a partial field that ends above row ``first_row``."""
+    from dataclasses import replace
+
+    valid = cells.valid.copy()
+    valid[first_row:] = False
+    return replace(cells, valid=valid)
+
+
+@pytest.mark.parametrize("pose", [Pose(False, 1, 3, 4), Pose(True, 2, 5, 2)])
+def test_a_mark_cut_by_the_lm_field_edge_still_decides_the_pose(pose: Pose) -> None:
+    """Independent grid 1798679648: the field edge cut one square of a 7-square arrow
+    (2 of the 6 left have a side on the edge) and the whole mark was dropped as rim.
+    3% of the EM squares closed by thick ice (4% on that grid)."""
+    from protocols.correlation.atlas import AtlasConfig, _choose_pose
+    from protocols.correlation.atlas_closed import decide_closed, lm_marks
+
+    lm, em = _closed_world(np.random.default_rng(1), ARROW, 0.03, pose)
+    lm = _cut_by_field_edge(lm, 9)
+    marks = lm_marks(lm)
+    assert {tuple(map(int, rc)) for rc in np.argwhere(marks)} == {
+        rc for rc in ARROW if rc[0] < 9}
+    d = decide_closed(lm, em)
+    assert d is not None
+    status, reason, decision = _choose_pose([("closed", d)], AtlasConfig())
+    assert status == "ok" and decision.pose == pose, reason
+
+
+def test_a_cut_cluster_beside_squares_the_round_mesh_edge_cuts_is_rim() -> None:
+    """The same cut arrow, but one square beside it open a third of the way, as the round
+    mesh edge leaves the squares along the rim: rim, not a mark."""
+    from protocols.correlation.atlas_closed import lm_marks
+
+    lm, _ = _closed_world(np.random.default_rng(1), ARROW, 0.0, Pose(False, 0, 0, 0))
+    openness = lm.openness.copy()
+    openness[8, 4] = 0.5 / 3
+    lm = _cut_by_field_edge(_synthetic_cells(lm.patches, openness), 9)
+    assert not lm_marks(lm).any()
+
+
 def test_an_independent_grid_with_a_solid_square_mark_is_answered_right() -> None:
     """benchmarks/correlation_independent_atlas.py grid 1890275151: refused (the metal
     channel 0.9 sigma ahead, the film 2.2) before the closed-square channel."""
@@ -435,6 +475,20 @@ def test_an_independent_grid_with_a_solid_square_mark_is_answered_right() -> Non
     res = register_atlas(case.lm, case.lm_nominal, case.em, case.em_nominal, pts)
     assert res.status == "ok", res.reason
     assert "closed" in res.reason
+    assert res.points_em_px is not None
+    uv = case.em_view.to_grid(res.points_em_px)
+    assert np.array_equal(np.floor(uv / case.grid.pitch + 0.5), case.points_ij)
+
+
+def test_an_independent_grid_whose_mark_the_lm_field_cuts_is_answered_right() -> None:
+    """benchmarks/correlation_independent_atlas.py grid 1798679648 (seed 2): refused
+    while a mark touching the LM field edge was taken for rim."""
+    from benchmarks.correlation_independent_atlas import make_case
+
+    case = make_case(1798679648)
+    pts = case.lm_view.to_px(case.points_ij * case.grid.pitch)
+    res = register_atlas(case.lm, case.lm_nominal, case.em, case.em_nominal, pts)
+    assert res.status == "ok", res.reason
     assert res.points_em_px is not None
     uv = case.em_view.to_grid(res.points_em_px)
     assert np.array_equal(np.floor(uv / case.grid.pitch + 0.5), case.points_ij)
