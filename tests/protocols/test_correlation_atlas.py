@@ -340,6 +340,40 @@ def test_a_third_channel_contradicts_only_when_its_best_stands_out(cover_gap: fl
         assert decision.pose == truth
 
 
+@pytest.mark.parametrize(("metal_held", "answered"), [(-17.7, True), (1.5, False)],
+                         ids=["metal-rests-on-one-square", "metal-holds-without-it"])
+def test_a_third_channel_resting_on_one_square_does_not_contradict(metal_held: float,
+                                                                    answered: bool) -> None:
+    """Independent grid 130025050's numbers: the closed squares (2.0 decades above chance,
+    3.2 ahead of the next) and the cover (4.1 sigma above its median) put the same pose
+    first; the metal stood 80 sigma above its median for another, 38 ahead of its runner-up,
+    but -17.7 behind it with its strongest square left out. A lead that one square makes
+    is no evidence against two channels; one that keeps half the lead it needs alone
+    without that square (1.5 sigma of 2) still vetoes."""
+    from dataclasses import replace
+
+    from protocols.correlation.atlas import AtlasConfig, _choose_pose
+
+    rng = np.random.default_rng(5)
+    poses = [Pose(bool(m), r, dr, dc) for m in (0, 1) for r in range(4)
+             for dr in range(-6, 6) for dc in range(-6, 6)]
+    truth, other = poses[17], poses[400]
+    closed = {p: float(rng.normal(0.0, 0.3)) - 3.0 for p in poses}
+    closed[truth] = 2.0
+    cover = {p: float(np.clip(rng.normal(), -3.0, 2.4)) for p in poses}
+    cover[truth] = 4.1
+    metal = {p: float(rng.normal()) for p in poses}
+    metal[other], metal[truth] = 80.0, -2.8
+    for p in poses[401:404]:
+        metal[p] = 42.0
+    channels = [("metal", replace(_decision(metal), z_held=metal_held)),
+                ("cover", _decision(cover)), ("closed", _decision(closed))]
+    status, reason, decision = _choose_pose(channels, AtlasConfig())
+    assert (status == "ok") == answered, reason
+    if answered:
+        assert decision.pose == truth and "same pose first" in reason
+
+
 def test_lattice_pitch_is_the_openings_spacing_not_a_multiple_the_spectrum_prefers() -> None:
     """Closed squares in every third row make the spectrum's strongest peak three pitches
     long (montage tiles or a mark can do the same); the openings say 125 um."""
