@@ -28,6 +28,7 @@ from numpy.typing import ArrayLike, NDArray
 
 from protocols.correlation.atlas_closed import decide_closed
 from protocols.correlation.atlas_film import with_film
+from protocols.correlation.atlas_flatfield import flatten_tiles
 from protocols.correlation.atlas_lattice import LatticeCells, lattice_cells, metal_mask, resample
 from protocols.correlation.atlas_pose import (
     Pose,
@@ -390,9 +391,10 @@ def register_atlas(lm_image: ArrayLike, lm_pixel_um: float, em_image: ArrayLike,
     for name, img in (("LM atlas", lm_w), ("EM atlas", em_w)):
         try:
             mask = metal_mask(img, work, cfg.min_pitch_um, cfg.max_pitch_um)
+            flat = flatten_tiles(img, mask)
             found = lattice_cells(mask, work, cfg.cell_samples, cfg.min_pitch_um,
-                                  cfg.max_pitch_um, cfg.min_squares, image=img)
-            cells.append(with_film(found, img))
+                                  cfg.max_pitch_um, cfg.min_squares, image=flat)
+            cells.append(with_film(found, flat))
         except CorrelationInputError as err:
             raise CorrelationInputError(f"{name}: {err}") from err
     lm_cells, em_cells = cells

@@ -18,7 +18,8 @@ seams and squares cut by a seam) gives every square's log transmission up to one
 constant: on four such overviews the spread over ordinary squares fell from 4-10% to
 0.6-2.4% while broken squares stayed 10% above them. Where tiles span only ~2 squares a
 seam runs through most squares (a kink a plane cannot follow) and neither way helps (10%
-spread either way on one overview; tests/protocols/test_correlation_atlas_film.py).
+spread either way on one overview; tests/protocols/test_correlation_atlas_film.py): there
+the tile mosaic's own flat field is divided out first (atlas_flatfield.py).
 """
 
 from __future__ import annotations
