@@ -391,9 +391,12 @@ def register_atlas(lm_image: ArrayLike, lm_pixel_um: float, em_image: ArrayLike,
     for name, img in (("LM atlas", lm_w), ("EM atlas", em_w)):
         try:
             mask = metal_mask(img, work, cfg.min_pitch_um, cfg.max_pitch_um)
-            flat = flatten_tiles(img, mask)
             found = lattice_cells(mask, work, cfg.cell_samples, cfg.min_pitch_um,
-                                  cfg.max_pitch_um, cfg.min_squares, image=flat)
+                                  cfg.max_pitch_um, cfg.min_squares, image=img)
+            flat = flatten_tiles(img, mask, found.pitch_um / work)
+            if flat is not img:  # the squares' brightness read again, flat
+                found = lattice_cells(mask, work, cfg.cell_samples, cfg.min_pitch_um,
+                                      cfg.max_pitch_um, cfg.min_squares, image=flat)
             cells.append(with_film(found, flat))
         except CorrelationInputError as err:
             raise CorrelationInputError(f"{name}: {err}") from err

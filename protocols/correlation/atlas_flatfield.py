@@ -34,6 +34,9 @@ MIN_TILES = 4        # a period must repeat this often across the image
 MIN_EXPLAINED = 0.5  # of the film's column/row profile variance, for a period to count
 MIN_AMPLITUDE = 0.03  # log units: a flat field flatter than this is left alone
 ROUNDS = 4           # alternations between the in-tile field and the tile gains
+# A tile's gain is the median of its film: in a tile of fewer squares than this a broken
+# square would be read as the tile's gain (and a lattice seen square-on as tiles).
+MIN_TILE_SQUARES = 2.5
 
 
 @dataclass(frozen=True)
@@ -88,11 +91,12 @@ def _period(profile: FloatArray) -> tuple[float, float]:
     return p_best, best
 
 
-def tile_field(img: FloatArray, metal: BoolArray) -> TileField | None:
+def tile_field(img: FloatArray, metal: BoolArray, pitch_px: float) -> TileField | None:
     """The repeated vignetting and tile gains of ``img`` (metal where ``metal``, darker
     than the film), or None when the metal is the brighter, no tile period explains at
-    least MIN_EXPLAINED of the film's column and row profiles or the field varies less
-    than MIN_AMPLITUDE."""
+    least MIN_EXPLAINED of the film's column and row profiles, the tiles hold fewer than
+    MIN_TILE_SQUARES grid squares of ``pitch_px`` or the field varies less than
+    MIN_AMPLITUDE."""
     film = ~metal
     if film.sum() < 100 or metal.sum() < 100:
         return None
@@ -106,7 +110,8 @@ def tile_field(img: FloatArray, metal: BoolArray) -> TileField | None:
     logs = np.log(np.maximum(above, 1e-6))
     px, ex = _period(_profile(logs, film, 0))
     py, ey = _period(_profile(logs, film, 1))
-    if not (np.isfinite(px) and np.isfinite(py)) or min(ex, ey) < MIN_EXPLAINED:
+    if not (np.isfinite(px) and np.isfinite(py)) or min(ex, ey) < MIN_EXPLAINED \
+            or px * py < MIN_TILE_SQUARES * pitch_px ** 2:
         return None
     h, w = img.shape
     yy, xx = np.mgrid[:h, :w]
@@ -149,10 +154,10 @@ def _medians(values: FloatArray, labels: NDArray[np.intp], n: int) -> FloatArray
     return out
 
 
-def flatten_tiles(img: FloatArray, metal: BoolArray) -> FloatArray:
+def flatten_tiles(img: FloatArray, metal: BoolArray, pitch_px: float) -> FloatArray:
     """``img`` with its tile mosaic's flat field divided out above the metal's level (the
     image itself when :func:`tile_field` finds none)."""
-    tf = tile_field(img, metal)
+    tf = tile_field(img, metal, pitch_px)
     if tf is None:
         return img
     dark = float(np.median(img[metal]))

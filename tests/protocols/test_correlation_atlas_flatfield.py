@@ -8,8 +8,10 @@ from scipy import ndimage
 
 from protocols.correlation.atlas_flatfield import flatten_tiles, tile_field
 
+PITCH = 50.0  # px
 
-def _grid(n: int = 600, pitch: float = 50.0, angle: float = 0.35, bar: float = 15.0,
+
+def _grid(n: int = 600, pitch: float = PITCH, angle: float = 0.35, bar: float = 15.0,
           seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(transmission, metal, broken) of a rotated square mesh; 10% of squares broken
     (10% brighter), every square's film within 1% of the others."""
@@ -58,11 +60,11 @@ def test_a_mosaic_s_repeated_vignetting_is_found_and_divided_out(tiles: int) -> 
     broken squares' 10% drowns in the vignetting until the flat field is divided out."""
     t, metal, broken = _grid()
     img = _mosaic(t, tiles, 0.4)
-    tf = tile_field(img, metal)
+    tf = tile_field(img, metal, PITCH)
     assert tf is not None
     assert tf.period == pytest.approx((600 / tiles, 600 / tiles), rel=0.02)
     before, lead_before = _film_spread(img, metal, broken)
-    after, lead = _film_spread(flatten_tiles(img, metal), metal, broken)
+    after, lead = _film_spread(flatten_tiles(img, metal, PITCH), metal, broken)
     assert before > lead_before                      # the signal was below the spread
     # after: pixel noise (2%) and the lamp slope (+-10%, the film planes take it) are left
     assert after < 0.3 * before and lead > 2.5 * after
@@ -72,8 +74,17 @@ def test_an_image_without_tiles_is_left_alone() -> None:
     """One frame (no mosaic), only the lamp's slope: no tile period, nothing changed."""
     t, metal, _ = _grid(seed=2)
     img = _mosaic(t, 1, 0.0)
-    assert tile_field(img, metal) is None
-    assert flatten_tiles(img, metal) is img
+    assert tile_field(img, metal, PITCH) is None
+    assert flatten_tiles(img, metal, PITCH) is img
+
+
+def test_tiles_of_one_square_are_not_taken_apart_from_the_film() -> None:
+    """A lattice seen square-on under tiles one pitch wide: each tile's gain would be its
+    square's film (broken squares included), so no flat field is taken."""
+    t, metal, _ = _grid(angle=0.0, seed=3)
+    img = _mosaic(t, 12, 0.4)
+    assert tile_field(img, metal, PITCH) is None
+    assert tile_field(img, metal, PITCH / 2) is not None  # the same tiles, 4 squares each
 
 
 def test_an_independent_grid_whose_film_drowned_in_tile_vignetting_is_answered_right(
