@@ -7,6 +7,7 @@ import pytest
 from scipy import ndimage
 
 from protocols.correlation.atlas_flatfield import flatten_tiles, tile_field
+from tests.protocols.independent_grids import answered_right
 
 PITCH = 50.0  # px
 
@@ -91,13 +92,4 @@ def test_an_independent_grid_whose_film_drowned_in_tile_vignetting_is_answered_r
         ) -> None:
     """benchmarks/correlation_independent_atlas.py grid 641004849 (seed 2): six tiles of
     ~2 squares a side in the LM; its 18 broken squares were refused as noise."""
-    from benchmarks.correlation_independent_atlas import make_case
-    from protocols.correlation.atlas import register_atlas
-
-    case = make_case(641004849)
-    pts = case.lm_view.to_px(case.points_ij * case.grid.pitch)
-    res = register_atlas(case.lm, case.lm_nominal, case.em, case.em_nominal, pts)
-    assert res.status == "ok", res.reason
-    assert res.points_em_px is not None
-    uv = case.em_view.to_grid(res.points_em_px)
-    assert np.array_equal(np.floor(uv / case.grid.pitch + 0.5), case.points_ij)
+    answered_right(641004849)
