@@ -29,7 +29,13 @@ from numpy.typing import ArrayLike, NDArray
 from protocols.correlation.atlas_closed import decide_closed
 from protocols.correlation.atlas_film import with_film
 from protocols.correlation.atlas_flatfield import flatten_tiles
-from protocols.correlation.atlas_lattice import LatticeCells, lattice_cells, metal_mask, resample
+from protocols.correlation.atlas_lattice import (
+    LatticeCells,
+    lattice_cells,
+    metal_mask,
+    resample,
+    with_brightness,
+)
 from protocols.correlation.atlas_pose import (
     Pose,
     PoseDecision,
@@ -392,12 +398,9 @@ def register_atlas(lm_image: ArrayLike, lm_pixel_um: float, em_image: ArrayLike,
         try:
             mask = metal_mask(img, work, cfg.min_pitch_um, cfg.max_pitch_um)
             found = lattice_cells(mask, work, cfg.cell_samples, cfg.min_pitch_um,
-                                  cfg.max_pitch_um, cfg.min_squares, image=img)
+                                  cfg.max_pitch_um, cfg.min_squares)
             flat = flatten_tiles(img, mask, found.pitch_um / work)
-            if flat is not img:  # the squares' brightness read again, flat
-                found = lattice_cells(mask, work, cfg.cell_samples, cfg.min_pitch_um,
-                                      cfg.max_pitch_um, cfg.min_squares, image=flat)
-            cells.append(with_film(found, flat))
+            cells.append(with_film(with_brightness(found, flat, mask), flat))
         except CorrelationInputError as err:
             raise CorrelationInputError(f"{name}: {err}") from err
     lm_cells, em_cells = cells

@@ -19,6 +19,7 @@ answer off the right pose).
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -41,24 +42,23 @@ MIN_TILE_SQUARES = 2.5
 
 @dataclass(frozen=True)
 class TileField:
-    """The mosaic found: tile period (x, y) in pixels and the log flat field per pixel."""
+    """The mosaic found: tile period (x, y) in pixels, the log flat field per pixel and the
+    metal's level it multiplies the image above."""
 
     period: tuple[float, float]
     log_gain: FloatArray
     amplitude: float
+    dark: float
 
 
 def _profile(logs: FloatArray, film: BoolArray, axis: int) -> FloatArray:
-    """Median log film intensity per column (axis 0) or row (axis 1); NaN without film."""
-    n = logs.shape[1 - axis]
-    out = np.full(n, np.nan)
-    vals = logs if axis == 0 else logs.T
-    mask = film if axis == 0 else film.T
-    for i in range(n):
-        m = mask[:, i]
-        if m.sum() >= 8:
-            out[i] = float(np.median(vals[m, i]))
-    return out
+    """Median log film intensity per column (axis 0) or row (axis 1); NaN where fewer than
+    8 film pixels."""
+    enough = film.sum(axis=axis) >= 8
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns: NaN, as meant
+        out = np.nanmedian(np.where(film, logs, np.nan), axis=axis)
+    return np.where(enough, out, np.nan)
 
 
 def _period(profile: FloatArray) -> tuple[float, float]:
@@ -138,20 +138,15 @@ def tile_field(img: FloatArray, metal: BoolArray, pitch_px: float) -> TileField 
     smooth = ndimage.map_coordinates(grid, [cy.ravel(), cx.ravel()], order=1,
                                      mode="grid-wrap").reshape(h, w)
     log_gain = smooth + (gain - float(np.median(gain)))[tile]
-    return TileField(period=(float(px), float(py)), log_gain=log_gain, amplitude=amplitude)
+    return TileField(period=(float(px), float(py)), log_gain=log_gain, amplitude=amplitude,
+                     dark=dark)
 
 
 def _medians(values: FloatArray, labels: NDArray[np.intp], n: int) -> FloatArray:
     """Median of ``values`` per label 0..n-1 (0 where a label has none)."""
-    order = np.argsort(labels, kind="stable")
-    lab, val = labels[order], values[order]
-    out = np.zeros(n)
-    starts = np.searchsorted(lab, np.arange(n))
-    ends = np.searchsorted(lab, np.arange(n), side="right")
-    for i in range(n):
-        if ends[i] > starts[i]:
-            out[i] = float(np.median(val[starts[i]:ends[i]]))
-    return out
+    index = np.arange(n)
+    med = np.asarray(ndimage.median(values, labels, index), np.float64)
+    return np.where(np.bincount(labels, minlength=n) > 0, med, 0.0)
 
 
 def flatten_tiles(img: FloatArray, metal: BoolArray, pitch_px: float) -> FloatArray:
@@ -160,5 +155,4 @@ def flatten_tiles(img: FloatArray, metal: BoolArray, pitch_px: float) -> FloatAr
     tf = tile_field(img, metal, pitch_px)
     if tf is None:
         return img
-    dark = float(np.median(img[metal]))
-    return np.asarray(dark + (img - dark) * np.exp(-tf.log_gain), np.float64)
+    return np.asarray(tf.dark + (img - tf.dark) * np.exp(-tf.log_gain), np.float64)

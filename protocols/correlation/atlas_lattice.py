@@ -15,7 +15,7 @@ content. Pixel (x, y) = (column, row).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TypeVar
 
 import cv2
@@ -333,9 +333,24 @@ def lattice_cells(dark: BoolArray, work_um: float, k: int, min_pitch_um: float,
     patches = square_patches(metal, centre, coef, k)
     valid = np.asarray(np.isfinite(patches).all(axis=(2, 3)), dtype=bool)
     openness = 1.0 - np.nanmean(np.where(np.isfinite(patches), patches, 1.0), axis=(2, 3))
-    brightness, metal_level, sign = (None, float("nan"), 1.0) if image is None else \
-        square_brightness(image, dark, centre, coef)
-    return LatticeCells(angle_deg=angle, pitch_um=pitch_um, index_to_px=coef,
-                        lo=(int(lo[0]), int(lo[1])), patches=np.nan_to_num(patches, nan=0.0),
-                        found=found, openness=openness, valid=valid, opening_px=opening_px,
-                        brightness=brightness, metal_level=metal_level, metal_sign=sign)
+    cells = LatticeCells(angle_deg=angle, pitch_um=pitch_um, index_to_px=coef,
+                         lo=(int(lo[0]), int(lo[1])), patches=np.nan_to_num(patches, nan=0.0),
+                         found=found, openness=openness, valid=valid, opening_px=opening_px)
+    return cells if image is None else with_brightness(cells, image, dark)
+
+
+def with_brightness(cells: LatticeCells, image: FloatArray, dark: BoolArray) -> LatticeCells:
+    """``cells`` with each square's brightness, the metal's level and the image's turn read
+    from ``image`` (whose metal mask is ``dark``; see :func:`square_brightness`), at the
+    measured opening centres and the lattice's elsewhere.
+
+    Why apart from :func:`lattice_cells`: the lattice is the mask's, the brightness the
+    image's; an image corrected after the lattice was found (atlas_flatfield) is read again
+    without finding the lattice again.
+    """
+    rows, cols = cells.shape
+    gi, gj = np.meshgrid(np.arange(cols) + cells.lo[0], np.arange(rows) + cells.lo[1])
+    centre = np.stack([gi, gj, np.ones_like(gi)], -1) @ cells.index_to_px
+    centre = np.where(cells.found[..., None], cells.opening_px, centre)
+    brightness, metal_level, sign = square_brightness(image, dark, centre, cells.index_to_px)
+    return replace(cells, brightness=brightness, metal_level=metal_level, metal_sign=sign)
