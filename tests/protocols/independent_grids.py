@@ -8,12 +8,12 @@ import numpy as np
 from protocols.correlation.atlas import AtlasResult, register_atlas
 
 
-def answered_right(seed: int) -> AtlasResult:
-    """Register grid ``seed``; assert it is answered and every query point lands in its
-    true EM square. The result, for further checks."""
+def answered_right(seed: int, wide: bool = False) -> AtlasResult:
+    """Register grid ``seed`` (of the ``--wide`` draw if ``wide``); assert it is answered
+    and every query point lands in its true EM square. The result, for further checks."""
     from benchmarks.correlation_independent_atlas import make_case
 
-    case = make_case(seed)
+    case = make_case(seed, wide)
     pts = case.lm_view.to_px(case.points_ij * case.grid.pitch)
     res = register_atlas(case.lm, case.lm_nominal, case.em, case.em_nominal, pts)
     assert res.status == "ok", res.reason
