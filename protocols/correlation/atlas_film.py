@@ -42,43 +42,40 @@ from protocols.correlation.atlas_lattice import (
 FloatArray = NDArray[np.float64]
 BoolArray = NDArray[np.bool_]
 
-SAMPLES = 9  # per side of the sampled part of each opening
+SAMPLES = 13  # per side of the sampled part of each opening
 INNER = 0.8  # sampled fraction of the opening's side: clear of the bars' blurred edges
 CLIP_SIGMAS = 2.5  # samples further than this from a square's plane are cells or dirt
 HUBER = 1.5  # edges off by more than this many robust sigmas are down-weighted
 RIDGE = 1e-3  # ties each connected piece of the lattice to zero mean
 MIN_AROUND = 3  # measured squares around one that its film is compared with
-# What covers the film (cells, dirt; see film_cover): finer samples than the film level's,
-# whose plane only needs the illumination.
-COVER_SAMPLES = 13
 COVER_SIGMAS = 3.0
 COVER_MIN_LOG = 0.04
 COVER_LEVEL_PEERS = 9  # squares of similar level whose noise one's is judged by
 
 
-def _plane_fits(cells: LatticeCells, img: FloatArray, metal_level: float, sign: float,
-                samples: int) -> tuple[FloatArray, FloatArray, FloatArray]:
+def _plane_fits(cells: LatticeCells, img: FloatArray, metal_level: float, sign: float
+                ) -> tuple[FloatArray, FloatArray, FloatArray]:
     """Each whole opening's log film intensity, sampled and fitted by a plane.
 
     Returns (rows, cols, 3) planes a + b u + c v (u and v in pitches along the lattice's
-    i and j axes), (rows, cols, samples^2) the log samples and (samples^2, 3) their
+    i and j axes), (rows, cols, SAMPLES^2) the log samples and (SAMPLES^2, 3) their
     design rows [1, u, v]; NaN where no whole opening.
     """
     rows, cols = cells.shape
     typical = cells.typical_openness()
     whole = cells.found & cells.valid & (cells.openness > 0.85 * typical)
     out = np.full((rows, cols, 3), np.nan)
-    logs = np.full((rows, cols, samples * samples), np.nan)
+    logs = np.full((rows, cols, SAMPLES * SAMPLES), np.nan)
     side = INNER * float(np.sqrt(typical)) if np.isfinite(typical) else 0.0
-    s = ((np.arange(samples) + 0.5) / samples - 0.5) * side
+    s = ((np.arange(SAMPLES) + 0.5) / SAMPLES - 0.5) * side
     ou, ov = np.meshgrid(s, s)
-    design = np.c_[np.ones(samples * samples), ou.ravel(), ov.ravel()]
+    design = np.c_[np.ones(SAMPLES * SAMPLES), ou.ravel(), ov.ravel()]
     if not whole.any() or not np.isfinite(typical):
         return out, logs, design
     rr, cc = np.nonzero(whole)
     centre = np.full((1, len(rr), 2), np.nan)
     centre[0] = cells.opening_px[rr, cc]
-    vals = square_patches(sign * img - metal_level, centre, cells.index_to_px, samples,
+    vals = square_patches(sign * img - metal_level, centre, cells.index_to_px, SAMPLES,
                           side)[0].reshape(len(rr), -1)
     level = np.nanmedian(vals, axis=1)
     good = np.isfinite(vals).all(axis=1) & (level > 0)
@@ -162,15 +159,11 @@ def _noise_at_level(level: FloatArray, res: FloatArray) -> FloatArray:
     return np.asarray(out, np.float64)
 
 
-def film_log(cells: LatticeCells, img: FloatArray, metal_level: float, sign: float
-             ) -> FloatArray:
+def film_log(planes: FloatArray) -> FloatArray:
     """Log film transmission of every whole opening against the squares around it
-    (:func:`_against_surroundings`); NaN elsewhere (closed, cut, unmeasured squares).
-
-    ``img`` is the image the lattice was measured on, ``sign`` turns it so that metal is
-    dark and ``metal_level`` is the metal's level in it (atlas_lattice.square_brightness).
+    (:func:`_against_surroundings`), from the openings' planes (:func:`_plane_fits`); NaN
+    elsewhere (closed, cut, unmeasured squares).
     """
-    planes = _plane_fits(cells, img, metal_level, sign, SAMPLES)[0]
     have = np.isfinite(planes[..., 0])
     out = np.full(have.shape, np.nan)
     n = int(have.sum())
@@ -235,7 +228,5 @@ def with_film(cells: LatticeCells, img: FloatArray) -> LatticeCells:
     image ``cells`` were read from (its metal level and sign are theirs)."""
     if not np.isfinite(cells.metal_level):
         return cells
-    sign = cells.metal_sign
-    return replace(cells, film=film_log(cells, img, cells.metal_level, sign),
-                   cover=film_cover(*_plane_fits(cells, img, cells.metal_level, sign,
-                                                 COVER_SAMPLES)))
+    planes, logs, design = _plane_fits(cells, img, cells.metal_level, cells.metal_sign)
+    return replace(cells, film=film_log(planes), cover=film_cover(planes, logs, design))
