@@ -138,12 +138,21 @@ class ModelChoice:
         squares of an independent generator's geometry (>= 6 beads): about the mean,
         24 more squares passed the transfer gate and 4 were confidently wrong (2 on its
         image benchmark, seed 1); about ``best``, the same squares as with ``best``
-        alone passed, 4 wrong against 6. A candidate
-        without a residual field also counts its residual scatter (2 sigma^2) at the
-        target: it cannot tell localisation noise from distortion it does not follow, and
-        distortion is as large at a target as at a bead (measured on the simulated bead
-        images, where localisation is ~2 nm and the scatter is distortion, this term is
-        what keeps 5-bead squares from being 2-4x over-confident).
+        alone passed, 4 wrong against 6.
+
+        Every candidate also counts its residual scatter (2 sigma^2) at the target. One
+        without a residual field cannot tell localisation noise from distortion it does
+        not follow, and distortion is as large at a target as at a bead (on the simulated
+        bead images, where localisation is ~2 nm and the scatter is distortion, this term
+        keeps 5-bead squares from being 2-4x over-confident). A field candidate cannot
+        either: what its field leaves is distortion finer than it follows between the
+        beads as well as localisation, and a target is itself localised in the LM as a
+        bead is. Counted for candidates without a field only, an independent generator's
+        square (benchmarks/correlation_independent_images.py --wide, 1100084: 8 beads,
+        scatter 83-101 nm per axis) had its targets predicted at 94-100 nm and 111-355 nm
+        off, and was accepted; counted for all, 152-155 nm, refused. Over 7 x 60 of those
+        squares, >= 6 shared beads: correct 153 -> 149, confidently wrong 2 -> 1; on
+        the point benchmark's 960 squares 442 -> 439 of 470 correct, 0 wrong either way.
         """
         p = as_points(points, "points", 0)
         if len(p) == 0:
@@ -154,9 +163,8 @@ class ModelChoice:
         for w, c in zip(self.weights, self.candidates):
             if w < MIN_WEIGHT:
                 continue
-            own = c.predicted_error(p, anisotropy_allowance=allowance) ** 2
-            if c.signal_ratio == 0:
-                own = own + 2.0 * c.sigma_um ** 2
+            own = (c.predicted_error(p, anisotropy_allowance=allowance) ** 2
+                   + 2.0 * c.sigma_um ** 2)
             var += w * (own + np.sum((c.apply(p) - centre) ** 2, axis=1))
         return np.asarray(np.sqrt(var), np.float64)
 
