@@ -114,16 +114,17 @@ def tile_field(img: FloatArray, metal: BoolArray, pitch_px: float) -> TileField 
             or px * py < MIN_TILE_SQUARES * pitch_px ** 2:
         return None
     h, w = img.shape
-    yy, xx = np.mgrid[:h, :w]
-    bx = np.minimum((np.mod(xx, px) / px * BINS).astype(int), BINS - 1)
-    by = np.minimum((np.mod(yy, py) / py * BINS).astype(int), BINS - 1)
-    tx, ty = (xx // px).astype(int), (yy // py).astype(int)
-    tile = ty * (int(tx.max()) + 1) + tx
-    pos = by * BINS + bx
-    f_pos, f_tile = pos[film], tile[film]
-    vals = logs[film]
+    # Position in the tile (in bins) and tile index per column and per row: the tile grid
+    # is separable, so nothing per pixel is needed until the film's pixels are picked.
+    fx, fy = np.mod(np.arange(w), px) / px * BINS, np.mod(np.arange(h), py) / py * BINS
+    bx, by = np.minimum(fx.astype(int), BINS - 1), np.minimum(fy.astype(int), BINS - 1)
+    tx, ty = (np.arange(w) // px).astype(int), (np.arange(h) // py).astype(int)
+    n_tx = int(tx.max()) + 1
+    rr, cc = np.nonzero(film)
+    f_pos, f_tile = by[rr] * BINS + bx[cc], ty[rr] * n_tx + tx[cc]
+    vals = logs[rr, cc]
     field = np.zeros(BINS * BINS)
-    gain = np.zeros(int(tile.max()) + 1)
+    gain = np.zeros((int(ty.max()) + 1) * n_tx)
     for _ in range(ROUNDS):
         field = _medians(vals - gain[f_tile], f_pos, BINS * BINS)
         gain = _medians(vals - field[f_pos], f_tile, len(gain))
@@ -133,11 +134,10 @@ def tile_field(img: FloatArray, metal: BoolArray, pitch_px: float) -> TileField 
     if amplitude < MIN_AMPLITUDE:
         return None
     # Bilinear between bin centres, wrapping across the tile edge it repeats over.
-    cy = np.mod(yy, py) / py * BINS - 0.5
-    cx = np.mod(xx, px) / px * BINS - 0.5
+    cy, cx = np.broadcast_arrays(fy[:, None] - 0.5, fx[None, :] - 0.5)
     smooth = ndimage.map_coordinates(grid, [cy.ravel(), cx.ravel()], order=1,
                                      mode="grid-wrap").reshape(h, w)
-    log_gain = smooth + (gain - float(np.median(gain)))[tile]
+    log_gain = smooth + (gain - float(np.median(gain)))[ty[:, None] * n_tx + tx[None, :]]
     return TileField(period=(float(px), float(py)), log_gain=log_gain, amplitude=amplitude,
                      dark=dark)
 
