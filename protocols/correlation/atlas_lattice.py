@@ -288,10 +288,9 @@ def _spaced_at(centres: FloatArray, pitch_px: float, tolerance: float = 0.15) ->
 
 
 def lattice_cells(dark: BoolArray, work_um: float, k: int, min_pitch_um: float,
-                  max_pitch_um: float, min_openings: int, image: FloatArray | None = None
-                  ) -> LatticeCells:
+                  max_pitch_um: float, min_openings: int) -> LatticeCells:
     """Resample the mask ``dark`` (working pixels) into ``k x k`` patches per square
-    (and, given the ``image`` the mask came from, read each square's film brightness).
+    (:func:`with_brightness` reads the squares' brightness from an image).
 
     Raises CorrelationInputError when fewer than ``min_openings`` square openings are
     found (no usable grid lattice in the image).
@@ -333,10 +332,9 @@ def lattice_cells(dark: BoolArray, work_um: float, k: int, min_pitch_um: float,
     patches = square_patches(metal, centre, coef, k)
     valid = np.asarray(np.isfinite(patches).all(axis=(2, 3)), dtype=bool)
     openness = 1.0 - np.nanmean(np.where(np.isfinite(patches), patches, 1.0), axis=(2, 3))
-    cells = LatticeCells(angle_deg=angle, pitch_um=pitch_um, index_to_px=coef,
-                         lo=(int(lo[0]), int(lo[1])), patches=np.nan_to_num(patches, nan=0.0),
-                         found=found, openness=openness, valid=valid, opening_px=opening_px)
-    return cells if image is None else with_brightness(cells, image, dark)
+    return LatticeCells(angle_deg=angle, pitch_um=pitch_um, index_to_px=coef,
+                        lo=(int(lo[0]), int(lo[1])), patches=np.nan_to_num(patches, nan=0.0),
+                        found=found, openness=openness, valid=valid, opening_px=opening_px)
 
 
 def with_brightness(cells: LatticeCells, image: FloatArray, dark: BoolArray) -> LatticeCells:
@@ -345,8 +343,8 @@ def with_brightness(cells: LatticeCells, image: FloatArray, dark: BoolArray) -> 
     measured opening centres and the lattice's elsewhere.
 
     Why apart from :func:`lattice_cells`: the lattice is the mask's, the brightness the
-    image's; an image corrected after the lattice was found (atlas_flatfield) is read again
-    without finding the lattice again.
+    image's; the image is read after its tile flat field, which needs the lattice's pitch,
+    is divided out (atlas_flatfield), without finding the lattice again.
     """
     rows, cols = cells.shape
     gi, gj = np.meshgrid(np.arange(cols) + cells.lo[0], np.arange(rows) + cells.lo[1])

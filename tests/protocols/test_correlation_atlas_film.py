@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from protocols.correlation.atlas_film import with_film
-from protocols.correlation.atlas_lattice import lattice_cells, metal_mask
+from protocols.correlation.atlas_lattice import lattice_cells, metal_mask, with_brightness
 from tests.protocols.grid_render import PITCH_UM, grid_metal
 
 PX_UM = 2.5
@@ -59,7 +59,8 @@ def _overview(seed: int, broken: float, cell: float = 0.0) -> tuple[np.ndarray, 
 def _square_values(seed: int, broken: float, cell: float = 0.0):  # type: ignore[no-untyped-def]
     img, torn = _overview(seed, broken, cell)
     dark = metal_mask(img.astype(np.float64), PX_UM, 40.0, 400.0)
-    cells = with_film(lattice_cells(dark, PX_UM, 20, 40.0, 400.0, 12, image=img), img)
+    cells = with_film(with_brightness(lattice_cells(dark, PX_UM, 20, 40.0, 400.0, 12), img,
+                                      dark), img)
     assert cells.film is not None
     # Which squares are torn: the centre of each cell back in grid micrometres.
     rows, cols = cells.shape
